@@ -1,0 +1,243 @@
+"""Run configuration: frozen, typed, validated once at the edge.
+
+YAML (or a dict) becomes an :class:`EmbedConfig`; dotted overrides
+(``--set limits.concurrency=8``) are applied before validation. Core code never
+reads environment variables: :func:`resolve_secret` on the driver turns
+``auth.key_env`` into a :class:`pydantic.SecretStr`, which never shows in ``repr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from sparkembed.errors import ConfigError
+
+HARD_MAX_INPUTS = 1024
+COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EndpointConfig(_Frozen):
+    """Where and what to call."""
+
+    url: str = "local"
+    """``local`` starts the bundled endpoint; otherwise an https URL (env AZURE_INFERENCE_ENDPOINT)."""
+    api: Literal["azure-ai-inference", "openai-v1"] = "azure-ai-inference"
+    model: str | None = None
+    api_version: str | None = None
+    dimensions: int | None = Field(default=None, gt=0)
+    input_type: Literal["text", "query", "document"] | None = None
+    encoding_format: Literal["base64", "float"] = "base64"
+    allow_insecure_http: bool = False
+    """Allow plain http to a non-loopback host (test rigs only)."""
+    local_model: Literal["wordllama", "hash"] = "wordllama"
+    """Model served when ``url: local``."""
+    price_per_million_tokens: float = Field(default=0.02, ge=0)
+    """USD per 1M prompt tokens, for estimates (text-embedding-3-small list price)."""
+
+
+class AuthConfig(_Frozen):
+    mode: Literal["key", "entra", "none"] = "key"
+    key_env: str = "AZURE_INFERENCE_CREDENTIAL"
+    key: SecretStr | None = None
+    """Resolved on the driver; never set this in a file."""
+    credential: Literal["default", "managed_identity", "workload_identity", "client_secret"] = (
+        "default"
+    )
+    client_id: str | None = None
+    scope: str = COGNITIVE_SERVICES_SCOPE
+
+
+class BatchingConfig(_Frozen):
+    max_inputs: int = Field(default=HARD_MAX_INPUTS, ge=1, le=HARD_MAX_INPUTS)
+    """Inputs per request; the service maximum is 1024 (Cohere: 96)."""
+    max_request_tokens: int = Field(default=300_000, ge=1)
+    """Estimated tokens per request."""
+    max_input_tokens: int = Field(default=8191, ge=1)
+    """The model's per-input token limit."""
+
+
+class LimitsConfig(_Frozen):
+    concurrency: int = Field(default=8, ge=1, le=256)
+    """Requests in flight per task."""
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    """Deployment quota (TPM) for the whole job; None relies on 429 feedback."""
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    """Deployment quota (RPM) for the whole job."""
+    workers: int = Field(default=1, ge=1)
+    """Concurrent tasks sharing the quota; set by the driver, not by users."""
+
+
+class RetryConfig(_Frozen):
+    max_attempts: int = Field(default=8, ge=1)
+    max_wait_s: float = Field(default=60.0, gt=0)
+    """A 429 asking to wait longer than this is quota exhaustion."""
+    total_timeout_s: float = Field(default=600.0, gt=0)
+    """Give up on a request after this many seconds including retries."""
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=20.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    on_quota_exhausted: Literal["fail_rows", "stop"] = "fail_rows"
+
+
+class LongTextConfig(_Frozen):
+    strategy: Literal["chunk", "mean", "truncate", "fail"] = "chunk"
+    chunk_tokens: int = Field(default=512, ge=16)
+    overlap_tokens: int = Field(default=64, ge=0)
+    tiktoken_file: str | None = None
+    """Offline copy of cl100k_base.tiktoken (see ``sparkembed cache-tokenizer``)."""
+
+    @model_validator(mode="after")
+    def _overlap_smaller(self) -> LongTextConfig:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError("long_text.overlap_tokens must be smaller than chunk_tokens")
+        return self
+
+
+class SourceConfig(_Frozen):
+    path: str | None = None
+    format: Literal["delta", "parquet", "csv", "jsonl", "table"] | None = None
+    id_col: str = "id"
+    text_col: str = "text"
+    passthrough: tuple[str, ...] = ()
+    cast_text: bool = True
+    """Cast a non-string text column to string (with a warning) instead of refusing."""
+
+
+class TargetConfig(_Frozen):
+    path: str | None = None
+    mode: Literal["append", "overwrite", "upsert"] = "upsert"
+    sink: Literal["auto", "native", "delta-rs"] = "auto"
+
+
+class RunConfig(_Frozen):
+    commit_every_rows: int = Field(default=50_000, ge=1)
+    max_failed_fraction: float = Field(default=0.0, ge=0, le=1)
+    partitions: int | None = Field(default=None, ge=1)
+    spark_master: str | None = None
+    """Used only when sparkembed builds the session itself (CLI, local mode)."""
+    log_dir: str = "runs"
+    prune: bool = False
+    retry_failed: bool = False
+    reembed_all: bool = False
+
+
+class EmbedConfig(_Frozen):
+    endpoint: EndpointConfig = EndpointConfig()
+    auth: AuthConfig = AuthConfig()
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    retry: RetryConfig = RetryConfig()
+    long_text: LongTextConfig = LongTextConfig()
+    source: SourceConfig = SourceConfig()
+    target: TargetConfig = TargetConfig()
+    run: RunConfig = RunConfig()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url_shape(cls, v: EndpointConfig) -> EndpointConfig:
+        if v.url != "local" and not v.url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint.url must be 'local' or an http(s) URL, got {v.url!r}")
+        return v
+
+    def fingerprint(self) -> str:
+        """What the vectors mean: a new value means old vectors must not be mixed in."""
+        meaning = {
+            "api": self.endpoint.api,
+            "model": self.endpoint.model
+            or (self.endpoint.local_model if self.endpoint.url == "local" else None),
+            "dimensions": self.endpoint.dimensions,
+            "input_type": self.endpoint.input_type,
+            "long_text": [
+                self.long_text.strategy,
+                self.long_text.chunk_tokens,
+                self.long_text.overlap_tokens,
+                self.batching.max_input_tokens,
+            ],
+        }
+        return hashlib.sha256(json.dumps(meaning, sort_keys=True).encode()).hexdigest()[:16]
+
+    def client_key(self) -> str:
+        """Identity of the per-process client: everything that shapes requests, and the secret."""
+        raw = self.model_dump_json(include={"endpoint", "auth", "limits", "retry", "batching"})
+        secret = self.auth.key.get_secret_value() if self.auth.key else ""
+        return hashlib.sha256((raw + secret).encode()).hexdigest()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``limits.concurrency=8`` -> ("limits.concurrency", 8); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> EmbedConfig:
+    """Read a YAML file (optional), apply dotted overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or invalid value, with the key named.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections")
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    if tree.get("auth", {}).get("key") is not None:
+        raise ConfigError("auth.key must not be written in config; name an env var in auth.key_env")
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any]) -> EmbedConfig:
+    try:
+        return EmbedConfig.model_validate(tree)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def resolve_secret(config: EmbedConfig, environ: dict[str, str] | None = None) -> EmbedConfig:
+    """Driver-side: read the API key named by ``auth.key_env`` into the config (as a SecretStr).
+
+    Raises:
+        ConfigError: key mode with the variable unset.
+    """
+    env = os.environ if environ is None else environ
+    if config.auth.mode != "key" or config.auth.key is not None:
+        return config
+    value = env.get(config.auth.key_env)
+    if not value:
+        raise ConfigError(
+            f"auth.mode is 'key' but ${config.auth.key_env} is empty; export the key there, "
+            "or use auth.mode: entra"
+        )
+    auth = config.auth.model_copy(update={"key": SecretStr(value)})
+    return config.model_copy(update={"auth": auth})

@@ -1,0 +1,67 @@
+"""Every error sparkembed raises.
+
+    SparkEmbedError
+     ├── ConfigError              bad config or flags; raised before any money is spent
+     │    ├── InputError          bad source: missing column, null or duplicate ids
+     │    └── EndpointConfigError the service refused the setup (401/403/404/422); names the fix
+     ├── QuotaExhaustedError      a 429 asked to wait longer than retry.max_wait_s
+     ├── ServiceError             one request's non-2xx answer (status, code, message)
+     └── TransportError          timeout or dropped connection (no HTTP answer)
+
+Messages never carry a key or token: they are built from status, code and the
+service's message only, never from request headers.
+"""
+
+from __future__ import annotations
+
+
+class SparkEmbedError(Exception):
+    """Base of all sparkembed errors."""
+
+
+class ConfigError(SparkEmbedError):
+    """The configuration or command line is wrong; fix it and rerun."""
+
+
+class InputError(ConfigError):
+    """The source table cannot be embedded as given."""
+
+
+class EndpointConfigError(ConfigError):
+    """The endpoint refused the setup itself (auth, deployment, parameters)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QuotaExhaustedError(SparkEmbedError):
+    """The deployment's quota is used up for longer than ``retry.max_wait_s``."""
+
+
+class ServiceError(SparkEmbedError):
+    """A non-2xx answer for one request.
+
+    Args:
+        status: HTTP status code.
+        code: the service's error code, e.g. ``context_length_exceeded``.
+        message: the service's error message.
+        retry_after_s: seconds the service asked us to wait, if it said.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code or 'error'}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class TransportError(SparkEmbedError):
+    """No HTTP answer: timeout, reset or refused connection."""
