@@ -1,0 +1,16 @@
+"""sparkembed: embed lakehouse text with Azure AI model inference, from Spark, into Delta.
+
+The notebook API (``embed``, ``write``) needs pyspark; the config and engine do not.
+"""
+
+from sparkembed.config import EmbedConfig, load_config
+
+__all__ = ["EmbedConfig", "embed", "load_config", "write"]
+
+
+def __getattr__(name: str):  # lazy: importing sparkembed must not import pyspark
+    if name in {"embed", "write"}:
+        from sparkembed import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

@@ -1,0 +1,80 @@
+"""The notebook API, for Databricks, Synapse and any PySpark session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pyspark.sql import DataFrame
+
+from sparkembed.config import EmbedConfig, load_config, resolve_secret, validate_config
+from sparkembed.job import RunSummary, new_run_id, run
+from sparkembed.sources import select_input
+from sparkembed.spark import make_job
+
+
+def _as_config(config: EmbedConfig | dict[str, Any] | str | Path | None, **overrides: Any) -> EmbedConfig:
+    if isinstance(config, EmbedConfig):
+        base = config
+    elif isinstance(config, dict):
+        base = validate_config(config)
+    else:
+        base = load_config(config)
+    tree = base.model_dump(exclude={"auth": {"key"}})
+    for dotted, value in overrides.items():
+        if value is not None:
+            section, key = dotted.split(".")
+            tree[section][key] = value
+    key = base.auth.key
+    merged = validate_config(tree)
+    if key is not None:
+        merged = merged.model_copy(update={"auth": merged.auth.model_copy(update={"key": key})})
+    return resolve_secret(merged)
+
+
+def embed(
+    df: DataFrame,
+    *,
+    text_col: str = "text",
+    id_col: str = "id",
+    passthrough: tuple[str, ...] = (),
+    config: EmbedConfig | dict[str, Any] | str | Path | None = None,
+    run_id: str | None = None,
+) -> DataFrame:
+    """Lazily embed ``df``: one output row per input row, with the columns of DESIGN.md.
+
+    Nothing is sent until an action runs. Rows are not checked for duplicate ids
+    and no preflight is made: use :func:`write` for the full job.
+
+    Args:
+        df: any DataFrame holding ``id_col`` and ``text_col``.
+        config: an EmbedConfig, a dict of sections, or a YAML path. The API key is
+            read on the driver from ``auth.key_env`` and travels inside the task
+            closure, never through Spark conf.
+    """
+    cfg = _as_config(
+        config, **{"source.text_col": text_col, "source.id_col": id_col,
+                   "source.passthrough": tuple(passthrough)}
+    )  # fmt: skip
+    selected = select_input(df, cfg.source)
+    job, schema = make_job(selected, cfg, run_id or new_run_id())
+    return selected.mapInArrow(lambda batches: job.embed_batches(batches), schema)
+
+
+def write(
+    df: DataFrame,
+    target: str,
+    *,
+    text_col: str = "text",
+    id_col: str = "id",
+    passthrough: tuple[str, ...] = (),
+    mode: Literal["append", "overwrite", "upsert"] = "upsert",
+    config: EmbedConfig | dict[str, Any] | str | Path | None = None,
+) -> RunSummary:
+    """Embed ``df`` into the Delta ``target`` (path or table) with checks, preflight and waves."""
+    cfg = _as_config(
+        config, **{"source.text_col": text_col, "source.id_col": id_col,
+                   "source.passthrough": tuple(passthrough), "target.path": target,
+                   "target.mode": mode}
+    )  # fmt: skip
+    return run(df.sparkSession, cfg, source=df)

@@ -1,0 +1,113 @@
+"""``sparkembed`` command line: run, serve, estimate.
+
+The last line ``run`` prints is a one-line JSON summary. Exit codes: 0 when every
+row ended ok or skipped (or failures stay under ``run.max_failed_fraction``),
+1 when too many rows failed, 2 for a config, input or preflight error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from sparkembed.config import EmbedConfig, load_config, parse_override, resolve_secret
+from sparkembed.errors import SparkEmbedError
+
+log = logging.getLogger("sparkembed")
+
+
+def _run_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Embed a table into Delta.")
+    p.add_argument("--config", help="YAML config file (see conf/)")
+    p.add_argument("--source", help="path (Delta folder, .parquet, .csv, .jsonl) or table name")
+    p.add_argument("--target", help="Delta path or table name")
+    p.add_argument("--endpoint", help="endpoint URL, or 'local' (env AZURE_INFERENCE_ENDPOINT)")
+    p.add_argument("--model", help="model or deployment name")
+    p.add_argument("--id-col", help="id column (default id)")
+    p.add_argument("--text-col", help="text column (default text)")
+    p.add_argument("--mode", choices=["append", "overwrite", "upsert"], help="target write mode")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set limits.concurrency=8")  # fmt: skip
+    return p
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> EmbedConfig:
+    """Config file, then flags, then ``--set``; the endpoint falls back to the Azure env var."""
+    env = os.environ if environ is None else environ
+    overrides: dict[str, Any] = {}
+    flag_keys = {
+        "source": "source.path", "target": "target.path", "endpoint": "endpoint.url",
+        "model": "endpoint.model", "id_col": "source.id_col", "text_col": "source.text_col",
+        "mode": "target.mode",
+    }  # fmt: skip
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[key] = value
+    overrides.update(parse_override(item) for item in args.set)
+    config = load_config(args.config, overrides)
+    if args.config is None and "endpoint.url" not in overrides and env.get("AZURE_INFERENCE_ENDPOINT"):
+        config = load_config(None, {**overrides, "endpoint.url": env["AZURE_INFERENCE_ENDPOINT"]})
+    return config
+
+
+@contextlib.contextmanager
+def local_endpoint(config: EmbedConfig) -> Iterator[EmbedConfig]:
+    """``endpoint.url: local`` starts the bundled endpoint for the run and stops it afterwards."""
+    if config.endpoint.url != "local":
+        yield config
+        return
+    from sparkembed.server.launch import start_local_endpoint
+
+    with start_local_endpoint("--no-auth", "--model", config.endpoint.local_model) as server:
+        log.info("started local endpoint %s (model %s)", server.url, config.endpoint.local_model)
+        endpoint = config.endpoint.model_copy(update={"url": server.url})
+        auth = config.auth.model_copy(update={"mode": "none"})
+        yield config.model_copy(update={"endpoint": endpoint, "auth": auth})
+
+
+def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: bool = True) -> int:
+    args = _run_parser(prog).parse_args(argv)
+    try:
+        config = resolve_secret(config_from_args(args))
+        with local_endpoint(config) as config:
+            from sparkembed import job
+            from sparkembed.session import get_spark
+
+            spark = get_spark(config, local_default=local_master)
+            summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
+    except SparkEmbedError as exc:
+        print(f"sparkembed: error: {exc}", file=sys.stderr)
+        print(json.dumps({"error": str(exc), "error_type": type(exc).__name__}))
+        return 2
+    print(json.dumps(summary.to_json()), flush=True)
+    if summary.failed_fraction > config.run.max_failed_fraction:
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in {"-h", "--help"}:
+        print("usage: sparkembed {run,serve,estimate} ...  (sparkembed COMMAND --help)")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return run_command(rest)
+    if command == "serve":
+        from sparkembed.server.__main__ import main as serve_main
+
+        return serve_main(rest)
+    print(f"sparkembed: unknown command {command!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

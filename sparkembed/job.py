@@ -1,0 +1,162 @@
+"""The driver side of a run: check, preflight, then embed and commit wave by wave."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from sparkembed import waves as wave_sinks
+from sparkembed.config import EmbedConfig
+from sparkembed.engine import Embedder
+from sparkembed.errors import ConfigError
+from sparkembed.sources import check_ids, read_source, select_input
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("ok_rows", "skipped_rows", "failed_rows", "requests", "retries", "throttled",
+            "prompt_tokens", "total_tokens")  # fmt: skip
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    rows_total: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    limiter_wait_s: float = 0.0
+    seconds: float = 0.0
+    price_per_million_tokens: float = 0.0
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for key in COUNTERS:
+            self.counts[key] += int(metrics.get(key, 0))
+        self.limiter_wait_s += float(metrics.get("limiter_wait_s", 0.0))
+        self.timeline.extend(metrics.get("timeline", []))
+
+    def to_json(self) -> dict[str, Any]:
+        done = sum(self.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
+        return {
+            "run_id": self.run_id,
+            "rows_ok": self.counts["ok_rows"],
+            "rows_skipped": self.counts["skipped_rows"],
+            "rows_failed": self.counts["failed_rows"],
+            "requests": self.counts["requests"],
+            "retries": self.counts["retries"],
+            "throttled_429": self.counts["throttled"],
+            "prompt_tokens": self.counts["prompt_tokens"],
+            "limiter_wait_s": round(self.limiter_wait_s, 3),
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(done / self.seconds, 1) if self.seconds else 0.0,
+            "estimated_cost_usd": round(
+                self.counts["prompt_tokens"] * self.price_per_million_tokens / 1e6, 6
+            ),
+        }
+
+    @property
+    def failed_fraction(self) -> float:
+        done = sum(self.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
+        return self.counts["failed_rows"] / done if done else 0.0
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def refuse_speculation(spark: SparkSession) -> None:
+    """A speculative copy of a task pays for the same tokens twice."""
+    if spark.conf.get("spark.speculation", "false").lower() == "true":
+        raise ConfigError("spark.speculation is on; it would pay for tokens twice. Set it to false")
+
+
+def prepare(
+    spark: SparkSession, config: EmbedConfig, source: DataFrame | None = None
+) -> tuple[DataFrame, EmbedConfig]:
+    """Validate source and endpoint before any money is spent; hand each task its quota share."""
+    refuse_speculation(spark)
+    if not config.target.path:
+        raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
+    if source is None:
+        source = read_source(spark, config.source)
+    df = select_input(source, config.source)
+    check_ids(df, config.source.id_col)
+    preflight = Embedder(config)
+    try:
+        dims, model = preflight.preflight()
+    finally:
+        preflight.close()
+    log.info("preflight ok: model %s, %d dimensions", model, dims)
+    workers = min(config.run.partitions or default_parallelism(spark), default_parallelism(spark))
+    limits = config.limits.model_copy(update={"workers": max(1, workers)})
+    return df, config.model_copy(update={"limits": limits})
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    return max(1, spark.sparkContext.defaultParallelism)
+
+
+def run(
+    spark: SparkSession,
+    config: EmbedConfig,
+    *,
+    source: DataFrame | None = None,
+    run_id: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> RunSummary:
+    """Embed ``source`` (default: read ``config.source``) into ``config.target``.
+
+    Commits every ``run.commit_every_rows`` rows, so a crash loses one wave at most.
+    """
+    started = time.monotonic()
+    summary = RunSummary(
+        run_id=run_id or new_run_id(),
+        price_per_million_tokens=config.endpoint.price_per_million_tokens,
+    )
+    df, config = prepare(spark, config, source)
+    todo = df
+    total = todo.count()
+    summary.rows_total = total
+    waves = max(1, math.ceil(total / config.run.commit_every_rows))
+    partitions = config.run.partitions or default_parallelism(spark)
+    sink = wave_sinks.choose_sink(spark, config)
+    id_col = config.source.id_col
+    for wave in range(waves):
+        part = todo
+        if waves > 1:
+            part = todo.filter(F.expr(f"pmod(xxhash64(`{id_col}`), {waves})") == wave)
+        metrics = sink.write_wave(part.repartition(partitions), config, summary.run_id, wave)
+        summary.add(metrics)
+        _report_progress(progress, summary, wave, waves, time.monotonic() - started)
+    summary.seconds = time.monotonic() - started
+    save_run_log(config, summary)
+    return summary
+
+
+def _report_progress(
+    progress: Callable[[str], None], summary: RunSummary, wave: int, waves: int, elapsed: float
+) -> None:
+    done = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
+    rate = done / elapsed if elapsed else 0.0
+    eta = (summary.rows_total - done) / rate if rate else float("nan")
+    progress(
+        f"wave {wave + 1}/{waves}: {done}/{summary.rows_total} rows, "
+        f"{summary.counts['prompt_tokens']} tokens, {rate:.0f} rows/s, ETA {eta:.0f} s"
+    )
+
+
+def save_run_log(config: EmbedConfig, summary: RunSummary) -> Path:
+    """The summary and per-request timeline, for ``sparkembed report``."""
+    folder = Path(config.run.log_dir) / summary.run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    (folder / "timeline.json").write_text(json.dumps(summary.timeline))
+    return folder

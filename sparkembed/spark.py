@@ -1,0 +1,154 @@
+"""Spark glue: run the engine over each partition with ``mapInArrow``.
+
+``mapInArrow`` (Spark 3.3+) streams a partition as Arrow record batches and lets
+the output row count differ from the input's, so requests span batch
+boundaries and one text may become several chunk rows. Vectors go from numpy
+to Arrow as one flat float32 buffer: no Python float objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+
+from sparkembed.config import EmbedConfig
+from sparkembed.engine import EmbedResults, get_embedder
+from sparkembed.metrics import Metrics
+
+OUTPUT_FIELDS = (
+    ("chunk_index", T.IntegerType()),
+    ("chunk_start", T.IntegerType()),
+    ("chunk_end", T.IntegerType()),
+    ("text_hash", T.StringType()),
+    ("embedding", T.ArrayType(T.FloatType())),
+    ("dimensions", T.IntegerType()),
+    ("model", T.StringType()),
+    ("input_type", T.StringType()),
+    ("prompt_tokens", T.LongType()),
+    ("total_tokens", T.LongType()),
+    ("status", T.StringType()),
+    ("error", T.StringType()),
+    ("attempts", T.IntegerType()),
+    ("request_id", T.StringType()),
+    ("run_id", T.StringType()),
+    ("embedded_at", T.TimestampType()),
+    ("embedding_fingerprint", T.StringType()),
+)
+
+
+def output_schema(input_schema: T.StructType, id_col: str, passthrough: tuple[str, ...]) -> T.StructType:
+    """The output table: id, the fixed columns of DESIGN.md, then passthrough columns."""
+    fields = [input_schema[id_col]]
+    fields += [T.StructField(name, dtype, nullable=True) for name, dtype in OUTPUT_FIELDS]
+    fields += [input_schema[c] for c in passthrough]
+    return T.StructType(fields)
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    """Everything an executor needs; pickled into the task closure, never into Spark conf."""
+
+    config: EmbedConfig
+    run_id: str
+    id_col: str
+    text_col: str
+    passthrough: tuple[str, ...]
+    arrow_schema: pa.Schema
+
+    def embed_batches(
+        self, batches: Iterator[pa.RecordBatch], metrics: Metrics | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Output record batches for a partition's input batches, in input order."""
+        pending: deque[pa.RecordBatch] = deque()
+
+        def texts() -> Iterator[list[str | None]]:
+            for batch in batches:
+                pending.append(batch)
+                yield batch.column(self.text_col).to_pylist()
+
+        embedder = get_embedder(self.config)
+        for results in embedder.embed_stream(texts(), metrics):
+            yield self._to_arrow(pending.popleft(), results)
+
+    def _to_arrow(self, batch: pa.RecordBatch, results: EmbedResults) -> pa.RecordBatch:
+        n = batch.num_rows
+        texts = batch.column(self.text_col).to_pylist()
+        ok = np.array([s == "ok" for s in results.status], dtype=bool)
+        now = datetime.now(timezone.utc)
+        columns = {
+            self.id_col: batch.column(self.id_col),
+            "chunk_index": pa.array(np.zeros(n, np.int32)),
+            "chunk_start": pa.nulls(n, pa.int32()),
+            "chunk_end": pa.nulls(n, pa.int32()),
+            "text_hash": pa.array([text_hash(t) for t in texts], pa.string()),
+            "embedding": vectors_to_arrow(results.vectors, ok),
+            "dimensions": pa.array(np.where(ok, results.vectors.shape[1], 0).astype(np.int32)),
+            "model": pa.array(results.model, pa.string()),
+            "input_type": pa.array([self.config.endpoint.input_type or "text"] * n, pa.string()),
+            "prompt_tokens": pa.array(results.prompt_tokens.astype(np.int64)),
+            "total_tokens": pa.array(results.total_tokens.astype(np.int64)),
+            "status": pa.array(results.status, pa.string()),
+            "error": pa.array(results.error, pa.string()),
+            "attempts": pa.array(results.attempts.astype(np.int32)),
+            "request_id": pa.array(results.request_id, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "embedded_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "embedding_fingerprint": pa.array([self.config.fingerprint()] * n, pa.string()),
+        }
+        for name in self.passthrough:
+            columns[name] = batch.column(name)
+        arrays = [columns[f.name].cast(f.type) for f in self.arrow_schema]
+        return pa.RecordBatch.from_arrays(arrays, schema=self.arrow_schema)
+
+
+def text_hash(text: str | None) -> str | None:
+    """Hex sha256 of the UTF-8 text; None for a null text."""
+    if text is None:
+        return None
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def vectors_to_arrow(vectors: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """list<float32> from a (n, d) float32 matrix; rows not ok become null. One buffer copy."""
+    n, dims = vectors.shape if vectors.ndim == 2 else (len(ok), 0)
+    lengths = np.where(ok, dims, 0).astype(np.int32)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.ascontiguousarray(vectors[ok], dtype=np.float32).reshape(-1)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values), type=pa.list_(pa.float32()), mask=pa.array(~ok)
+    )
+
+
+def to_arrow_schema(schema: T.StructType) -> pa.Schema:
+    """Arrow schema for a Spark schema, as mapInArrow expects it."""
+    try:
+        from pyspark.sql.pandas.types import to_arrow_schema as convert
+
+        return convert(schema, timezone="UTC")  # type: ignore[call-arg]
+    except TypeError:  # Spark 3.5 has no timezone argument; it uses UTC already
+        from pyspark.sql.pandas.types import to_arrow_schema as convert
+
+        return convert(schema)
+
+
+def make_job(df: DataFrame, config: EmbedConfig, run_id: str) -> tuple[PartitionJob, T.StructType]:
+    src = config.source
+    schema = output_schema(df.schema, src.id_col, src.passthrough)
+    job = PartitionJob(
+        config=config,
+        run_id=run_id,
+        id_col=src.id_col,
+        text_col=src.text_col,
+        passthrough=src.passthrough,
+        arrow_schema=to_arrow_schema(schema),
+    )
+    return job, schema
