@@ -1,0 +1,166 @@
+"""Native Delta sink: Spark's own ``format("delta")`` and ``DeltaTable.merge``.
+
+Used where the session has Delta (Databricks, Synapse, Fabric, or spark-submit with
+the Delta package). Kept thin: CI has no Delta jars, so this code runs only in the
+test that is skipped without them.
+
+Idempotency: append and overwrite pass ``txnAppId``/``txnVersion`` writer options;
+the upsert's MERGE takes the same pair from the session confs
+``spark.databricks.delta.write.txnAppId``/``txnVersion`` (Delta >= 2.3), which are
+unset again afterwards. Delta skips a write whose version it has already recorded.
+
+The upsert is ONE MERGE, hence one atomic commit: the source is the new rows
+(``_sparkembed_op = 'upsert'``) plus one ``'delete'`` row per stale target chunk,
+i.e. a target (id, chunk_index) whose id is in the new rows but whose chunk is not.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from delta.tables import DeltaTable
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+_OP = "_sparkembed_op"
+_TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
+_TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+
+
+def native_available(spark: SparkSession) -> bool:
+    """Whether this session can write Delta natively (delta-spark classes and Python API).
+
+    A Spark Connect session (no JVM gateway, as on Databricks serverless) is taken
+    to have Delta when the ``delta`` Python package imports.
+    """
+    try:
+        import delta.tables  # noqa: F401
+    except ImportError:
+        return False
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        return True
+    try:
+        jvm.org.apache.spark.util.Utils.classForName("io.delta.tables.DeltaTable", True, False)
+    except Exception:  # py4j wraps ClassNotFoundException; any failure means "no"
+        return False
+    return True
+
+
+def write_native(
+    df: DataFrame,
+    target: str,
+    *,
+    mode: Literal["append", "overwrite", "upsert"],
+    id_col: str,
+    app_id: str,
+    version: int,
+) -> None:
+    """Write ``df`` to a Delta path or catalog table in one idempotent commit.
+
+    Args:
+        df: the rows. Append and overwrite evaluate it once. Upsert persists it
+            (memory and disk) and materializes it once before the MERGE, which reads it
+            twice; a lost cached block is recomputed, so stage it yourself to rule that out.
+        target: a path (contains ``/``) or a catalog table name.
+        mode: ``append``, ``overwrite`` or ``upsert`` by (id_col, chunk_index); upsert
+            removes every old chunk of each id in ``df``.
+        id_col: the id column.
+        app_id: idempotency key; version: its counter (e.g. the wave number).
+    """
+    spark = df.sparkSession
+    if mode == "upsert" and _exists(spark, target):
+        _merge(spark, df, target, id_col, app_id, version)
+        return
+    writer = (
+        df.write.format("delta")
+        .mode("overwrite" if mode == "overwrite" else "append")
+        .option("txnAppId", app_id)
+        .option("txnVersion", str(version))
+    )
+    if mode == "overwrite":
+        writer = writer.option("overwriteSchema", "true")  # as the delta-rs overwrite does
+    if _is_path(target):
+        writer.save(target)
+    else:
+        writer.saveAsTable(target)
+
+
+def _merge(
+    spark: SparkSession, df: DataFrame, target: str, id_col: str, app_id: str, version: int
+) -> None:
+    from delta.tables import DeltaTable
+    from pyspark import StorageLevel
+
+    table = (
+        DeltaTable.forPath(spark, target) if _is_path(target) else DeltaTable.forName(spark, target)
+    )
+    rows = df.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        rows.count()  # evaluate (embed) once; the stale-chunk join and the MERGE reuse it
+        _merge_rows(spark, table, rows, id_col, app_id, version)
+    finally:
+        rows.unpersist()
+
+
+def _merge_rows(
+    spark: SparkSession, table: DeltaTable, df: DataFrame, id_col: str, app_id: str, version: int
+) -> None:
+    source = merge_source(table.toDF(), df, id_col)
+    columns: dict[str, str | Column] = {f"`{c}`": f"s.`{c}`" for c in df.columns}
+    on = f"t.`{id_col}` = s.`{id_col}` AND t.chunk_index = s.chunk_index"
+    with _txn_confs(spark, app_id, version):
+        (
+            table.alias("t")
+            .merge(source.alias("s"), on)
+            .whenMatchedDelete(condition=f"s.{_OP} = 'delete'")
+            .whenMatchedUpdate(set=columns)
+            .whenNotMatchedInsert(condition=f"s.{_OP} = 'upsert'", values=columns)
+            .execute()
+        )
+
+
+def merge_source(target: DataFrame, df: DataFrame, id_col: str) -> DataFrame:
+    """The MERGE source: ``df`` marked ``upsert``, plus a ``delete`` row per stale chunk.
+
+    A stale chunk is a target (id, chunk_index) whose id is in ``df`` but whose
+    chunk is not, e.g. chunk 2 of an id whose new text has only two chunks.
+    """
+    from pyspark.sql import functions as F
+
+    keys = [id_col, "chunk_index"]
+    stale = (
+        target.select(*keys)
+        .join(df.select(id_col).distinct(), on=id_col, how="left_semi")
+        .join(df.select(*keys), on=keys, how="left_anti")
+    )
+    return df.withColumn(_OP, F.lit("upsert")).unionByName(
+        stale.withColumn(_OP, F.lit("delete")), allowMissingColumns=True
+    )
+
+
+@contextmanager
+def _txn_confs(spark: SparkSession, app_id: str, version: int) -> Iterator[None]:
+    """Set the DML idempotency confs for one statement, then unset them."""
+    spark.conf.set(_TXN_APP_ID, app_id)
+    spark.conf.set(_TXN_VERSION, str(version))
+    try:
+        yield
+    finally:
+        spark.conf.unset(_TXN_APP_ID)
+        spark.conf.unset(_TXN_VERSION)
+
+
+def _exists(spark: SparkSession, target: str) -> bool:
+    if _is_path(target):
+        from delta.tables import DeltaTable
+
+        return bool(DeltaTable.isDeltaTable(spark, target))
+    return bool(spark.catalog.tableExists(target))
+
+
+def _is_path(target: str) -> bool:
+    return "/" in target or "\\" in target
