@@ -5,15 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
-from sparkembed.config import EmbedConfig, load_config, resolve_secret, validate_config
+from sparkembed.config import EmbedConfig, load_config, validate_config
+from sparkembed.secrets import apply_secret
 from sparkembed.job import RunSummary, new_run_id, run
 from sparkembed.sources import select_input
 from sparkembed.spark import make_job
 
 
-def _as_config(config: EmbedConfig | dict[str, Any] | str | Path | None, **overrides: Any) -> EmbedConfig:
+def _as_config(
+    spark: SparkSession,
+    config: EmbedConfig | dict[str, Any] | str | Path | None,
+    **overrides: Any,
+) -> EmbedConfig:
     if isinstance(config, EmbedConfig):
         base = config
     elif isinstance(config, dict):
@@ -29,7 +34,7 @@ def _as_config(config: EmbedConfig | dict[str, Any] | str | Path | None, **overr
     merged = validate_config(tree)
     if key is not None:
         merged = merged.model_copy(update={"auth": merged.auth.model_copy(update={"key": key})})
-    return resolve_secret(merged)
+    return apply_secret(merged, spark=spark)
 
 
 def embed(
@@ -53,6 +58,7 @@ def embed(
             closure, never through Spark conf.
     """
     cfg = _as_config(
+        df.sparkSession,
         config, **{"source.text_col": text_col, "source.id_col": id_col,
                    "source.passthrough": tuple(passthrough)}
     )  # fmt: skip
@@ -73,6 +79,7 @@ def write(
 ) -> RunSummary:
     """Embed ``df`` into the Delta ``target`` (path or table) with checks, preflight and waves."""
     cfg = _as_config(
+        df.sparkSession,
         config, **{"source.text_col": text_col, "source.id_col": id_col,
                    "source.passthrough": tuple(passthrough), "target.path": target,
                    "target.mode": mode}

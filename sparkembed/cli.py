@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sparkembed.config import EmbedConfig, load_config, parse_override, resolve_secret
+from sparkembed.config import EmbedConfig, load_config, parse_override
 from sparkembed.errors import SparkEmbedError
 
 log = logging.getLogger("sparkembed")
@@ -37,7 +37,9 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> EmbedConfig:
+def config_from_args(
+    args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> EmbedConfig:
     """Config file, then flags, then ``--set``; the endpoint falls back to the Azure env var."""
     env = os.environ if environ is None else environ
     overrides: dict[str, Any] = {}
@@ -52,7 +54,11 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
             overrides[key] = value
     overrides.update(parse_override(item) for item in args.set)
     config = load_config(args.config, overrides)
-    if args.config is None and "endpoint.url" not in overrides and env.get("AZURE_INFERENCE_ENDPOINT"):
+    if (
+        args.config is None
+        and "endpoint.url" not in overrides
+        and env.get("AZURE_INFERENCE_ENDPOINT")
+    ):
         config = load_config(None, {**overrides, "endpoint.url": env["AZURE_INFERENCE_ENDPOINT"]})
     return config
 
@@ -75,12 +81,14 @@ def local_endpoint(config: EmbedConfig) -> Iterator[EmbedConfig]:
 def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: bool = True) -> int:
     args = _run_parser(prog).parse_args(argv)
     try:
-        config = resolve_secret(config_from_args(args))
+        config = config_from_args(args)
         with local_endpoint(config) as config:
             from sparkembed import job
+            from sparkembed.secrets import apply_secret
             from sparkembed.session import get_spark
 
             spark = get_spark(config, local_default=local_master)
+            config = apply_secret(config, spark=spark)
             summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
     except SparkEmbedError as exc:
         print(f"sparkembed: error: {exc}", file=sys.stderr)
@@ -94,13 +102,16 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not argv or argv[0] in {"-h", "--help"}:
         print("usage: sparkembed {run,serve,estimate} ...  (sparkembed COMMAND --help)")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "run":
-        return run_command(rest)
+        # On a Databricks job cluster the platform's session is the one to use.
+        return run_command(rest, local_master="DATABRICKS_RUNTIME_VERSION" not in os.environ)
     if command == "serve":
         from sparkembed.server.__main__ import main as serve_main
 
@@ -109,5 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """Console entry: raise SystemExit so wrappers that ignore return values still see failure."""
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    console()

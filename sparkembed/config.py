@@ -2,15 +2,14 @@
 
 YAML (or a dict) becomes an :class:`EmbedConfig`; dotted overrides
 (``--set limits.concurrency=8``) are applied before validation. Core code never
-reads environment variables: :func:`resolve_secret` on the driver turns
-``auth.key_env`` into a :class:`pydantic.SecretStr`, which never shows in ``repr``.
+reads environment variables: :func:`sparkembed.secrets.apply_secret` on the driver
+turns the configured secret into a :class:`pydantic.SecretStr`, which never shows in ``repr``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +47,18 @@ class EndpointConfig(_Frozen):
 
 class AuthConfig(_Frozen):
     mode: Literal["key", "entra", "none"] = "key"
+    key_source: Literal["env", "databricks", "keyvault"] = "env"
+    """Where the driver reads the key: an env var, a Databricks secret scope, or Azure Key Vault
+    through Synapse/Fabric ``notebookutils``/``mssparkutils``."""
     key_env: str = "AZURE_INFERENCE_CREDENTIAL"
+    secret_scope: str | None = None
+    """Databricks secret scope (key_source: databricks)."""
+    secret_name: str | None = None
+    """Secret name in the scope or the vault."""
+    key_vault_url: str | None = None
+    """https://<vault>.vault.azure.net/ (key_source: keyvault)."""
+    linked_service: str | None = None
+    """Synapse linked service to the vault, if the workspace uses one."""
     key: SecretStr | None = None
     """Resolved on the driver; never set this in a file."""
     credential: Literal["default", "managed_identity", "workload_identity", "client_secret"] = (
@@ -222,22 +232,3 @@ def validate_config(tree: dict[str, Any]) -> EmbedConfig:
         return EmbedConfig.model_validate(tree)
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
-
-
-def resolve_secret(config: EmbedConfig, environ: dict[str, str] | None = None) -> EmbedConfig:
-    """Driver-side: read the API key named by ``auth.key_env`` into the config (as a SecretStr).
-
-    Raises:
-        ConfigError: key mode with the variable unset.
-    """
-    env = os.environ if environ is None else environ
-    if config.auth.mode != "key" or config.auth.key is not None:
-        return config
-    value = env.get(config.auth.key_env)
-    if not value:
-        raise ConfigError(
-            f"auth.mode is 'key' but ${config.auth.key_env} is empty; export the key there, "
-            "or use auth.mode: entra"
-        )
-    auth = config.auth.model_copy(update={"key": SecretStr(value)})
-    return config.model_copy(update={"auth": auth})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -85,6 +86,7 @@ def prepare(
     refuse_speculation(spark)
     if not config.target.path:
         raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
+    config = _absolute_target(config)
     if source is None:
         source = read_source(spark, config.source)
     df = select_input(source, config.source)
@@ -98,6 +100,15 @@ def prepare(
     workers = min(config.run.partitions or default_parallelism(spark), default_parallelism(spark))
     limits = config.limits.model_copy(update={"workers": max(1, workers)})
     return df, config.model_copy(update={"limits": limits})
+
+
+def _absolute_target(config: EmbedConfig) -> EmbedConfig:
+    """Executors may run in other folders: a local target path must be absolute."""
+    path = str(config.target.path)
+    if "://" in path or not ("/" in path or os.path.exists(path)) or os.path.isabs(path):
+        return config
+    target = config.target.model_copy(update={"path": os.path.abspath(path)})
+    return config.model_copy(update={"target": target})
 
 
 def default_parallelism(spark: SparkSession) -> int:
@@ -136,6 +147,7 @@ def run(
         metrics = sink.write_wave(part.repartition(partitions), config, summary.run_id, wave)
         summary.add(metrics)
         _report_progress(progress, summary, wave, waves, time.monotonic() - started)
+    sink.finish(config, summary.run_id)
     summary.seconds = time.monotonic() - started
     save_run_log(config, summary)
     return summary

@@ -32,6 +32,8 @@ class WaveSink(Protocol):
         self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int
     ) -> dict[str, Any]: ...
 
+    def finish(self, config: EmbedConfig, run_id: str) -> None: ...
+
 
 def choose_sink(spark: SparkSession, config: EmbedConfig) -> WaveSink:
     kind = config.target.sink
@@ -60,7 +62,14 @@ def _write_partition(
 
 
 class DeltaRsSink:
-    """For sessions without Delta jars (pip-installed local Spark, CI)."""
+    """For sessions without Delta jars (pip-installed local Spark, CI).
+
+    Each commit names the table version it expects, so a concurrent run on the same
+    target makes one of them fail cleanly with ConcurrentWriteError.
+    """
+
+    def __init__(self) -> None:
+        self._expected: int | None = None
 
     def write_wave(
         self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int
@@ -71,19 +80,26 @@ class DeltaRsSink:
             lambda batches: _write_partition(job, target, wave, batches), _META_SCHEMA
         ).collect()
         files = [sinks.FileMeta(**json.loads(r.payload)) for r in meta if r.kind == "file"]
+        if self._expected is None:
+            self._expected = sinks.table_version(target)
         mode = config.target.mode
         if mode == "upsert":
-            sinks.upsert_files(
+            self._expected = sinks.upsert_files(
                 target, files, schema=job.arrow_schema, id_col=job.id_col, app_id=run_id,
-                version=wave,
+                version=wave, rewrite_prefix=f"part-{run_id}-w{wave:05d}-rw",
+                expected_version=self._expected,
             )  # fmt: skip
         else:
-            sinks.commit_files(
+            self._expected = sinks.commit_files(
                 target, files, schema=job.arrow_schema,
                 mode="overwrite" if mode == "overwrite" and wave == 0 else "append",
-                app_id=run_id, version=wave,
+                app_id=run_id, version=wave, expected_version=self._expected,
             )  # fmt: skip
         return _merge_metrics(json.loads(r.payload) for r in meta if r.kind == "metrics")
+
+    def finish(self, config: EmbedConfig, run_id: str) -> None:
+        """Delete files of failed task attempts that no commit references."""
+        sinks.vacuum_orphans(str(config.target.path), prefix=f"part-{run_id}-")
 
 
 class NativeSink:
@@ -109,6 +125,9 @@ class NativeSink:
         wave_counts = {k: v - self._reported.get(k, 0) for k, v in so_far.items()}
         self._reported = so_far
         return wave_counts
+
+    def finish(self, config: EmbedConfig, run_id: str) -> None:
+        """Nothing to clean: Spark's Delta writer never leaves uncommitted files visible."""
 
 
 def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -> dict[str, int]:
