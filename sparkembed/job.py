@@ -157,11 +157,11 @@ def _report_progress(
     progress: Callable[[str], None], summary: RunSummary, wave: int, waves: int, elapsed: float
 ) -> None:
     done = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
-    rate = done / elapsed if elapsed else 0.0
-    eta = (summary.rows_total - done) / rate if rate else float("nan")
+    eta = elapsed / (wave + 1) * (waves - wave - 1)
     progress(
-        f"wave {wave + 1}/{waves}: {done}/{summary.rows_total} rows, "
-        f"{summary.counts['prompt_tokens']} tokens, {rate:.0f} rows/s, ETA {eta:.0f} s"
+        f"wave {wave + 1}/{waves} committed: {done} output rows (chunks included) from "
+        f"{summary.rows_total} source rows, {summary.counts['prompt_tokens']} tokens, "
+        f"{done / elapsed if elapsed else 0:.0f} rows/s, ETA {eta:.0f} s"
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from pyspark.sql import SparkSession
 
 from sparkembed.config import EmbedConfig
@@ -35,6 +38,9 @@ def get_spark(config: EmbedConfig, *, local_default: bool) -> SparkSession:
         builder = builder.master(master)
     for key, value in _LOCAL_CONF.items():
         builder = builder.config(key, value)
+    # Python workers must run the interpreter that has sparkembed installed.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -20,7 +20,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from sparkembed.config import EmbedConfig
-from sparkembed.engine import EmbedResults, get_embedder
+from sparkembed.engine import get_embedder
+from sparkembed.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.metrics import Metrics
 
 OUTPUT_FIELDS = (
@@ -69,44 +70,50 @@ class PartitionJob:
         self, batches: Iterator[pa.RecordBatch], metrics: Metrics | None = None
     ) -> Iterator[pa.RecordBatch]:
         """Output record batches for a partition's input batches, in input order."""
-        pending: deque[pa.RecordBatch] = deque()
+        planner = LongTextPlanner(self.config)
+        pending: deque[tuple[pa.RecordBatch, Plan]] = deque()
 
-        def texts() -> Iterator[list[str | None]]:
+        def plans() -> Iterator[Plan]:
             for batch in batches:
-                pending.append(batch)
-                yield batch.column(self.text_col).to_pylist()
+                plan = planner.plan(batch.column(self.text_col).to_pylist())
+                pending.append((batch, plan))
+                yield plan
 
         embedder = get_embedder(self.config)
-        for results in embedder.embed_stream(texts(), metrics):
-            yield self._to_arrow(pending.popleft(), results)
+        for results in embedder.embed_stream(plans(), metrics):
+            batch, plan = pending.popleft()
+            yield self._to_arrow(batch, combine(plan, results))
 
-    def _to_arrow(self, batch: pa.RecordBatch, results: EmbedResults) -> pa.RecordBatch:
-        n = batch.num_rows
-        texts = batch.column(self.text_col).to_pylist()
-        ok = np.array([s == "ok" for s in results.status], dtype=bool)
+    def _to_arrow(self, batch: pa.RecordBatch, out: Combined) -> pa.RecordBatch:
+        n = len(out.status)
+        rows = pa.array(out.row)
+        hashes = pa.array([text_hash(t) for t in batch.column(self.text_col).to_pylist()], pa.string())
+        ok = np.array([s == "ok" for s in out.status], dtype=bool)
+        whole = out.chunk_start == NO_OFFSET
+        dims = out.vectors.shape[1] if out.vectors.ndim == 2 else 0
         now = datetime.now(timezone.utc)
         columns = {
-            self.id_col: batch.column(self.id_col),
-            "chunk_index": pa.array(np.zeros(n, np.int32)),
-            "chunk_start": pa.nulls(n, pa.int32()),
-            "chunk_end": pa.nulls(n, pa.int32()),
-            "text_hash": pa.array([text_hash(t) for t in texts], pa.string()),
-            "embedding": vectors_to_arrow(results.vectors, ok),
-            "dimensions": pa.array(np.where(ok, results.vectors.shape[1], 0).astype(np.int32)),
-            "model": pa.array(results.model, pa.string()),
+            self.id_col: batch.column(self.id_col).take(rows),
+            "chunk_index": pa.array(out.chunk_index.astype(np.int32)),
+            "chunk_start": pa.array(out.chunk_start.astype(np.int32), mask=whole),
+            "chunk_end": pa.array(out.chunk_end.astype(np.int32), mask=whole),
+            "text_hash": hashes.take(rows),
+            "embedding": vectors_to_arrow(out.vectors, ok),
+            "dimensions": pa.array(np.where(ok, dims, 0).astype(np.int32), mask=~ok),
+            "model": pa.array(out.model, pa.string()),
             "input_type": pa.array([self.config.endpoint.input_type or "text"] * n, pa.string()),
-            "prompt_tokens": pa.array(results.prompt_tokens.astype(np.int64)),
-            "total_tokens": pa.array(results.total_tokens.astype(np.int64)),
-            "status": pa.array(results.status, pa.string()),
-            "error": pa.array(results.error, pa.string()),
-            "attempts": pa.array(results.attempts.astype(np.int32)),
-            "request_id": pa.array(results.request_id, pa.string()),
+            "prompt_tokens": pa.array(out.prompt_tokens.astype(np.int64)),
+            "total_tokens": pa.array(out.total_tokens.astype(np.int64)),
+            "status": pa.array(out.status, pa.string()),
+            "error": pa.array(out.error, pa.string()),
+            "attempts": pa.array(out.attempts.astype(np.int32)),
+            "request_id": pa.array(out.request_id, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "embedded_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             "embedding_fingerprint": pa.array([self.config.fingerprint()] * n, pa.string()),
         }
         for name in self.passthrough:
-            columns[name] = batch.column(name)
+            columns[name] = batch.column(name).take(rows)
         arrays = [columns[f.name].cast(f.type) for f in self.arrow_schema]
         return pa.RecordBatch.from_arrays(arrays, schema=self.arrow_schema)
 

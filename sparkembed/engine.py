@@ -1,0 +1,329 @@
+"""The embedding engine: rows in, per-row vectors and status out, within quota.
+
+Two sides meet here. The caller's thread (a Spark task, a script) pulls input
+chunks, packs their non-blank rows into requests across chunk boundaries, keeps
+``limits.concurrency`` requests in flight, and yields each chunk's results in
+input order once all its rows are done. One background event loop per process
+sends the requests: rate limiter, HTTP attempt, retry policy, and bisection of
+batches the service refused with a 400.
+
+    embedder = get_embedder(config)            # one per Python worker process
+    for results in embedder.embed_stream(chunks_of_texts, metrics):
+        results.vectors, results.status        # one EmbedResults per input chunk
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import numpy as np
+
+from sparkembed.backend import AzureInferenceBackend, Backend, BackendResponse
+from sparkembed.config import EmbedConfig, LimitsConfig
+from sparkembed.errors import (
+    QuotaExhaustedError,
+    ServiceError,
+    TransportError,
+)
+from sparkembed.metrics import Metrics, RequestRecord
+from sparkembed.ratelimit import RateLimiter
+from sparkembed.retry import Decision, RetryPolicy, config_error_for
+from sparkembed.streaming import EmbedResults, RowStream, Segment
+from sparkembed.tokens import estimate_tokens
+
+__all__ = ["EmbedResults", "Embedder", "get_embedder"]
+
+T = TypeVar("T")
+PREFLIGHT_TEXT = "sparkembed preflight"
+BISECT_STATUSES = frozenset({400, 413})
+"""A batch refused with these may hold one bad input: split it to find it."""
+CLOSE_TIMEOUT_S = 10.0
+REQUESTS_PER_QUOTA_MINUTE = 10
+"""A request never costs more than this fraction of a worker's minute of token quota, so
+pacing stays smooth and workers' first requests together fit in the service's bucket."""
+
+
+class Embedder:
+    """Embeds streams of texts through one backend, limiter and retry policy.
+
+    Args:
+        config: the run configuration (endpoint, limits, batching, retry).
+        backend: the service seam; default :class:`AzureInferenceBackend` (client built lazily).
+        limiter: default: this worker's share (quota / ``limits.workers``) of TPM and RPM.
+        clock: monotonic seconds, for retry time limits.
+        sleep: awaits a retry delay in seconds (tests pass a fake).
+        policy: default ``RetryPolicy(config.retry)``.
+    """
+
+    def __init__(
+        self,
+        config: EmbedConfig,
+        backend: Backend | None = None,
+        *,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self._backend: Backend = backend or AzureInferenceBackend(config)
+        self._limiter = limiter or _share_limiter(config.limits)
+        self._policy = policy or RetryPolicy(config.retry)
+        self._clock = clock
+        self._sleep = sleep
+        self._loop = _process_loop()
+        self._dims: int | None = config.endpoint.dimensions
+        self._exhausted: tuple[float, str] | None = None  # (until, reason) after quota exhaustion
+        self._attempt_timeout_s = config.retry.connect_timeout_s + config.retry.read_timeout_s
+        self.closed = False
+
+    @property
+    def dimensions(self) -> int | None:
+        """Vector size: configured, or learned from the first response."""
+        return self._dims
+
+    def embed_stream(
+        self, chunks: Iterable[Sequence[Any]], metrics: Metrics | None = None
+    ) -> Generator[EmbedResults, None, None]:
+        """Embed chunks of texts lazily; yield one :class:`EmbedResults` per chunk, in order.
+
+        A chunk is a sequence of texts, or an object with ``texts`` and exact ``tokens``
+        (a :class:`sparkembed.longtext.Plan`).
+
+        Requests are packed across chunk boundaries. Input is read only as far as
+        the in-flight requests allow, so memory stays bounded on endless input.
+
+        Raises:
+            EndpointConfigError: the service refused the setup (401/403/404/422).
+            QuotaExhaustedError: with ``retry.on_quota_exhausted: stop``.
+        """
+        metrics = metrics if metrics is not None else Metrics()
+        stream = RowStream(
+            lambda texts, estimates: self._loop.submit(self._embed_batch(texts, estimates, metrics)),
+            max_inputs=self.config.batching.max_inputs,
+            max_request_tokens=request_token_cap(self.config),
+            concurrency=self.config.limits.concurrency,
+            dimensions=lambda: self._dims,
+            metrics=metrics,
+        )
+        try:
+            for chunk in chunks:
+                # A long-text Plan carries exact token counts: pack and pace by those.
+                counts = getattr(chunk, "tokens", None)
+                stream.feed(getattr(chunk, "texts", chunk), counts)
+                yield from stream.ready()
+            yield from stream.finish()
+        finally:
+            stream.cancel()
+
+    def embed(self, texts: Sequence[Any], metrics: Metrics | None = None) -> EmbedResults:
+        """Embed one chunk of texts (see :meth:`embed_stream`)."""
+        with contextlib.closing(self.embed_stream([texts], metrics)) as stream:
+            return next(stream)
+
+    def preflight(self) -> tuple[int, str | None]:
+        """Send one tiny request; return ``(dimensions, model)``.
+
+        Raises:
+            EndpointConfigError: 401/403/404/422, with the fix named.
+            ServiceError, TransportError, QuotaExhaustedError: the request failed otherwise.
+        """
+        estimates = np.array([estimate_tokens(PREFLIGHT_TEXT)])
+        segment = self._run(self._send([PREFLIGHT_TEXT], estimates, Metrics()))
+        if segment.response is None:
+            assert segment.failure is not None
+            raise segment.failure
+        return segment.response.vectors.shape[1], segment.response.model
+
+    def close(self) -> None:
+        """Close the backend's connections; later calls build nothing and fail."""
+        if not self.closed:
+            self.closed = True
+            self._loop.submit(self._backend.close()).result(timeout=CLOSE_TIMEOUT_S)
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._loop.submit(coroutine).result()
+
+    # -- async core: runs on the process loop -------------------------------------------
+
+    async def _embed_batch(self, texts: list[str], estimates: np.ndarray, metrics: Metrics) -> list[Segment]:
+        """Embed one packed batch; on a 400, bisect until the bad inputs stand alone."""
+        segment = await self._send(texts, estimates, metrics)
+        failure = segment.failure
+        if len(texts) == 1 or not (isinstance(failure, ServiceError) and failure.status in BISECT_STATUSES):
+            return [segment]
+        mid = len(texts) // 2
+        left = await self._embed_batch(texts[:mid], estimates[:mid], metrics)
+        right = await self._embed_batch(texts[mid:], estimates[mid:], metrics)
+        return left + [replace(s, start=s.start + mid, stop=s.stop + mid) for s in right]
+
+    async def _send(self, texts: list[str], estimates: np.ndarray, metrics: Metrics) -> Segment:
+        """One request with retries: a response, or why its rows failed."""
+        if self._exhausted and self._clock() < self._exhausted[0]:
+            reason = self._exhausted[1]
+            return Segment(0, len(texts), 0, error=reason, failure=QuotaExhaustedError(reason))
+        tokens = int(estimates.sum())
+        started, waited, attempt = self._clock(), 0.0, 0
+        while True:
+            attempt += 1
+            waited += await self._limiter.acquire(tokens)
+            try:
+                response = await self._attempt(texts, attempt, metrics)
+            except (ServiceError, TransportError) as error:
+                # Time in the limiter is pacing, not hanging: the total timeout leaves it out.
+                elapsed_s = self._clock() - started - waited
+                decision = self._after_failure(error, tokens, attempt, elapsed_s)
+                if decision.action == "retry":
+                    await self._sleep(decision.delay_s)
+                    continue
+                metrics.limiter_wait_s += waited
+                return self._give_up(error, decision, attempt, len(texts))
+            self._limiter.settle(tokens, response.prompt_tokens)
+            self._limiter.on_success()
+            metrics.limiter_wait_s += waited
+            return Segment(0, len(texts), attempt, response=response)
+
+    def _after_failure(
+        self, error: ServiceError | TransportError, tokens: int, attempt: int, elapsed_s: float
+    ) -> Decision:
+        """Tell the limiter, then ask the policy what to do."""
+        self._limiter.settle(tokens, 0)  # a refused request costs no quota
+        decision = self._policy.decide(error, attempt, elapsed_s)
+        # The quota is shared: a 429 cools down all traffic, not only this request. (An
+        # exhausted quota fails rows instead: pausing everyone for hours would hang the run.)
+        if isinstance(error, ServiceError) and error.status == 429 and decision.action != "quota_exhausted":
+            self._limiter.on_throttle(error.retry_after_s)
+        return decision
+
+    async def _attempt(self, texts: list[str], attempt: int, metrics: Metrics) -> BackendResponse:
+        """One HTTP attempt under a hard time cap, recorded in the timeline."""
+        start, status, usage = time.time(), 0, (0, 0)
+        try:
+            response = await asyncio.wait_for(self._backend.embed(texts), timeout=self._attempt_timeout_s)
+            self._check_dims(response)
+            status, usage = 200, (response.prompt_tokens, response.total_tokens)
+            return response
+        except asyncio.TimeoutError as exc:
+            raise TransportError(f"no answer within {self._attempt_timeout_s:g} s") from exc
+        except ServiceError as error:
+            status = error.status
+            raise
+        finally:
+            record = RequestRecord(start, time.time(), len(texts), usage[0], status, attempt)
+            metrics.record(record, total_tokens=usage[1])
+
+    def _check_dims(self, response: BackendResponse) -> None:
+        dims = response.vectors.shape[1]
+        if self._dims is None:
+            self._dims = dims
+        elif dims != self._dims:
+            raise ServiceError(502, "invalid_response", f"{dims} dimensions, expected {self._dims}")
+
+    def _give_up(
+        self, error: ServiceError | TransportError, decision: Decision, attempts: int, n: int
+    ) -> Segment:
+        """Raise for config errors and ``stop``; otherwise the rows fail with the reason."""
+        if decision.action == "config_error" and isinstance(error, ServiceError):
+            endpoint = self.config.endpoint
+            raise config_error_for(
+                error,
+                model=endpoint.model,
+                dimensions=endpoint.dimensions,
+                input_type=endpoint.input_type,
+                key_env=self.config.auth.key_env,
+            ) from error
+        if decision.action == "quota_exhausted":
+            reason = f"quota exhausted: {decision.reason}"
+            if self.config.retry.on_quota_exhausted == "stop":
+                raise QuotaExhaustedError(reason) from error
+            # Until the service's retry-after passes, fail rows without sending.
+            retry_after = (error.retry_after_s if isinstance(error, ServiceError) else None) or 0.0
+            self._exhausted = (self._clock() + retry_after, reason)
+            return Segment(0, n, attempts, error=reason, failure=QuotaExhaustedError(reason))
+        return Segment(0, n, attempts, error=decision.reason or str(error), failure=error)
+
+
+def request_token_cap(config: EmbedConfig) -> int:
+    """Estimated tokens per request: ``batching.max_request_tokens``, and with a TPM quota at
+    most 1/:data:`REQUESTS_PER_QUOTA_MINUTE` of this worker's share of it."""
+    cap = config.batching.max_request_tokens
+    limits = config.limits
+    if limits.tokens_per_minute:
+        share = limits.tokens_per_minute / limits.workers
+        cap = min(cap, max(1, int(share / REQUESTS_PER_QUOTA_MINUTE)))
+    return cap
+
+
+def _share_limiter(limits: LimitsConfig) -> RateLimiter:
+    """This worker's share of the job's quota: quota / concurrent workers."""
+    tpm, rpm, workers = limits.tokens_per_minute, limits.requests_per_minute, limits.workers
+    return RateLimiter(tpm / workers if tpm else None, rpm / workers if rpm else None)
+
+
+# -- one event loop and one embedder per process --------------------------------------
+
+
+class _LoopThread:
+    """An asyncio event loop running forever on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="sparkembed-loop")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=CLOSE_TIMEOUT_S)
+
+
+_lock = threading.RLock()
+_loop_thread: _LoopThread | None = None
+_embedders: dict[str, Embedder] = {}
+
+
+def _process_loop() -> _LoopThread:
+    """This process's loop; a forked child (Spark's Python workers) builds its own."""
+    global _loop_thread
+    with _lock:
+        if _loop_thread is None or _loop_thread.pid != os.getpid():
+            _loop_thread = _LoopThread()
+            _embedders.clear()  # the parent's clients live on the parent's loop
+        return _loop_thread
+
+
+def get_embedder(config: EmbedConfig) -> Embedder:
+    """The process's :class:`Embedder` for ``config``: built once, reused by every task."""
+    key = config.client_key()
+    with _lock:
+        _process_loop()
+        embedder = _embedders.get(key)
+        if embedder is None or embedder.closed:
+            embedder = _embedders[key] = Embedder(config)
+        return embedder
+
+
+@atexit.register
+def _shutdown() -> None:
+    with _lock:
+        if _loop_thread is None or _loop_thread.pid != os.getpid():
+            return
+        for embedder in _embedders.values():
+            # Exiting anyway: a failed close must not mask the exit status.
+            with contextlib.suppress(Exception):
+                embedder.close()
+        _embedders.clear()
+        _loop_thread.stop()

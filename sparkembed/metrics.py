@@ -1,0 +1,109 @@
+"""Run metrics: counters for the run summary and a per-attempt request timeline.
+
+A :class:`Metrics` is written by the engine's event loop while a stream runs and
+read after it ends. Executors' metrics are combined with :meth:`Metrics.merge`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One HTTP attempt.
+
+    Attributes:
+        start_s: wall-clock send time, seconds since the epoch.
+        end_s: wall-clock time the answer (or error) arrived, seconds since the epoch.
+        n_inputs: texts in the request.
+        prompt_tokens: reported usage; 0 unless the attempt succeeded.
+        status: HTTP status; 0 when there was no HTTP answer (timeout, reset).
+        attempt: 1 for the first try of a request, 2 for its first retry, ...
+    """
+
+    start_s: float
+    end_s: float
+    n_inputs: int
+    prompt_tokens: int
+    status: int
+    attempt: int
+
+
+@dataclass
+class Metrics:
+    """Counters for one stream, a task, or (merged) a whole run.
+
+    Attributes:
+        requests: HTTP attempts sent, retries included.
+        retries: attempts beyond the first of their request.
+        throttled: attempts answered 429.
+        prompt_tokens: reported ``usage.prompt_tokens`` summed over successful responses.
+        total_tokens: reported ``usage.total_tokens``, likewise.
+        ok_rows, failed_rows, skipped_rows: rows by final status.
+        limiter_wait_s: seconds requests spent waiting on the rate limiter (summed over requests).
+        timeline: one :class:`RequestRecord` per attempt.
+    """
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    ok_rows: int = 0
+    failed_rows: int = 0
+    skipped_rows: int = 0
+    limiter_wait_s: float = 0.0
+    timeline: list[RequestRecord] = field(default_factory=list)
+
+    def record(self, record: RequestRecord, *, total_tokens: int = 0) -> None:
+        """Count one finished attempt."""
+        self.requests += 1
+        self.retries += record.attempt > 1
+        self.throttled += record.status == 429
+        self.prompt_tokens += record.prompt_tokens
+        self.total_tokens += total_tokens
+        self.timeline.append(record)
+
+    def count_rows(self, status: list[str]) -> None:
+        """Count final row statuses of one finished chunk."""
+        ok = status.count("ok")
+        skipped = status.count("skipped")
+        self.ok_rows += ok
+        self.skipped_rows += skipped
+        self.failed_rows += len(status) - ok - skipped
+
+    def merge(self, other: Metrics) -> None:
+        """Add ``other``'s counters and timeline into this one, in place."""
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.timeline.extend(other.timeline)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Metrics:
+        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        metrics = cls(**{name: data[name] for name in _COUNTERS if name in data})
+        metrics.timeline = [RequestRecord(**r) for r in data.get("timeline", [])]
+        return metrics
+
+    def to_dict(self, *, timeline: bool = False) -> dict[str, Any]:
+        """Plain dict for the run summary; the timeline only on request (it can be long)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _COUNTERS}
+        out["limiter_wait_s"] = round(self.limiter_wait_s, 3)
+        if timeline:
+            out["timeline"] = [asdict(r) for r in self.timeline]
+        return out
+
+
+_COUNTERS = (
+    "requests",
+    "retries",
+    "throttled",
+    "prompt_tokens",
+    "total_tokens",
+    "ok_rows",
+    "failed_rows",
+    "skipped_rows",
+    "limiter_wait_s",
+)

@@ -1,0 +1,274 @@
+"""The caller's side of the engine: rows in, requests out, and results back per chunk.
+
+:class:`RowStream` runs on the thread that owns the input iterator (a Spark task).
+It skips blank rows, packs the rest into requests across chunk boundaries, hands
+each request to ``send`` (which runs it on the engine's event loop), keeps at most
+``concurrency`` of them in flight, and scatters every answered :class:`Segment`
+back into the :class:`ChunkAssembly` of the chunks its rows came from.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sparkembed.backend import BackendResponse
+from sparkembed.batching import SKIPPED_EMPTY, Packer, apportion, is_blank
+from sparkembed.errors import SparkEmbedError
+from sparkembed.metrics import Metrics
+from sparkembed.tokens import estimate_tokens
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Positions ``[start, stop)`` of a request's batch, answered by one request or failed together.
+
+    Attributes:
+        attempts: HTTP attempts of the request (0: never sent).
+        response: the answer, when ok.
+        error: why the rows failed, when not.
+        failure: the last error, for bisection and for preflight to raise.
+    """
+
+    start: int
+    stop: int
+    attempts: int
+    response: BackendResponse | None = None
+    error: str | None = None
+    failure: SparkEmbedError | None = None
+
+
+Send = Callable[[list[str], np.ndarray], "concurrent.futures.Future[list[Segment]]"]
+"""Starts one batch (texts, estimated tokens per text); its future gives segments covering it."""
+
+
+@dataclass
+class EmbedResults:
+    """Per-row results, columnar, in the order of one input chunk.
+
+    Attributes:
+        vectors: float32 ``(n, d)``; rows that are not ok are zeros; ``d`` is 0 when unknown.
+        status: ``ok``, ``skipped`` or ``failed`` per row.
+        error: None when ok, else the reason (``400 context_length_exceeded: ...``).
+        prompt_tokens: int64 share of the request's reported usage (shares sum exactly).
+        total_tokens: int64, likewise.
+        attempts: int32 HTTP attempts of the request that produced the row (0 if skipped).
+        request_id: the response ``id`` of that request.
+        model: the model the service reported.
+    """
+
+    vectors: np.ndarray
+    status: list[str]
+    error: list[str | None]
+    prompt_tokens: np.ndarray
+    total_tokens: np.ndarray
+    attempts: np.ndarray
+    request_id: list[str | None]
+    model: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+
+class ChunkAssembly:
+    """The results of one input chunk, filled in as its requests finish (any order)."""
+
+    __slots__ = ("pending", "_n", "_vectors", "_results")
+
+    def __init__(self, n: int) -> None:
+        self.pending = n
+        self._n = n
+        self._vectors: np.ndarray | None = None  # allocated once the vector size is known
+        self._results = EmbedResults(
+            vectors=np.zeros((n, 0), dtype=np.float32),
+            status=["failed"] * n,
+            error=[None] * n,
+            prompt_tokens=np.zeros(n, dtype=np.int64),
+            total_tokens=np.zeros(n, dtype=np.int64),
+            attempts=np.zeros(n, dtype=np.int32),
+            request_id=[None] * n,
+            model=[None] * n,
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.pending == 0
+
+    def finish_rows(self, rows: Sequence[int], status: str, error: str | None) -> None:
+        """Mark rows without a vector: ``skipped`` or ``failed`` with the reason."""
+        r = self._results
+        for row in rows:
+            r.status[row] = status
+            r.error[row] = error
+        self.pending -= len(rows)
+
+    def fail(self, rows: np.ndarray, error: str, attempts: int) -> None:
+        """Mark rows failed with ``error`` after ``attempts`` HTTP attempts."""
+        self._results.attempts[rows] = attempts
+        self.finish_rows(rows.tolist(), "failed", error)
+
+    def fill(
+        self,
+        rows: np.ndarray,
+        vectors: np.ndarray,
+        prompt_tokens: np.ndarray,
+        total_tokens: np.ndarray,
+        *,
+        attempts: int,
+        request_id: str | None,
+        model: str | None,
+    ) -> None:
+        """Store ok rows: ``vectors[i]`` belongs to ``rows[i]``."""
+        if self._vectors is None:
+            self._vectors = np.zeros((self._n, vectors.shape[1]), dtype=np.float32)
+        r = self._results
+        self._vectors[rows] = vectors
+        r.prompt_tokens[rows] = prompt_tokens
+        r.total_tokens[rows] = total_tokens
+        r.attempts[rows] = attempts
+        for row in rows.tolist():
+            r.request_id[row] = request_id
+            r.model[row] = model
+        self.finish_rows(rows.tolist(), "ok", None)
+
+    def results(self, dims: int | None) -> EmbedResults:
+        """The finished results; ``dims`` sizes the zero vectors when no row is ok."""
+        if self._vectors is not None:
+            self._results.vectors = self._vectors
+        elif dims:
+            self._results.vectors = np.zeros((self._n, dims), dtype=np.float32)
+        return self._results
+
+
+_Row = tuple[ChunkAssembly, int, str, int]
+"""(chunk, row in chunk, text, estimated tokens)."""
+
+
+class RowStream:
+    """Pack rows of successive chunks into requests; yield chunk results in input order.
+
+    Args:
+        send: starts one batch on the engine's loop.
+        max_inputs: inputs per request.
+        max_request_tokens: estimated tokens per request.
+        concurrency: requests in flight at most.
+        dimensions: the vector size, if known, for chunks with no ok row.
+        metrics: row counts go here.
+    """
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        max_inputs: int,
+        max_request_tokens: int,
+        concurrency: int,
+        dimensions: Callable[[], int | None],
+        metrics: Metrics,
+    ) -> None:
+        self._send = send
+        self._packer: Packer[_Row] = Packer(max_inputs=max_inputs, max_request_tokens=max_request_tokens)
+        self._concurrency = concurrency
+        self._dimensions = dimensions
+        self._metrics = metrics
+        self._chunks: deque[ChunkAssembly] = deque()
+        self._inflight: dict[concurrent.futures.Future[list[Segment]], list[_Row]] = {}
+
+    def feed(self, texts: Sequence[Any], tokens: Sequence[int] | None = None) -> None:
+        """Take one input chunk: skip blanks, fail non-text, pack the rest.
+
+        ``tokens`` are exact counts per text when known; otherwise they are estimated.
+
+        Blocks while ``concurrency`` requests are in flight.
+        """
+        chunk = ChunkAssembly(len(texts))
+        self._chunks.append(chunk)
+        blank, not_text = [], []
+        for row, text in enumerate(texts):
+            if is_blank(text):
+                blank.append(row)
+            elif not isinstance(text, str):
+                not_text.append(row)
+            else:
+                cost = int(tokens[row]) if tokens is not None else estimate_tokens(text)
+                if batch := self._packer.add((chunk, row, text, cost), cost):
+                    self._submit(batch)
+        chunk.finish_rows(blank, "skipped", SKIPPED_EMPTY)
+        for row in not_text:
+            chunk.finish_rows([row], "failed", f"input is {type(texts[row]).__name__}, not text")
+
+    def ready(self) -> Iterator[EmbedResults]:
+        """Yield finished chunks from the front, in input order."""
+        while self._chunks and self._chunks[0].done:
+            results = self._chunks.popleft().results(self._dimensions())
+            self._metrics.count_rows(results.status)
+            yield results
+
+    def finish(self) -> Iterator[EmbedResults]:
+        """Send the last partial request, then drain everything in flight."""
+        if last := self._packer.flush():
+            self._submit(last)
+        while self._inflight:
+            self._wait_one()
+            yield from self.ready()
+        yield from self.ready()
+
+    def cancel(self) -> None:
+        """Abandon the requests still in flight (the consumer stopped, or one raised)."""
+        for future in self._inflight:
+            future.cancel()
+        self._inflight.clear()
+
+    def _submit(self, batch: list[_Row]) -> None:
+        while len(self._inflight) >= self._concurrency:
+            self._wait_one()
+        texts = [row[2] for row in batch]
+        estimates = np.fromiter((row[3] for row in batch), dtype=np.int64, count=len(batch))
+        self._inflight[self._send(texts, estimates)] = batch
+
+    def _wait_one(self) -> None:
+        done, _ = concurrent.futures.wait(self._inflight, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            batch = self._inflight.pop(future)
+            for segment in future.result():  # raises config errors and quota "stop"
+                _scatter(batch[segment.start : segment.stop], segment)
+
+
+def _scatter(rows: list[_Row], segment: Segment) -> None:
+    """Store one segment's outcome into the chunks its rows came from."""
+    response = segment.response
+    if response is not None:
+        weights = [row[3] for row in rows]
+        prompt = apportion(response.prompt_tokens, weights)
+        total = apportion(response.total_tokens, weights)
+    offset = 0
+    for chunk, positions in _runs_by_chunk(rows):
+        part = slice(offset, offset + len(positions))
+        offset += len(positions)
+        if response is None:
+            chunk.fail(positions, segment.error or "failed", segment.attempts)
+            continue
+        chunk.fill(
+            positions,
+            response.vectors[part],
+            prompt[part],
+            total[part],
+            attempts=segment.attempts,
+            request_id=response.request_id,
+            model=response.model,
+        )
+
+
+def _runs_by_chunk(rows: list[_Row]) -> Iterator[tuple[ChunkAssembly, np.ndarray]]:
+    """Consecutive rows of the same chunk, as (chunk, row positions)."""
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i][0] is not rows[start][0]:
+            positions = np.fromiter((r[1] for r in rows[start:i]), dtype=np.int64)
+            yield rows[start][0], positions
+            start = i

@@ -1,0 +1,40 @@
+"""Shared fixtures: local endpoints over real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from sparkembed.server.launch import LocalEndpoint, start_local_endpoint
+
+# Tests pass keys through the environment, as users should, so they never sit in argv.
+TEST_KEY = "test-key-0123456789"
+
+StartEndpoint = Callable[..., LocalEndpoint]
+
+
+@pytest.fixture(scope="session")
+def endpoint_key() -> str:
+    """The key endpoints from ``start_endpoint`` accept."""
+    return TEST_KEY
+
+
+@pytest.fixture(scope="session")
+def start_endpoint() -> Iterator[StartEndpoint]:
+    """Start a local endpoint: ``start_endpoint("--model", "hash", env=None)``.
+
+    The endpoint serves ``TEST_KEY`` (via ``SPARKEMBED_SERVE_KEY``) unless ``env`` says
+    otherwise. Every endpoint started is stopped at the end of the session; stop one
+    earlier with ``endpoint.stop()``.
+    """
+    started: list[LocalEndpoint] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> LocalEndpoint:
+        endpoint = start_local_endpoint(*args, env={"SPARKEMBED_SERVE_KEY": TEST_KEY, **(env or {})})
+        started.append(endpoint)
+        return endpoint
+
+    yield start
+    for endpoint in started:
+        endpoint.stop()

@@ -1,0 +1,549 @@
+"""The engine against a fake backend: packing, order, retries, bisection, quota, streaming.
+
+The fake answers in-process (no HTTP); retry waits go to a fake ``sleep`` that
+records them, and a recording limiter stands in for the rate limiter, so nothing
+here sleeps for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import zlib
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import numpy as np
+import pytest
+from azure.core.exceptions import HttpResponseError, ServiceResponseError
+
+from sparkembed.backend import AzureInferenceBackend, BackendResponse, decode_response, map_error
+from sparkembed.config import EmbedConfig, validate_config
+from sparkembed.engine import Embedder, get_embedder, request_token_cap
+from sparkembed.errors import (
+    EndpointConfigError,
+    QuotaExhaustedError,
+    ServiceError,
+    TransportError,
+)
+from sparkembed.metrics import Metrics
+from sparkembed.tokens import estimate_tokens
+
+DIMS = 8
+Script = Callable[[list[str], int], "Exception | None"]
+
+
+def vector_for(text: str) -> np.ndarray:
+    """The fake model: a deterministic vector per text."""
+    return np.random.default_rng(zlib.crc32(text.encode())).standard_normal(DIMS, np.float32)
+
+
+class FakeBackend:
+    """Answers like the service; ``script(texts, call_number)`` may return an error to raise."""
+
+    def __init__(self, script: Script | None = None, delay_s: Callable[[int], float] = None):
+        self.calls: list[list[str]] = []
+        self.ok_calls: list[list[str]] = []
+        self._script = script
+        self._delay_s = delay_s
+        self.closed = False
+
+    async def embed(self, texts: list[str]) -> BackendResponse:
+        self.calls.append(list(texts))
+        number = len(self.calls)
+        if self._delay_s:
+            await asyncio.sleep(self._delay_s(number))
+        error = self._script(texts, number) if self._script else None
+        if error is not None:
+            raise error
+        self.ok_calls.append(list(texts))
+        tokens = sum(len(t.split()) for t in texts)
+        return BackendResponse(
+            vectors=np.stack([vector_for(t) for t in texts]),
+            prompt_tokens=tokens,
+            total_tokens=tokens + 1,
+            model="fake-model",
+            request_id=f"req-{number}",
+        )
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class RecordingLimiter:
+    """Admits everything at once and records what the engine told it."""
+
+    def __init__(self) -> None:
+        self.acquired: list[int] = []
+        self.settled: list[tuple[int, int]] = []
+        self.throttles: list[float | None] = []
+        self.successes = 0
+
+    async def acquire(self, tokens: int) -> float:
+        self.acquired.append(tokens)
+        return 0.25
+
+    def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
+        self.settled.append((estimated_tokens, actual_tokens))
+
+    def on_throttle(self, retry_after_s: float | None) -> None:
+        self.throttles.append(retry_after_s)
+
+    def on_success(self) -> None:
+        self.successes += 1
+
+
+def make_config(**sections: dict) -> EmbedConfig:
+    tree = {
+        "endpoint": {"url": "http://127.0.0.1:9"},
+        "retry": {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 4},
+    }
+    for name, values in sections.items():
+        tree[name] = {**tree.get(name, {}), **values}
+    return validate_config(tree)
+
+
+class Rig:
+    """An embedder over a fake backend, a recording limiter and a recording sleep."""
+
+    def __init__(self, script: Script | None = None, delay_s=None, **sections: dict) -> None:
+        self.backend = FakeBackend(script, delay_s)
+        self.limiter = RecordingLimiter()
+        self.sleeps: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            self.sleeps.append(seconds)
+
+        self.embedder = Embedder(make_config(**sections), self.backend, limiter=self.limiter, sleep=sleep)
+
+
+def texts(n: int, prefix: str = "text") -> list[str]:
+    return [f"{prefix} number {i}" for i in range(n)]
+
+
+def assert_ok_vectors(results, inputs: list[str]) -> None:
+    assert results.status == ["ok"] * len(inputs)
+    assert results.vectors.dtype == np.float32
+    np.testing.assert_array_equal(results.vectors, np.stack([vector_for(t) for t in inputs]))
+
+
+# -- packing and order ----------------------------------------------------------------
+
+
+def test_requests_are_packed_across_chunk_boundaries() -> None:
+    rig = Rig(batching={"max_inputs": 4})
+    chunks = [texts(3, f"chunk{c}") for c in range(5)]
+    results = list(rig.embedder.embed_stream(chunks))
+    assert [len(call) for call in rig.backend.calls] == [4, 4, 4, 3]
+    assert [len(r) for r in results] == [3] * 5
+    for result, chunk in zip(results, chunks, strict=True):
+        assert_ok_vectors(result, chunk)
+
+
+def test_requests_stay_under_the_token_cap() -> None:
+    inputs = ["word " * 40] * 10  # 201 bytes: 52 estimated tokens each
+    rig = Rig(batching={"max_request_tokens": 110})
+    rig.embedder.embed(inputs)
+    assert [len(call) for call in rig.backend.calls] == [2] * 5
+    assert rig.limiter.acquired == [2 * estimate_tokens(inputs[0])] * 5
+
+
+def test_an_input_over_the_token_cap_goes_alone() -> None:
+    inputs = ["short", "long " * 100, "short too"]
+    rig = Rig(batching={"max_request_tokens": 50})
+    results = rig.embedder.embed(inputs)
+    assert rig.backend.calls == [["short"], ["long " * 100], ["short too"]]
+    assert_ok_vectors(results, inputs)
+
+
+def test_with_a_quota_a_request_costs_at_most_a_tenth_of_the_worker_minute() -> None:
+    assert request_token_cap(make_config()) == 300_000
+    limits = {"tokens_per_minute": 600_000, "workers": 4}
+    assert request_token_cap(make_config(limits=limits)) == 15_000
+    small = make_config(limits=limits, batching={"max_request_tokens": 5_000})
+    assert request_token_cap(small) == 5_000
+    rig = Rig(limits={"tokens_per_minute": 2_000, "workers": 2})  # cap: 100 tokens
+    rig.embedder.embed(["word " * 40] * 6)  # 52 estimated tokens each
+    assert [len(call) for call in rig.backend.calls] == [1] * 6
+
+
+def test_chunks_come_back_in_input_order_when_requests_finish_out_of_order() -> None:
+    # The first requests are the slowest, so later chunks finish first.
+    rig = Rig(delay_s=lambda n: 0.03 * max(0, 4 - n), batching={"max_inputs": 2})
+    chunks = [texts(2, f"c{c}") for c in range(6)]
+    results = list(rig.embedder.embed_stream(chunks))
+    for result, chunk in zip(results, chunks, strict=True):
+        assert_ok_vectors(result, chunk)
+
+
+def test_blank_rows_are_skipped_never_sent_and_non_text_fails() -> None:
+    inputs = [None, "", "  \n", float("nan"), "real text", 42]
+    rig = Rig()
+    results = rig.embedder.embed(inputs)
+    assert results.status == ["skipped"] * 4 + ["ok", "failed"]
+    assert results.error[:4] == ["skipped: empty text"] * 4
+    assert results.error[5] == "input is int, not text"
+    assert results.attempts.tolist() == [0, 0, 0, 0, 1, 0]
+    assert rig.backend.calls == [["real text"]]
+    assert not results.vectors[[0, 1, 2, 3, 5]].any()
+    np.testing.assert_array_equal(results.vectors[4], vector_for("real text"))
+
+
+def test_an_all_blank_chunk_sends_nothing() -> None:
+    rig = Rig()
+    metrics = Metrics()
+    results = rig.embedder.embed([None, " "], metrics)
+    assert results.status == ["skipped", "skipped"]
+    assert results.vectors.shape == (2, 0)  # no vector size known yet
+    assert rig.backend.calls == []
+    assert (metrics.skipped_rows, metrics.requests) == (2, 0)
+
+
+def test_an_empty_chunk_gives_empty_results() -> None:
+    rig = Rig()
+    assert len(rig.embedder.embed([])) == 0
+
+
+def test_the_stream_does_not_read_its_input_far_ahead() -> None:
+    pulled = 0
+
+    def endless() -> Iterator[list[str]]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield texts(10, f"chunk{i}")
+
+    rig = Rig(batching={"max_inputs": 8}, limits={"concurrency": 2})
+    stream = rig.embedder.embed_stream(endless())
+    first = list(itertools.islice(stream, 5))
+    stream.close()
+    assert [len(r) for r in first] == [10] * 5
+    # 5 chunks yielded, plus at most (2 in flight + 1 open) requests of 8 rows ahead.
+    assert 5 <= pulled <= 5 + 3
+    # The rows read ahead were sent or dropped, never embedded into a sixth result.
+    assert sum(len(c) for c in rig.backend.calls) <= pulled * 10
+
+
+# -- usage, metrics, request ids ------------------------------------------------------
+
+
+def test_usage_is_apportioned_per_request_exactly() -> None:
+    inputs = ["one", "two words", "three words here", "four words are here", "x"]
+    rig = Rig(batching={"max_inputs": 2})
+    metrics = Metrics()
+    results = rig.embedder.embed(inputs, metrics)
+    requests = [slice(0, 2), slice(2, 4), slice(4, 5)]
+    for rows, call in zip(requests, rig.backend.calls, strict=True):
+        reported = sum(len(t.split()) for t in call)
+        assert results.prompt_tokens[rows].sum() == reported
+        assert results.total_tokens[rows].sum() == reported + 1
+    assert results.request_id == ["req-1", "req-1", "req-2", "req-2", "req-3"]
+    assert results.model == ["fake-model"] * 5
+    assert metrics.prompt_tokens == int(results.prompt_tokens.sum()) == 11
+    assert metrics.total_tokens == 14
+    assert (metrics.requests, metrics.retries, metrics.ok_rows) == (3, 0, 5)
+    assert metrics.limiter_wait_s == pytest.approx(0.75)
+    assert [r.n_inputs for r in metrics.timeline] == [2, 2, 1]
+    assert all(r.status == 200 and r.end_s >= r.start_s for r in metrics.timeline)
+    assert rig.limiter.settled == [
+        (estimate_tokens("one") + estimate_tokens("two words"), 3),
+        (estimate_tokens("three words here") + estimate_tokens("four words are here"), 7),
+        (estimate_tokens("x"), 1),
+    ]
+
+
+def test_metrics_merge_and_round_trip() -> None:
+    rig = Rig()
+    first, second = Metrics(), Metrics()
+    rig.embedder.embed(["a b", None], first)
+    rig.embedder.embed(["c"], second)
+    first.merge(second)
+    assert first.to_dict() == {
+        "requests": 2,
+        "retries": 0,
+        "throttled": 0,
+        "prompt_tokens": 3,
+        "total_tokens": 5,
+        "ok_rows": 2,
+        "failed_rows": 0,
+        "skipped_rows": 1,
+        "limiter_wait_s": 0.5,
+    }
+    again = Metrics.from_dict(first.to_dict(timeline=True))
+    assert again.to_dict(timeline=True) == first.to_dict(timeline=True)
+
+
+# -- retries --------------------------------------------------------------------------
+
+
+def failing_first(n: int, error: Callable[[], Exception]) -> Script:
+    return lambda _texts, number: error() if number <= n else None
+
+
+def test_retryable_errors_are_retried_and_counted_in_attempts() -> None:
+    rig = Rig(failing_first(2, lambda: ServiceError(503, None, "busy")))
+    metrics = Metrics()
+    results = rig.embedder.embed(texts(3), metrics)
+    assert_ok_vectors(results, texts(3))
+    assert results.attempts.tolist() == [3, 3, 3]
+    assert (metrics.requests, metrics.retries) == (3, 2)
+    assert [r.status for r in metrics.timeline] == [503, 503, 200]
+    assert len(rig.sleeps) == 2 and all(0 < s <= 0.05 for s in rig.sleeps)
+    assert rig.limiter.settled[:2] == [(rig.limiter.acquired[0], 0)] * 2  # refused: refunded
+
+
+def test_a_429_waits_its_retry_after_and_cools_the_limiter() -> None:
+    throttled = lambda: ServiceError(429, "RateLimitReached", "slow down", retry_after_s=1.5)  # noqa: E731
+    rig = Rig(failing_first(1, throttled))
+    metrics = Metrics()
+    results = rig.embedder.embed(["a"], metrics)
+    assert results.status == ["ok"]
+    assert 1.5 <= rig.sleeps[0] <= 1.65  # retry-after plus at most 10% jitter
+    assert rig.limiter.throttles == [1.5]
+    assert metrics.throttled == 1
+
+
+def test_transport_errors_are_retried() -> None:
+    rig = Rig(failing_first(1, lambda: TransportError("connection reset")))
+    results = rig.embedder.embed(["a"])
+    assert (results.status, results.attempts.tolist()) == (["ok"], [2])
+
+
+def test_persistent_failures_fail_the_rows_after_max_attempts() -> None:
+    rig = Rig(lambda _t, _n: ServiceError(500, "internal", "boom"))
+    metrics = Metrics()
+    results = rig.embedder.embed(texts(2), metrics)
+    assert results.status == ["failed", "failed"]
+    assert results.error[0] == "500 internal: boom; gave up after 4 attempts"
+    assert results.attempts.tolist() == [4, 4]
+    assert (metrics.requests, metrics.failed_rows) == (4, 2)
+    assert not results.vectors.any()
+
+
+def test_a_request_that_never_answers_times_out() -> None:
+    never = lambda _t, _n: None  # noqa: E731
+    timeouts = {"connect_timeout_s": 0.02, "read_timeout_s": 0.03, "max_attempts": 2}
+    rig = Rig(never, delay_s=lambda _n: 3600, retry=timeouts)
+    results = rig.embedder.embed(["a"])
+    assert results.status == ["failed"]
+    assert results.error[0].startswith("transport error: no answer within 0.05 s")
+    assert results.attempts.tolist() == [2]
+
+
+# -- bad inputs: bisection ------------------------------------------------------------
+
+
+def context_length(texts_: list[str], _n: int) -> Exception | None:
+    if any("TOO LONG" in t for t in texts_):
+        return ServiceError(400, "context_length_exceeded", "input is too long")
+    return None
+
+
+def test_bisection_isolates_one_bad_input_among_1000() -> None:
+    inputs = texts(1000)
+    inputs[637] = "TOO LONG " * 10
+    rig = Rig(context_length)
+    metrics = Metrics()
+    results = rig.embedder.embed(inputs, metrics)
+    assert results.status.count("ok") == 999
+    assert results.status[637] == "failed"
+    assert results.error[637] == "400 context_length_exceeded: input is too long"
+    assert results.attempts[637] == 1
+    good = [t for i, t in enumerate(inputs) if i != 637]
+    np.testing.assert_array_equal(np.delete(results.vectors, 637, axis=0), [vector_for(t) for t in good])
+    sent_ok = sorted(t for call in rig.backend.ok_calls for t in call)
+    assert sent_ok == sorted(good)  # every good text embedded exactly once
+    assert len(rig.backend.calls) <= 2 * 10 + 1  # two requests per level of a 10-level split
+    assert metrics.failed_rows == 1 and metrics.ok_rows == 999
+
+
+def test_a_400_on_a_single_input_fails_that_row() -> None:
+    rig = Rig(context_length)
+    results = rig.embedder.embed(["TOO LONG"])
+    assert results.status == ["failed"] and results.attempts.tolist() == [1]
+    assert len(rig.backend.calls) == 1
+
+
+# -- config errors and quota ----------------------------------------------------------
+
+
+def test_a_config_error_is_raised_at_once_without_retries() -> None:
+    rig = Rig(lambda _t, _n: ServiceError(401, "Unauthorized", "bad key"))
+    with pytest.raises(EndpointConfigError) as caught:
+        rig.embedder.embed(texts(5))
+    assert caught.value.status == 401
+    assert "AZURE_INFERENCE_CREDENTIAL" in str(caught.value)
+    assert len(rig.backend.calls) == 1
+
+
+def test_a_422_for_dimensions_names_the_fix() -> None:
+    error = ServiceError(422, "invalid_parameter", "model does not support dimensions")
+    rig = Rig(lambda _t, _n: error, endpoint={"dimensions": 512, "model": "m1"})
+    with pytest.raises(EndpointConfigError, match="remove endpoint.dimensions"):
+        rig.embedder.embed(["a"])
+
+
+def quota_gone(_texts: list[str], _n: int) -> Exception:
+    return ServiceError(429, "RateLimitReached", "quota used up", retry_after_s=3600)
+
+
+def test_quota_exhaustion_fails_rows_and_sends_no_more_until_retry_after() -> None:
+    rig = Rig(quota_gone, batching={"max_inputs": 2}, limits={"concurrency": 1})
+    results = rig.embedder.embed(texts(6))
+    assert results.status == ["failed"] * 6
+    assert all(e.startswith("quota exhausted: 429 RateLimitReached") for e in results.error)
+    assert "retry.max_wait_s=60" in results.error[0]
+    assert len(rig.backend.calls) == 1  # the later requests fail without being sent
+    assert results.attempts.tolist() == [1, 1, 0, 0, 0, 0]
+    assert rig.limiter.throttles == []  # an hour's pause would stall every request
+
+
+def test_quota_exhaustion_stops_the_run_when_asked() -> None:
+    rig = Rig(quota_gone, retry={"on_quota_exhausted": "stop"})
+    with pytest.raises(QuotaExhaustedError, match="quota exhausted"):
+        rig.embedder.embed(texts(3))
+
+
+# -- preflight, the per-process embedder ----------------------------------------------
+
+
+def test_preflight_returns_dimensions_and_model() -> None:
+    rig = Rig()
+    assert rig.embedder.preflight() == (DIMS, "fake-model")
+    assert rig.backend.calls == [["sparkembed preflight"]]
+
+
+def test_preflight_raises_the_config_error() -> None:
+    rig = Rig(lambda _t, _n: ServiceError(404, "DeploymentNotFound", "no such deployment"))
+    with pytest.raises(EndpointConfigError, match="endpoint.url"):
+        rig.embedder.preflight()
+
+
+def test_preflight_raises_the_last_error_when_retries_run_out() -> None:
+    rig = Rig(lambda _t, _n: ServiceError(503, None, "down"))
+    with pytest.raises(ServiceError, match="503"):
+        rig.embedder.preflight()
+
+
+def test_get_embedder_builds_one_per_config_and_process() -> None:
+    config = make_config()
+    first = get_embedder(config)
+    assert get_embedder(make_config()) is first
+    other = get_embedder(make_config(limits={"concurrency": 3}))
+    assert other is not first
+    first.close()
+    assert get_embedder(config) is not first  # a closed one is replaced
+
+
+def test_close_closes_the_backend() -> None:
+    rig = Rig()
+    rig.embedder.close()
+    assert rig.backend.closed
+
+
+# -- the backend's response decoding and error mapping ---------------------------------
+
+
+def b64(vector: list[float]) -> str:
+    return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
+
+
+def test_decode_places_vectors_by_index_not_position() -> None:
+    body = {
+        "id": "resp-1",
+        "model": "m",
+        "data": [
+            {"index": 2, "embedding": b64([2, 2])},
+            {"index": 0, "embedding": b64([0, 0])},
+            {"index": 1, "embedding": [1.0, 1.0]},
+        ],
+        "usage": {"prompt_tokens": 7, "total_tokens": 7},
+    }
+    response = decode_response(body, 3)
+    assert response.vectors.tolist() == [[0, 0], [1, 1], [2, 2]]
+    assert response.vectors.dtype == np.float32
+    assert (response.prompt_tokens, response.request_id, response.model) == (7, "resp-1", "m")
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        ([{"index": 0, "embedding": [1.0]}], "1 embeddings for 2 inputs"),
+        ([{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}], "index 0"),
+        ([{"index": 0, "embedding": [1.0]}, {"index": 2, "embedding": [1.0]}], "index 2"),
+        ([{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}], "2 values"),
+        ([{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [float("nan")]}], "finite"),
+        ([{"index": 0, "embedding": "%%%"}, {"index": 1, "embedding": "%%%"}], "base64"),
+    ],
+)
+def test_decode_refuses_a_wrong_response(data: list, why: str) -> None:
+    with pytest.raises(ServiceError, match=why) as caught:
+        decode_response({"data": data}, 2)
+    assert (caught.value.status, caught.value.code) == (502, "invalid_response")
+
+
+class FakeHttpResponse:
+    def __init__(self, status: int, body: str, headers: dict[str, str]) -> None:
+        self.status_code = status
+        self.reason = "Too Many Requests"
+        self.headers = headers
+        self._body = body
+        self.content_type = "application/json"
+
+    def text(self, encoding: str | None = None) -> str:
+        return self._body
+
+    def body(self) -> bytes:
+        return self._body.encode()
+
+
+def test_map_error_reads_status_code_message_and_retry_after_ms() -> None:
+    body = '{"error": {"code": "RateLimitReached", "message": "wait, key sk-secret"}}'
+    response = FakeHttpResponse(429, body, {"Retry-After-Ms": "1500", "Retry-After": "2"})
+    error = map_error(HttpResponseError(response=response), secret="sk-secret")
+    assert isinstance(error, ServiceError)
+    assert (error.status, error.code, error.retry_after_s) == (429, "RateLimitReached", 1.5)
+    assert error.message == "wait, key ***"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncio.TimeoutError(),
+        aiohttp.ClientConnectionError("reset"),
+        ServiceResponseError("connection broke"),
+        ConnectionResetError(104, "reset by peer"),
+    ],
+)
+def test_map_error_turns_connection_trouble_into_transport_errors(exc: Exception) -> None:
+    assert isinstance(map_error(exc), TransportError)
+
+
+class Base64RefusingClient:
+    """Stands in for the SDK client: refuses base64 with a 422, answers float."""
+
+    def __init__(self) -> None:
+        self.formats: list[str] = []
+
+    async def embed(self, *, input: list[str], encoding_format: str, request_id: str) -> dict:
+        self.formats.append(encoding_format)
+        if encoding_format == "base64":
+            error = {"code": "UnsupportedParameter", "message": "no encoding_format base64"}
+            body = json.dumps({"error": error})
+            raise HttpResponseError(response=FakeHttpResponse(422, body, {}))
+        data = [{"index": i, "embedding": [float(i), 1.0]} for i in range(len(input))]
+        return {"data": data, "usage": {"prompt_tokens": 2}}
+
+
+def test_the_backend_falls_back_to_float_for_good_when_base64_is_refused() -> None:
+    backend = AzureInferenceBackend(make_config())
+    client = Base64RefusingClient()
+    backend._client = client  # as if built; the SDK client itself is exercised over HTTP
+    first = asyncio.run(backend.embed(["a", "b"]))
+    second = asyncio.run(backend.embed(["c"]))
+    assert first.vectors.tolist() == [[0.0, 1.0], [1.0, 1.0]]
+    assert second.vectors.tolist() == [[0.0, 1.0]]
+    assert client.formats == ["base64", "float", "float"]
+    assert backend.encoding_format == "float"
