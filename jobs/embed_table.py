@@ -1,6 +1,6 @@
 """spark-submit entry point; takes the same arguments as ``sparkembed run``.
 
-    spark-submit jobs/embed_table.py --config conf/local.yaml --source data/sample.parquet --target out/t
+spark-submit jobs/embed_table.py --config conf/local.yaml --source data/sample.parquet --target out/t
 """
 
 import sys

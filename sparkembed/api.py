@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pyspark.sql import DataFrame, SparkSession
 
 from sparkembed.config import EmbedConfig, load_config, validate_config
-from sparkembed.secrets import apply_secret
 from sparkembed.job import RunSummary, new_run_id, run
+from sparkembed.secrets import apply_secret
 from sparkembed.sources import select_input
 from sparkembed.spark import make_job
 

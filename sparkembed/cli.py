@@ -37,9 +37,7 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(
-    args: argparse.Namespace, environ: dict[str, str] | None = None
-) -> EmbedConfig:
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> EmbedConfig:
     """Config file, then flags, then ``--set``; the endpoint falls back to the Azure env var."""
     env = os.environ if environ is None else environ
     overrides: dict[str, Any] = {}
@@ -54,11 +52,7 @@ def config_from_args(
             overrides[key] = value
     overrides.update(parse_override(item) for item in args.set)
     config = load_config(args.config, overrides)
-    if (
-        args.config is None
-        and "endpoint.url" not in overrides
-        and env.get("AZURE_INFERENCE_ENDPOINT")
-    ):
+    if args.config is None and "endpoint.url" not in overrides and env.get("AZURE_INFERENCE_ENDPOINT"):
         config = load_config(None, {**overrides, "endpoint.url": env["AZURE_INFERENCE_ENDPOINT"]})
     return config
 
@@ -102,9 +96,7 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in {"-h", "--help"}:
         print("usage: sparkembed {run,serve,estimate} ...  (sparkembed COMMAND --help)")
         return 0 if argv else 2

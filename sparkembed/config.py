@@ -61,9 +61,7 @@ class AuthConfig(_Frozen):
     """Synapse linked service to the vault, if the workspace uses one."""
     key: SecretStr | None = None
     """Resolved on the driver; never set this in a file."""
-    credential: Literal["default", "managed_identity", "workload_identity", "client_secret"] = (
-        "default"
-    )
+    credential: Literal["default", "managed_identity", "workload_identity", "client_secret"] = "default"
     client_id: str | None = None
     scope: str = COGNITIVE_SERVICES_SCOPE
 

@@ -58,9 +58,7 @@ class TokenBucket:
 
     __slots__ = ("capacity", "rate", "_level", "_updated", "_clock")
 
-    def __init__(
-        self, capacity: float, rate: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, capacity: float, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if capacity <= 0 or rate <= 0:
             raise ValueError(f"capacity and rate must be > 0, got {capacity} and {rate}")
         self.capacity = capacity
@@ -163,9 +161,7 @@ class RateLimiter:
         self._tokens: TokenBucket | None = None
         self._requests: TokenBucket | None = None
         if tokens_per_minute is not None:
-            self._tokens = TokenBucket(
-                tokens_per_minute * keep, tokens_per_minute * keep / 60, clock=clock
-            )
+            self._tokens = TokenBucket(tokens_per_minute * keep, tokens_per_minute * keep / 60, clock=clock)
         if requests_per_minute is not None:
             self._requests = TokenBucket(
                 requests_per_minute * keep / 6, requests_per_minute * keep / 60, clock=clock

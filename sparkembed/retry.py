@@ -130,9 +130,7 @@ class RetryPolicy:
         return cap / 2 + self._random() * cap / 2
 
 
-def retry_after_s(
-    headers: Mapping[str, str], *, now: Callable[[], float] = time.time
-) -> float | None:
+def retry_after_s(headers: Mapping[str, str], *, now: Callable[[], float] = time.time) -> float | None:
     """Seconds the service asked us to wait, from response headers, or None.
 
     ``retry-after-ms`` (and ``x-ms-retry-after-ms``) win over ``retry-after``, which
@@ -190,9 +188,7 @@ def config_error_for(
         input_type: ``endpoint.input_type`` as sent, if any.
         key_env: the env var holding the API key (``auth.key_env``).
     """
-    fix = _fix_for(
-        error, model=model, dimensions=dimensions, input_type=input_type, key_env=key_env
-    )
+    fix = _fix_for(error, model=model, dimensions=dimensions, input_type=input_type, key_env=key_env)
     said = _label(error).rstrip(". ")
     return EndpointConfigError(f"{said}. Fix: {fix}.", status=error.status)
 
@@ -231,9 +227,7 @@ def _parameter_fix(
     if "dimension" in said:
         fixes.append(f"{who} does not support `dimensions`; remove endpoint.dimensions")
     if "input_type" in said or "input type" in said:
-        fixes.append(
-            f"{who} does not support `input_type` {input_type!r}; remove endpoint.input_type"
-        )
+        fixes.append(f"{who} does not support `input_type` {input_type!r}; remove endpoint.input_type")
     if fixes:
         return "; and ".join(fixes)
     params = {"endpoint.dimensions": dimensions, "endpoint.input_type": input_type}

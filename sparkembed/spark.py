@@ -45,9 +45,7 @@ OUTPUT_FIELDS = (
 )
 
 
-def output_schema(
-    input_schema: T.StructType, id_col: str, passthrough: tuple[str, ...]
-) -> T.StructType:
+def output_schema(input_schema: T.StructType, id_col: str, passthrough: tuple[str, ...]) -> T.StructType:
     """The output table: id, the fixed columns of DESIGN.md, then passthrough columns."""
     fields = [input_schema[id_col]]
     fields += [T.StructField(name, dtype, nullable=True) for name, dtype in OUTPUT_FIELDS]

@@ -28,9 +28,7 @@ _META_SCHEMA = "kind string, payload string"
 
 
 class WaveSink(Protocol):
-    def write_wave(
-        self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int
-    ) -> dict[str, Any]: ...
+    def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]: ...
 
     def finish(self, config: EmbedConfig, run_id: str) -> None: ...
 
@@ -71,9 +69,7 @@ class DeltaRsSink:
     def __init__(self) -> None:
         self._expected: int | None = None
 
-    def write_wave(
-        self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int
-    ) -> dict[str, Any]:
+    def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
         job, _ = make_job(df, config, run_id)
         target = str(config.target.path)
         meta = df.mapInArrow(
@@ -108,9 +104,7 @@ class NativeSink:
     def __init__(self) -> None:
         self._reported: dict[str, int] = {}
 
-    def write_wave(
-        self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int
-    ) -> dict[str, Any]:
+    def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
         job, schema = make_job(df, config, run_id)
         out = df.mapInArrow(lambda batches: job.embed_batches(batches), schema)
         mode = config.target.mode
@@ -132,9 +126,9 @@ class NativeSink:
 
 def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -> dict[str, int]:
     target = str(config.target.path)
-    table = (
-        spark.read.format("delta").load(target) if "/" in target else spark.table(target)
-    ).filter(F.col("run_id") == run_id)
+    table = (spark.read.format("delta").load(target) if "/" in target else spark.table(target)).filter(
+        F.col("run_id") == run_id
+    )
     rows = table.groupBy("status").agg(F.count("*").alias("n"), F.sum("prompt_tokens").alias("t"))
     out: dict[str, int] = {}
     for r in rows.collect():

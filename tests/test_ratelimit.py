@@ -384,9 +384,7 @@ def test_a_refund_never_overfills_the_bucket(loop: VirtualTimeLoop) -> None:
 
 
 @pytest.mark.parametrize("settle_first", [True, False])
-def test_a_refused_request_refunds_nothing_into_a_cooldown(
-    loop: VirtualTimeLoop, settle_first: bool
-) -> None:
+def test_a_refused_request_refunds_nothing_into_a_cooldown(loop: VirtualTimeLoop, settle_first: bool) -> None:
     limiter = exact(60_000, None, loop)
 
     async def main() -> float:
@@ -421,9 +419,7 @@ def test_a_429_pauses_all_pending_acquirers_until_its_retry_after(loop: VirtualT
 
     async def main() -> None:
         await limiter.acquire(60_000)
-        pending = [
-            asyncio.ensure_future(acquire_logged(limiter, 100, f"r{i}", log)) for i in range(3)
-        ]
+        pending = [asyncio.ensure_future(acquire_logged(limiter, 100, f"r{i}", log)) for i in range(3)]
         await asyncio.sleep(0.05)  # due at 0.1, 0.2, 0.3
         limiter.on_throttle(1.5)
         await asyncio.gather(*pending)
@@ -587,10 +583,7 @@ def test_a_cancelled_queued_waiter_leaves_the_queue(loop: VirtualTimeLoop) -> No
 
     async def main() -> None:
         await limiter.acquire(60_000)
-        tasks = [
-            asyncio.ensure_future(acquire_logged(limiter, 1_000, name, log))
-            for name in ("a", "b", "c")
-        ]
+        tasks = [asyncio.ensure_future(acquire_logged(limiter, 1_000, name, log)) for name in ("a", "b", "c")]
         await asyncio.sleep(0.5)
         tasks[1].cancel()
         await asyncio.gather(tasks[0], tasks[2])

@@ -307,15 +307,11 @@ def test_422_input_type_says_remove_endpoint_input_type() -> None:
 
 def test_422_naming_the_parameter_in_the_code_only() -> None:
     err = config_error(422, "dimensions_not_supported", "Unprocessable", dimensions=64)
-    assert str(err).endswith(
-        "Fix: this model does not support `dimensions`; remove endpoint.dimensions."
-    )
+    assert str(err).endswith("Fix: this model does not support `dimensions`; remove endpoint.dimensions.")
 
 
 def test_422_naming_both_parameters_gives_both_fixes() -> None:
-    err = config_error(
-        422, "bad", "Unsupported: dimensions, input type", model="m", input_type="document"
-    )
+    err = config_error(422, "bad", "Unsupported: dimensions, input type", model="m", input_type="document")
     assert str(err).endswith(
         "Fix: model m does not support `dimensions`; remove endpoint.dimensions; and model m "
         "does not support `input_type` 'document'; remove endpoint.input_type."
@@ -325,8 +321,7 @@ def test_422_naming_both_parameters_gives_both_fixes() -> None:
 def test_422_naming_nothing_suggests_the_parameters_that_were_sent() -> None:
     err = config_error(422, "bad", "Unprocessable entity", dimensions=64, input_type="query")
     assert str(err).endswith(
-        "Fix: this model refused a parameter; try removing endpoint.dimensions or "
-        "endpoint.input_type."
+        "Fix: this model refused a parameter; try removing endpoint.dimensions or endpoint.input_type."
     )
 
 
@@ -344,7 +339,5 @@ def test_config_error_quotes_at_most_500_characters_of_the_service_message() -> 
 
 
 def test_config_error_without_a_service_code() -> None:
-    err = config_error_for(
-        ServiceError(401, None, "denied"), model=None, dimensions=None, input_type=None
-    )
+    err = config_error_for(ServiceError(401, None, "denied"), model=None, dimensions=None, input_type=None)
     assert str(err).startswith("401 error: denied. Fix: check the API key")

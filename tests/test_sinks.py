@@ -97,9 +97,7 @@ def rows(keys: list[tuple[int, int]], text: str = "v1", run_id: str = "run1") ->
 
 def snapshot(uri: str, version: int | None = None) -> list[dict]:
     """The table's rows, sorted by (id, chunk_index), read by deltalake's own (Rust) reader."""
-    query = (
-        QueryBuilder().register("t", DeltaTable(uri, version=version)).execute("SELECT * FROM t")
-    )
+    query = QueryBuilder().register("t", DeltaTable(uri, version=version)).execute("SELECT * FROM t")
     return sorted(pa.table(query.read_all()).to_pylist(), key=lambda r: (r["id"], r["chunk_index"]))
 
 
@@ -108,17 +106,13 @@ def keys_of(uri: str) -> list[tuple[int, int, str]]:
 
 
 def write(uri: str, table: pa.Table, prefix: str, **kwargs) -> list[FileMeta]:
-    return write_part(
-        uri, table.to_batches(max_chunksize=2), schema=SCHEMA, file_prefix=prefix, **kwargs
-    )
+    return write_part(uri, table.to_batches(max_chunksize=2), schema=SCHEMA, file_prefix=prefix, **kwargs)
 
 
 def commit(uri: str, keys: list[tuple[int, int]], app_id: str, version: int, **kwargs) -> int:
     """Write rows for ``keys`` and append them as (app_id, version)."""
     metas = write(uri, rows(keys), f"{app_id}-{version}")
-    return commit_files(
-        uri, metas, schema=SCHEMA, mode="append", app_id=app_id, version=version, **kwargs
-    )
+    return commit_files(uri, metas, schema=SCHEMA, mode="append", app_id=app_id, version=version, **kwargs)
 
 
 @pytest.fixture
@@ -236,9 +230,7 @@ def test_upsert_retry_is_a_no_op_and_missing_table_is_created(uri: str) -> None:
 
 
 def test_upsert_with_string_ids_skips_files_outside_the_id_range(uri: str) -> None:
-    schema = pa.schema(
-        [("doc", pa.string()), ("chunk_index", pa.int32()), ("text_hash", pa.string())]
-    )
+    schema = pa.schema([("doc", pa.string()), ("chunk_index", pa.int32()), ("text_hash", pa.string())])
 
     def part(docs: list[tuple[str, int]], text: str, prefix: str) -> list[FileMeta]:
         table = pa.table(
@@ -254,9 +246,7 @@ def test_upsert_with_string_ids_skips_files_outside_the_id_range(uri: str) -> No
     low, high = part([("a", 0), ("b", 0), ("b", 1)], "old", "lo"), part([("x", 0)], "old", "hi")
     commit_files(uri, low + high, schema=schema, mode="append", app_id="s", version=0)
 
-    upsert_files(
-        uri, part([("b", 0)], "new", "up"), schema=schema, id_col="doc", app_id="s", version=1
-    )
+    upsert_files(uri, part([("b", 0)], "new", "up"), schema=schema, id_col="doc", app_id="s", version=1)
 
     got = (
         QueryBuilder()
@@ -394,9 +384,7 @@ def spark():
         builder = (
             builder.config("spark.jars", jars)
             .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-            .config(
-                "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
-            )
+            .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
         )
     session = builder.getOrCreate()
     yield session
@@ -422,9 +410,7 @@ def test_spark_reads_the_delta_rs_files(spark, uri: str) -> None:
 @pytest.mark.spark
 def test_native_merge_source_marks_stale_chunks_for_delete(spark) -> None:
     ddl = "id long, chunk_index int, h string"
-    target = spark.createDataFrame(
-        [(1, 0, "old"), (1, 1, "old"), (1, 2, "old"), (2, 0, "old")], ddl
-    )
+    target = spark.createDataFrame([(1, 0, "old"), (1, 1, "old"), (1, 2, "old"), (2, 0, "old")], ddl)
     new = spark.createDataFrame([(1, 0, "new"), (1, 1, "new"), (3, 0, "new")], ddl)
 
     got = merge_source(target, new, "id").collect()

@@ -85,9 +85,7 @@ def resolve_root(table_uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, root.rstrip("/")
 
 
-def conform(
-    batch: pa.RecordBatch, schema: pa.Schema, *, fill_missing: bool = False
-) -> pa.RecordBatch:
+def conform(batch: pa.RecordBatch, schema: pa.Schema, *, fill_missing: bool = False) -> pa.RecordBatch:
     """Reorder and cast ``batch`` to ``schema``.
 
     Args:
@@ -190,9 +188,7 @@ class _PartWriter:
         self._stream = fs.open_output_stream(self._path)
         # Dictionaries suit ids and repeated strings; on float vectors they only cost time.
         flat = [f.name for f in schema if not pa.types.is_nested(f.type)]
-        self._writer = pq.ParquetWriter(
-            self._stream, schema, compression="snappy", use_dictionary=flat
-        )
+        self._writer = pq.ParquetWriter(self._stream, schema, compression="snappy", use_dictionary=flat)
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._row_group_rows = row_group_rows

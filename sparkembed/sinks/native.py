@@ -89,15 +89,11 @@ def write_native(
         writer.saveAsTable(target)
 
 
-def _merge(
-    spark: SparkSession, df: DataFrame, target: str, id_col: str, app_id: str, version: int
-) -> None:
+def _merge(spark: SparkSession, df: DataFrame, target: str, id_col: str, app_id: str, version: int) -> None:
     from delta.tables import DeltaTable
     from pyspark import StorageLevel
 
-    table = (
-        DeltaTable.forPath(spark, target) if _is_path(target) else DeltaTable.forName(spark, target)
-    )
+    table = DeltaTable.forPath(spark, target) if _is_path(target) else DeltaTable.forName(spark, target)
     rows = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         rows.count()  # evaluate (embed) once; the stale-chunk join and the MERGE reuse it

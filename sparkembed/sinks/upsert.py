@@ -102,9 +102,7 @@ def upsert_files(
     now_ms = int(time.time() * 1000)
     for path, size in _files_holding(table, fs, root, id_col, new_ids):
         kept = _rows_without(fs, f"{root}/{unquote(path)}", id_col, new_ids, schema)
-        actions += [
-            add_action(m) for m in write_part(table_uri, kept, schema=schema, file_prefix=prefix)
-        ]
+        actions += [add_action(m) for m in write_part(table_uri, kept, schema=schema, file_prefix=prefix)]
         actions.append(RemoveAction(path, True, now_ms, size))
     return commit_actions(table, actions, "append", schema, app_id, version, expected_version)
 
@@ -129,9 +127,7 @@ def _files_holding(
     if f"min.{id_col}" in adds.column_names:
         # Keep files without stats (null bounds) and files whose id range meets ours.
         low, high = adds[f"min.{id_col}"], adds[f"max.{id_col}"]
-        overlaps = pc.and_(
-            pc.less_equal(low, low_high["max"]), pc.greater_equal(high, low_high["min"])
-        )
+        overlaps = pc.and_(pc.less_equal(low, low_high["max"]), pc.greater_equal(high, low_high["min"]))
         candidates = adds.filter(pc.fill_null(overlaps, True))
     if candidates.num_rows == 0:
         return []
