@@ -282,3 +282,13 @@ def _clean(message: str, secret: str | None) -> str:
 def _refuses_base64(error: ServiceError) -> bool:
     said = f"{error.code or ''} {error.message}".lower()
     return error.status in (400, 422) and "encoding_format" in said
+
+
+def make_backend(config: EmbedConfig) -> Backend:
+    """The backend ``config.endpoint.api`` names: azure-ai-inference (default) or OpenAI v1."""
+    if config.endpoint.api == "openai-v1":
+        # Imported here: the openai package is an optional dependency.
+        from sparkembed.backend_openai import OpenAIV1Backend
+
+        return OpenAIV1Backend(config)
+    return AzureInferenceBackend(config)

@@ -32,6 +32,24 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--id-col", help="id column (default id)")
     p.add_argument("--text-col", help="text column (default text)")
     p.add_argument("--mode", choices=["append", "overwrite", "upsert"], help="target write mode")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        default=None,
+        help="delete target rows whose id is gone from the source",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="embed again the rows that failed in earlier runs",
+    )
+    p.add_argument(
+        "--reembed-all",
+        action="store_true",
+        default=None,
+        help="replace a target made with another model, dimensions or input_type",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set limits.concurrency=8")  # fmt: skip
     return p
@@ -44,7 +62,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     flag_keys = {
         "source": "source.path", "target": "target.path", "endpoint": "endpoint.url",
         "model": "endpoint.model", "id_col": "source.id_col", "text_col": "source.text_col",
-        "mode": "target.mode",
+        "mode": "target.mode", "prune": "run.prune", "retry_failed": "run.retry_failed",
+        "reembed_all": "run.reembed_all",
     }  # fmt: skip
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)

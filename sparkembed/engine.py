@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from sparkembed.backend import AzureInferenceBackend, Backend, BackendResponse
+from sparkembed.backend import Backend, BackendResponse, make_backend
 from sparkembed.config import EmbedConfig, LimitsConfig
 from sparkembed.errors import (
     QuotaExhaustedError,
@@ -57,7 +57,7 @@ class Embedder:
 
     Args:
         config: the run configuration (endpoint, limits, batching, retry).
-        backend: the service seam; default :class:`AzureInferenceBackend` (client built lazily).
+        backend: the service seam; default :func:`make_backend` (client built lazily).
         limiter: default: this worker's share (quota / ``limits.workers``) of TPM and RPM.
         clock: monotonic seconds, for retry time limits.
         sleep: awaits a retry delay in seconds (tests pass a fake).
@@ -75,7 +75,7 @@ class Embedder:
         policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
-        self._backend: Backend = backend or AzureInferenceBackend(config)
+        self._backend: Backend = backend or make_backend(config)
         self._limiter = limiter or _share_limiter(config.limits)
         self._policy = policy or RetryPolicy(config.retry)
         self._clock = clock

@@ -20,6 +20,7 @@ from sparkembed import waves as wave_sinks
 from sparkembed.config import EmbedConfig
 from sparkembed.engine import Embedder
 from sparkembed.errors import ConfigError
+from sparkembed.incremental import plan_work
 from sparkembed.sources import check_ids, read_source, select_input
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class RunSummary:
     rows_total: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     limiter_wait_s: float = 0.0
+    pruned: int = 0
     seconds: float = 0.0
     price_per_million_tokens: float = 0.0
     timeline: list[dict[str, Any]] = field(default_factory=list)
@@ -56,6 +58,7 @@ class RunSummary:
             "throttled_429": self.counts["throttled"],
             "prompt_tokens": self.counts["prompt_tokens"],
             "limiter_wait_s": round(self.limiter_wait_s, 3),
+            "pruned_ids": self.pruned,
             "seconds": round(self.seconds, 3),
             "rows_per_s": round(done / self.seconds, 1) if self.seconds else 0.0,
             "estimated_cost_usd": round(
@@ -125,6 +128,7 @@ def run(
 ) -> RunSummary:
     """Embed ``source`` (default: read ``config.source``) into ``config.target``.
 
+    Only rows the target lacks are embedded (see :mod:`sparkembed.incremental`).
     Commits every ``run.commit_every_rows`` rows, so a crash loses one wave at most.
     """
     started = time.monotonic()
@@ -133,20 +137,31 @@ def run(
         price_per_million_tokens=config.endpoint.price_per_million_tokens,
     )
     df, config = prepare(spark, config, source)
-    todo = df
-    total = todo.count()
+    plan = plan_work(spark, df, config)
+    if plan.failed_left:
+        progress(
+            f"{plan.failed_left} ids have failed rows from earlier runs; left as they are "
+            "(rerun with --retry-failed to embed them again)"
+        )
+    if plan.overwrite:
+        config = config.model_copy(update={"target": config.target.model_copy(update={"mode": "overwrite"})})
+    total = plan.todo.count()
     summary.rows_total = total
-    waves = max(1, math.ceil(total / config.run.commit_every_rows))
+    waves = math.ceil(total / config.run.commit_every_rows)
+    progress(f"{total} source rows to embed in {waves} wave(s)")
     partitions = config.run.partitions or default_parallelism(spark)
     sink = wave_sinks.choose_sink(spark, config)
     id_col = config.source.id_col
     for wave in range(waves):
-        part = todo
+        part = plan.todo
         if waves > 1:
-            part = todo.filter(F.expr(f"pmod(xxhash64(`{id_col}`), {waves})") == wave)
+            part = plan.todo.filter(F.expr(f"pmod(xxhash64(`{id_col}`), {waves})") == wave)
         metrics = sink.write_wave(part.repartition(partitions), config, summary.run_id, wave)
         summary.add(metrics)
         _report_progress(progress, summary, wave, waves, time.monotonic() - started)
+    if plan.prune is not None:
+        summary.pruned = sink.prune(plan.prune, config, summary.run_id, version=waves)
+        progress(f"pruned {summary.pruned} ids that are gone from the source")
     sink.finish(config, summary.run_id)
     summary.seconds = time.monotonic() - started
     save_run_log(config, summary)
@@ -157,7 +172,7 @@ def _report_progress(
     progress: Callable[[str], None], summary: RunSummary, wave: int, waves: int, elapsed: float
 ) -> None:
     done = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
-    eta = elapsed / (wave + 1) * (waves - wave - 1)
+    eta = elapsed / (wave + 1) * (waves - wave - 1)  # waves are about equal in size
     progress(
         f"wave {wave + 1}/{waves} committed: {done} output rows (chunks included) from "
         f"{summary.rows_total} source rows, {summary.counts['prompt_tokens']} tokens, "

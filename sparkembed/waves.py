@@ -30,6 +30,8 @@ _META_SCHEMA = "kind string, payload string"
 class WaveSink(Protocol):
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]: ...
 
+    def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int: ...
+
     def finish(self, config: EmbedConfig, run_id: str) -> None: ...
 
 
@@ -37,7 +39,7 @@ def choose_sink(spark: SparkSession, config: EmbedConfig) -> WaveSink:
     kind = config.target.sink
     if kind == "auto":
         kind = "native" if sinks.native_available(spark) else "delta-rs"
-    return NativeSink() if kind == "native" else DeltaRsSink()
+    return NativeSink() if kind == "native" else DeltaRsSink(str(config.target.path))
 
 
 def _write_partition(
@@ -66,8 +68,10 @@ class DeltaRsSink:
     target makes one of them fail cleanly with ConcurrentWriteError.
     """
 
-    def __init__(self) -> None:
-        self._expected: int | None = None
+    def __init__(self, target: str) -> None:
+        # The version the run planned against: any other writer's commit since then
+        # makes our next commit fail instead of mixing two runs' rows.
+        self._expected = sinks.table_version(target)
 
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
         job, _ = make_job(df, config, run_id)
@@ -76,8 +80,6 @@ class DeltaRsSink:
             lambda batches: _write_partition(job, target, wave, batches), _META_SCHEMA
         ).collect()
         files = [sinks.FileMeta(**json.loads(r.payload)) for r in meta if r.kind == "file"]
-        if self._expected is None:
-            self._expected = sinks.table_version(target)
         mode = config.target.mode
         if mode == "upsert":
             self._expected = sinks.upsert_files(
@@ -93,9 +95,30 @@ class DeltaRsSink:
             )  # fmt: skip
         return _merge_metrics(json.loads(r.payload) for r in meta if r.kind == "metrics")
 
+    def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
+        """Delete the rows of ``ids`` (gone from the source) in one idempotent commit."""
+        from deltalake import DeltaTable
+
+        target = str(config.target.path)
+        gone = [r[0] for r in ids.collect()]  # ids only, and only the deleted ones
+        if gone:
+            schema = pa.schema(DeltaTable(target).schema().to_arrow())
+            self._expected = sinks.delete_ids(
+                target, pa.array(gone, schema.field(config.source.id_col).type), schema=schema,
+                id_col=config.source.id_col, app_id=run_id, version=version,
+                rewrite_prefix=f"part-{run_id}-prune-rw", expected_version=self._expected,
+            )  # fmt: skip
+        return len(gone)
+
     def finish(self, config: EmbedConfig, run_id: str) -> None:
-        """Delete files of failed task attempts that no commit references."""
-        sinks.vacuum_orphans(str(config.target.path), prefix=f"part-{run_id}-")
+        """Delete files of failed task attempts that no commit references.
+
+        This run's leftovers go now; a crashed run's after a day, since a
+        concurrent run may still be about to commit its files.
+        """
+        target = str(config.target.path)
+        sinks.vacuum_orphans(target, prefix=f"part-{run_id}-")
+        sinks.vacuum_orphans(target, prefix="part-", older_than_s=86_400)
 
 
 class NativeSink:
@@ -119,6 +142,15 @@ class NativeSink:
         wave_counts = {k: v - self._reported.get(k, 0) for k, v in so_far.items()}
         self._reported = so_far
         return wave_counts
+
+    def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
+        count = ids.count()
+        if count:
+            sinks.delete_native(
+                ids, str(config.target.path), id_col=config.source.id_col, app_id=run_id,
+                version=version,
+            )  # fmt: skip
+        return count
 
     def finish(self, config: EmbedConfig, run_id: str) -> None:
         """Nothing to clean: Spark's Delta writer never leaves uncommitted files visible."""

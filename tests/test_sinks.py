@@ -362,35 +362,6 @@ def test_write_part_edges(uri: str) -> None:
     assert row_groups == [4, 4, 1]
 
 
-@pytest.fixture(scope="module")
-def spark():
-    """A local[1] session; SPARKEMBED_DELTA_JARS (comma-separated jar paths) adds Delta.
-
-    Reuses, and leaves running, a session another module already started.
-    """
-    pyspark_sql = pytest.importorskip("pyspark.sql")
-    active = pyspark_sql.SparkSession.getActiveSession()
-    if active is not None:
-        yield active
-        return
-    builder = (
-        pyspark_sql.SparkSession.builder.master("local[1]")
-        .appName("test_sinks")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "1")
-    )
-    jars = os.environ.get("SPARKEMBED_DELTA_JARS")
-    if jars:
-        builder = (
-            builder.config("spark.jars", jars)
-            .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-            .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-        )
-    session = builder.getOrCreate()
-    yield session
-    session.stop()
-
-
 @pytest.mark.spark
 def test_spark_reads_the_delta_rs_files(spark, uri: str) -> None:
     data = rows([(1, 0), (1, 1), (2, 0)])

@@ -160,3 +160,18 @@ def _exists(spark: SparkSession, target: str) -> bool:
 
 def _is_path(target: str) -> bool:
     return "/" in target or "\\" in target
+
+
+def delete_native(ids: DataFrame, target: str, *, id_col: str, app_id: str, version: int) -> None:
+    """Delete every target row whose id is in ``ids`` (``--prune``), in one idempotent MERGE."""
+    from delta.tables import DeltaTable
+
+    spark = ids.sparkSession
+    table = DeltaTable.forPath(spark, target) if _is_path(target) else DeltaTable.forName(spark, target)
+    with _txn_confs(spark, app_id, version):
+        (
+            table.alias("t")
+            .merge(ids.select(id_col).distinct().alias("s"), f"t.`{id_col}` = s.`{id_col}`")
+            .whenMatchedDelete()
+            .execute()
+        )

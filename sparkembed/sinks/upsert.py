@@ -99,12 +99,49 @@ def upsert_files(
     new_ids = _distinct_ids(fs, root, files, id_col)
     prefix = rewrite_prefix or _safe(f"{app_id}-v{version}-rw")
     actions: list[AddAction | RemoveAction] = [add_action(f) for f in files]
+    actions += _drop_ids(table_uri, table, id_col, new_ids, schema, prefix)
+    return commit_actions(table, actions, "append", schema, app_id, version, expected_version)
+
+
+def delete_ids(
+    table_uri: str,
+    ids: pa.Array,
+    *,
+    schema: pa.Schema,
+    id_col: str,
+    app_id: str,
+    version: int,
+    rewrite_prefix: str | None = None,
+    expected_version: int | None = None,
+) -> int:
+    """Remove every row of each of ``ids`` in one commit (``--prune``); idempotent like upsert.
+
+    Returns:
+        The table version after the delete (unchanged when nothing matched).
+    """
+    table = DeltaTable(table_uri)
+    if already_committed(table, app_id, version):
+        return table.version()
+    check_target(table, schema, expected_version, same_schema=True)
+    prefix = rewrite_prefix or _safe(f"{app_id}-v{version}-rw")
+    actions = _drop_ids(table_uri, table, id_col, ids, schema, prefix)
+    if not actions:
+        return table.version()
+    return commit_actions(table, actions, "append", schema, app_id, version, expected_version)
+
+
+def _drop_ids(
+    table_uri: str, table: DeltaTable, id_col: str, ids: pa.Array, schema: pa.Schema, prefix: str
+) -> list[AddAction | RemoveAction]:
+    """Actions that rewrite each file holding any of ``ids`` without those rows."""
+    fs, root = resolve_root(table_uri)
+    actions: list[AddAction | RemoveAction] = []
     now_ms = int(time.time() * 1000)
-    for path, size in _files_holding(table, fs, root, id_col, new_ids):
-        kept = _rows_without(fs, f"{root}/{unquote(path)}", id_col, new_ids, schema)
+    for path, size in _files_holding(table, fs, root, id_col, ids):
+        kept = _rows_without(fs, f"{root}/{unquote(path)}", id_col, ids, schema)
         actions += [add_action(m) for m in write_part(table_uri, kept, schema=schema, file_prefix=prefix)]
         actions.append(RemoveAction(path, True, now_ms, size))
-    return commit_actions(table, actions, "append", schema, app_id, version, expected_version)
+    return actions
 
 
 def _distinct_ids(fs: pafs.FileSystem, root: str, files: list[FileMeta], id_col: str) -> pa.Array:

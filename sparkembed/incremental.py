@@ -1,0 +1,98 @@
+"""Never pay twice: which source rows still need embedding, decided in Spark.
+
+A source row is done when the target holds its (id, text_hash) under the current
+``embedding_fingerprint`` (model, dimensions, input type, long-text strategy),
+and, with ``--retry-failed``, none of that id's rows failed. The work left is a
+left anti-join, lazy and pushed down to Spark: nothing is collected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from sparkembed.config import EmbedConfig
+from sparkembed.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """What a run must do.
+
+    Attributes:
+        todo: source rows to embed (id, text, passthrough).
+        overwrite: replace the whole target (first run with ``--reembed-all``).
+        failed_left: ids whose failed rows stay as they are (no ``--retry-failed``).
+        prune: target ids that are gone from the source, when ``--prune`` is on.
+    """
+
+    todo: DataFrame
+    overwrite: bool = False
+    failed_left: int = 0
+    prune: DataFrame | None = None
+
+
+def read_target(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
+    """The current target table, or None when it does not exist yet."""
+    from sparkembed.sinks import native_available
+    from sparkembed.sources import read_delta
+
+    target = str(config.target.path)
+    is_path = "/" in target or "\\" in target
+    if is_path:
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(target):
+            return None
+        return read_delta(spark, target)
+    if native_available(spark) and spark.catalog.tableExists(target):
+        return spark.table(target)
+    return None
+
+
+def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> WorkPlan:
+    """Anti-join the source against the target.
+
+    Raises:
+        ConfigError: the target holds vectors made with another fingerprint and
+            neither ``--reembed-all`` nor a new target was given.
+    """
+    target = read_target(spark, config)
+    if target is None or config.target.mode == "overwrite":
+        return WorkPlan(todo=source, overwrite=config.target.mode == "overwrite")
+    _check_fingerprint(target, config)
+    if config.run.reembed_all:
+        return WorkPlan(todo=source, overwrite=True)
+    id_col, text_col = config.source.id_col, config.source.text_col
+    per_text = target.groupBy(id_col, "text_hash").agg(
+        F.max((F.col("status") == "failed").cast("int")).alias("_failed")
+    )
+    done = per_text.filter(F.col("_failed") == 0) if config.run.retry_failed else per_text
+    done = done.select(F.col(id_col).alias("_done_id"), F.col("text_hash").alias("_done_hash"))
+    hashed = source.withColumn("_hash", F.sha2(F.col(text_col), 256))
+    todo = hashed.join(
+        done,
+        (hashed[id_col] == done["_done_id"]) & hashed["_hash"].eqNullSafe(done["_done_hash"]),
+        "left_anti",
+    ).drop("_hash")
+    failed_left = 0
+    if not config.run.retry_failed:
+        failed_left = per_text.filter(F.col("_failed") == 1).select(id_col).distinct().count()
+    prune = None
+    if config.run.prune:
+        prune = target.select(id_col).distinct().join(source.select(id_col), id_col, "left_anti")
+    return WorkPlan(todo=todo, failed_left=failed_left, prune=prune)
+
+
+def _check_fingerprint(target: DataFrame, config: EmbedConfig) -> None:
+    current = config.fingerprint()
+    found = [r[0] for r in target.select("embedding_fingerprint").distinct().limit(5).collect()]
+    other = [fp for fp in found if fp != current]
+    if other and not config.run.reembed_all:
+        raise ConfigError(
+            f"target {config.target.path} holds vectors made with another model, dimensions, "
+            f"input_type or long-text strategy (fingerprint {other[0]}, this run {current}). "
+            "Mixing them would make the table wrong: rerun with --reembed-all, or give a new --target"
+        )

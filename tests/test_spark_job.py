@@ -1,0 +1,229 @@
+"""The whole job on real Spark (local[2]), a real local endpoint over HTTP, real Delta.
+
+Results are checked with plain ``deltalake`` against the endpoint's own answers and
+accounting: vectors, usage sums, statuses, and how many connections the executors opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pyspark.sql import SparkSession
+
+from sparkembed import job
+from sparkembed.config import EmbedConfig, load_config
+from sparkembed.engine import PREFLIGHT_TEXT
+from sparkembed.errors import ConfigError
+from sparkembed.server.launch import LocalEndpoint
+from sparkembed.server.models import HashModel
+from sparkembed.sinks import read_table
+
+pytestmark = [pytest.mark.spark, pytest.mark.integration]
+
+DIMS = 64
+LONG_TEXT = " ".join(f"word{i % 97} sentence {i}." for i in range(4000))  # about 20k tokens
+
+
+def source_rows(n: int = 600) -> dict[str, list[Any]]:
+    ids = [f"doc-{i:04d}" for i in range(n)]
+    texts: list[str | None] = [f"Document {i} is about topic {i % 17} and item {i * 7}." for i in range(n)]
+    texts[1], texts[2], texts[3], texts[4] = None, "", "   \t", LONG_TEXT
+    return {"id": ids, "text": texts, "title": [f"title {i}" for i in range(n)]}
+
+
+def write_source(tmp_path: Path, rows: dict[str, list[Any]], name: str = "source.parquet") -> str:
+    import pyarrow.parquet as pq
+
+    path = tmp_path / name
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+def make_config(endpoint: LocalEndpoint, key: str, source: str, target: str, **sets: Any) -> EmbedConfig:
+    overrides = {
+        "endpoint.url": endpoint.url,
+        "source.path": source,
+        "source.passthrough": ["title"],
+        "target.path": target,
+        "batching.max_inputs": 64,
+        "limits.concurrency": 4,
+        "run.commit_every_rows": 250,
+        "run.log_dir": str(Path(target).parent / "runs"),
+        **sets,
+    }
+    config = load_config(None, overrides)
+    from pydantic import SecretStr
+
+    return config.model_copy(update={"auth": config.auth.model_copy(update={"key": SecretStr(key)})})
+
+
+def expected_vectors(texts: list[str]) -> np.ndarray:
+    model = HashModel(default_dimensions=DIMS)
+    return model.embed(texts, [], DIMS, "text")
+
+
+def billed_besides_preflight(endpoint: LocalEndpoint) -> tuple[int, int]:
+    """(texts billed, prompt tokens) without the preflight requests."""
+    stats = endpoint.stats()
+    preflight_hash = hashlib.sha256(PREFLIGHT_TEXT.encode()).hexdigest()
+    preflights = stats["billed"].get(preflight_hash, 0)
+    from sparkembed import wordllama_local
+
+    preflight_tokens = wordllama_local.count_tokens([PREFLIGHT_TEXT])[0]
+    return stats["texts_billed"] - preflights, stats["prompt_tokens"] - preflights * preflight_tokens
+
+
+@pytest.fixture()
+def hash_endpoint(start_endpoint) -> LocalEndpoint:
+    return start_endpoint("--model", "hash", "--dims", str(DIMS))
+
+
+def test_job_writes_every_row_with_the_endpoints_vectors_and_usage(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = source_rows()
+    target = str(tmp_path / "target")
+    config = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), target)
+
+    summary = job.run(spark, config, progress=lambda _: None)
+
+    table = read_table(target).to_pandas()
+    assert set(table["id"]) == set(rows["id"])  # no row lost
+    whole = table[table["chunk_index"] == 0].set_index("id")
+    assert whole.loc["doc-0001", "status"] == "skipped"
+    assert whole.loc["doc-0002", "status"] == "skipped"
+    assert whole.loc["doc-0003", "status"] == "skipped"
+    chunks = table[table["id"] == "doc-0004"].sort_values("chunk_index")
+    assert len(chunks) > 1 and (chunks["status"] == "ok").all()  # the long text was chunked
+    starts, ends = chunks["chunk_start"].tolist(), chunks["chunk_end"].tolist()
+    assert starts[0] == 0 and ends[-1] == len(LONG_TEXT)
+    assert all(starts[k + 1] < ends[k] for k in range(len(starts) - 1))  # overlapping, no gaps
+    ok = table[table["status"] == "ok"]
+    assert len(ok) == len(table) - 3 and table["error"][table["status"] == "ok"].isna().all()
+
+    # Vectors are the endpoint's, row by row (chunks: the vector of the chunk's text).
+    source_text = {i: t for i, t in zip(rows["id"], rows["text"], strict=True)}
+    texts = [
+        LONG_TEXT[int(r.chunk_start) : int(r.chunk_end)] if r.id == "doc-0004" else source_text[r.id]
+        for r in ok.itertuples()
+    ]
+    got = np.stack(ok["embedding"].to_numpy()).astype(np.float32)
+    np.testing.assert_array_equal(got, expected_vectors(texts))
+    assert (ok["dimensions"] == DIMS).all()
+    hashes = [hashlib.sha256(source_text[i].encode()).hexdigest() for i in ok["id"]]
+    assert (ok["text_hash"] == hashes).all()
+    assert (table["title"] == [f"title {int(i[4:])}" for i in table["id"]]).all()
+
+    # Usage: table sums equal the endpoint's accounting, and each text was billed once.
+    texts_billed, prompt_tokens = billed_besides_preflight(hash_endpoint)
+    assert texts_billed == len(ok)
+    assert int(table["prompt_tokens"].sum()) == prompt_tokens == summary.counts["prompt_tokens"]
+    assert summary.counts["ok_rows"] == len(ok) and summary.counts["skipped_rows"] == 3
+
+    # One client per Python worker: 2 workers x concurrency 4, plus the driver's preflight.
+    assert hash_endpoint.stats(billed=False)["connections"] <= 2 * 4 + 1
+
+
+def test_rerun_is_free_and_only_changes_are_billed(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = source_rows(300)
+    target = str(tmp_path / "target")
+    config = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), target)
+    job.run(spark, config, progress=lambda _: None)
+    before = read_table(target).to_pandas()
+
+    hash_endpoint.reset()
+    job.run(spark, config, progress=lambda _: None)
+    assert hash_endpoint.stats(billed=False)["requests"] == 1  # the preflight only
+    after = read_table(target).to_pandas()
+    assert sorted(after["request_id"].dropna()) == sorted(before["request_id"].dropna())
+
+    # Change 10 texts, add 10 rows, delete 5: 20 texts billed.
+    changed = dict(rows)
+    changed["text"] = list(rows["text"])
+    for i in range(10, 20):
+        changed["text"][i] = f"Changed text {i}."
+    for key in changed:
+        changed[key] = changed[key][5:] if key != "text" else changed["text"][5:]
+    changed["id"] += [f"new-{i}" for i in range(10)]
+    changed["text"] += [f"A new document {i}." for i in range(10)]
+    changed["title"] += ["new"] * 10
+    config2 = make_config(
+        hash_endpoint, endpoint_key, write_source(tmp_path, changed, "changed.parquet"), target
+    )
+    hash_endpoint.reset()
+    job.run(spark, config2, progress=lambda _: None)
+    assert billed_besides_preflight(hash_endpoint)[0] == 20
+    table = read_table(target).to_pandas().set_index("id")
+    for i in range(10, 20):
+        row = table.loc[f"doc-{i:04d}"]
+        assert row["text_hash"] == hashlib.sha256(f"Changed text {i}.".encode()).hexdigest()
+        np.testing.assert_array_equal(row["embedding"], expected_vectors([f"Changed text {i}."])[0])
+    keys = read_table(target).to_pandas()[["id", "chunk_index", "text_hash"]]
+    assert not keys.duplicated(["id", "chunk_index"]).any()  # no stale rows
+    assert (keys.groupby("id")["text_hash"].nunique(dropna=False) == 1).all()
+    assert "doc-0000" in table.index  # deleted from the source, kept without --prune
+
+    pruned = config2.model_copy(update={"run": config2.run.model_copy(update={"prune": True})})
+    summary = job.run(spark, pruned, progress=lambda _: None)
+    ids = set(read_table(target).column("id").to_pylist())
+    assert summary.pruned == 5 and not {f"doc-{i:04d}" for i in range(5)} & ids
+    assert ids == set(changed["id"])
+
+
+def test_failed_rows_stay_until_retry_failed(
+    spark: SparkSession, start_endpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = source_rows(200)
+    for i in (7, 70, 170):
+        rows["text"][i] = f"POISON row {i}"
+    source = write_source(tmp_path, rows)
+    target = str(tmp_path / "target")
+    faulty = start_endpoint("--model", "hash", "--dims", str(DIMS), "--fail-text", "POISON")
+    summary = job.run(spark, make_config(faulty, endpoint_key, source, target), progress=lambda _: None)
+    table = read_table(target).to_pandas()
+    failed = table[table["status"] == "failed"]
+    assert sorted(failed["id"]) == ["doc-0007", "doc-0070", "doc-0170"]
+    assert failed["error"].str.startswith("400 invalid_input").all()
+    assert summary.counts["failed_rows"] == 3 and summary.failed_fraction > 0
+
+    clean = start_endpoint("--model", "hash", "--dims", str(DIMS))
+    lines: list[str] = []
+    job.run(spark, make_config(clean, endpoint_key, source, target), progress=lines.append)
+    assert any(line.startswith("3 ids have failed rows") for line in lines)
+    assert clean.stats(billed=False)["requests"] == 1  # left as they are
+
+    job.run(
+        spark,
+        make_config(clean, endpoint_key, source, target, **{"run.retry_failed": True}),
+        progress=lambda _: None,
+    )
+    table = read_table(target).to_pandas()
+    assert (table["status"] != "failed").all()
+    assert not table.duplicated(["id", "chunk_index"]).any()
+    assert billed_besides_preflight(clean)[0] == 3
+
+
+def test_changed_fingerprint_is_refused_unless_reembed_all(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    source = write_source(tmp_path, source_rows(100))
+    target = str(tmp_path / "target")
+    job.run(spark, make_config(hash_endpoint, endpoint_key, source, target), progress=lambda _: None)
+    smaller = make_config(hash_endpoint, endpoint_key, source, target, **{"endpoint.dimensions": 32})
+    with pytest.raises(ConfigError, match="--reembed-all"):
+        job.run(spark, smaller, progress=lambda _: None)
+
+    again = make_config(
+        hash_endpoint, endpoint_key, source, target, **{"endpoint.dimensions": 32, "run.reembed_all": True}
+    )
+    job.run(spark, again, progress=lambda _: None)
+    table = read_table(target).to_pandas()
+    assert table["embedding_fingerprint"].nunique() == 1
+    assert set(table["dimensions"].dropna()) == {32}
