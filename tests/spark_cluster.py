@@ -57,6 +57,7 @@ def standalone_cluster(workdir: Path, cores: int = 2, memory: str = "2g") -> Ite
         "SPARK_LOCAL_IP": "127.0.0.1",
         "SPARK_WORKER_DIR": str(workdir / "work"),
     }
+    workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"spark://127.0.0.1:{port}"
     master_log, worker_log = workdir / "master.log", workdir / "worker.log"
