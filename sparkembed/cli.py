@@ -86,9 +86,15 @@ def local_endpoint(config: EmbedConfig) -> Iterator[EmbedConfig]:
 
     with start_local_endpoint("--no-auth", "--model", config.endpoint.local_model) as server:
         log.info("started local endpoint %s (model %s)", server.url, config.endpoint.local_model)
-        endpoint = config.endpoint.model_copy(update={"url": server.url})
+        # Name the model, so the fingerprint stays what it was with url "local", and the
+        # openai-v1 route (which needs a model) works too.
+        model = config.endpoint.model or config.endpoint.local_model
+        endpoint = config.endpoint.model_copy(update={"url": server.url, "model": model})
         auth = config.auth.model_copy(update={"mode": "none"})
-        yield config.model_copy(update={"endpoint": endpoint, "auth": auth})
+        long_text = config.long_text
+        if long_text.tokenizer == "auto":  # the local endpoint counts with wordllama's tokenizer
+            long_text = long_text.model_copy(update={"tokenizer": "wordllama"})
+        yield config.model_copy(update={"endpoint": endpoint, "auth": auth, "long_text": long_text})
 
 
 def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: bool = True) -> int:
@@ -113,16 +119,60 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
     return 0
 
 
+def estimate_command(argv: list[str]) -> int:
+    """Rows, tokens and cost of the next run; nothing is sent to the endpoint."""
+    args = _run_parser("sparkembed estimate").parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from sparkembed.estimate import estimate
+        from sparkembed.session import get_spark
+
+        spark = get_spark(config, local_default="DATABRICKS_RUNTIME_VERSION" not in os.environ)
+        result = estimate(spark, config)
+    except SparkEmbedError as exc:
+        print(f"sparkembed: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def cache_tokenizer_command(argv: list[str]) -> int:
+    """Copy cl100k_base.tiktoken where offline executors can read it (long_text.tiktoken_file)."""
+    p = argparse.ArgumentParser(
+        prog="sparkembed cache-tokenizer", description=cache_tokenizer_command.__doc__
+    )
+    p.add_argument("dest", help="a folder or file path, e.g. /dbfs/sparkembed/ or /lake/cl100k_base.tiktoken")
+    args = p.parse_args(argv)
+    from sparkembed.tokenizers import cache_tiktoken
+
+    try:
+        print(cache_tiktoken(args.dest))
+    except SparkEmbedError as exc:
+        print(f"sparkembed: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: sparkembed {run,serve,estimate} ...  (sparkembed COMMAND --help)")
+        print(
+            "usage: sparkembed {run,estimate,serve,report,cache-tokenizer} ...  (sparkembed COMMAND --help)"
+        )
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "run":
         # On a Databricks job cluster the platform's session is the one to use.
         return run_command(rest, local_master="DATABRICKS_RUNTIME_VERSION" not in os.environ)
+    if command == "estimate":
+        return estimate_command(rest)
+    if command == "report":
+        from sparkembed.report import main as report_main
+
+        return report_main(rest)
+    if command == "cache-tokenizer":
+        return cache_tokenizer_command(rest)
     if command == "serve":
         from sparkembed.server.__main__ import main as serve_main
 

@@ -61,7 +61,12 @@ class AuthConfig(_Frozen):
     """Synapse linked service to the vault, if the workspace uses one."""
     key: SecretStr | None = None
     """Resolved on the driver; never set this in a file."""
-    credential: Literal["default", "managed_identity", "workload_identity", "client_secret"] = "default"
+    credential: Literal["default", "managed_identity", "workload_identity", "client_secret", "custom"] = (
+        "default"
+    )
+    """Entra credential type; ``custom`` calls ``credential_factory`` in each process."""
+    credential_factory: str | None = None
+    """``module:function``: a zero-argument callable returning an (async or sync) TokenCredential."""
     client_id: str | None = None
     scope: str = COGNITIVE_SERVICES_SCOPE
 
@@ -103,6 +108,10 @@ class LongTextConfig(_Frozen):
     strategy: Literal["chunk", "mean", "truncate", "fail"] = "chunk"
     chunk_tokens: int = Field(default=512, ge=16)
     overlap_tokens: int = Field(default=64, ge=0)
+    tokenizer: Literal["auto", "cl100k_base", "wordllama", "utf8_bytes"] = "auto"
+    """How tokens are counted. auto: wordllama for the local endpoint, cl100k_base for
+    models named text-embedding-3-*/ada, else UTF-8 bytes (a safe upper bound). Name it
+    when a deployment's name does not tell the model."""
     tiktoken_file: str | None = None
     """Offline copy of cl100k_base.tiktoken (see ``sparkembed cache-tokenizer``)."""
 

@@ -20,7 +20,7 @@ from sparkembed import waves as wave_sinks
 from sparkembed.config import EmbedConfig
 from sparkembed.engine import Embedder
 from sparkembed.errors import ConfigError
-from sparkembed.incremental import plan_work
+from sparkembed.incremental import plan_work, read_target
 from sparkembed.sources import check_ids, read_source, select_input
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class RunSummary:
     pruned: int = 0
     seconds: float = 0.0
     price_per_million_tokens: float = 0.0
+    tokens_per_minute: int | None = None
+    requests_per_minute: int | None = None
+    error_reasons: dict[str, int] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, metrics: dict[str, Any]) -> None:
@@ -48,7 +51,8 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         done = sum(self.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
-        return {
+        extra = {"top_errors": self.error_reasons} if self.error_reasons else {}
+        return extra | {
             "run_id": self.run_id,
             "rows_ok": self.counts["ok_rows"],
             "rows_skipped": self.counts["skipped_rows"],
@@ -135,6 +139,8 @@ def run(
     summary = RunSummary(
         run_id=run_id or new_run_id(),
         price_per_million_tokens=config.endpoint.price_per_million_tokens,
+        tokens_per_minute=config.limits.tokens_per_minute,
+        requests_per_minute=config.limits.requests_per_minute,
     )
     df, config = prepare(spark, config, source)
     plan = plan_work(spark, df, config)
@@ -163,6 +169,8 @@ def run(
         summary.pruned = sink.prune(plan.prune, config, summary.run_id, version=waves)
         progress(f"pruned {summary.pruned} ids that are gone from the source")
     sink.finish(config, summary.run_id)
+    if summary.counts["failed_rows"]:
+        summary.error_reasons = top_errors(spark, config, summary.run_id)
     summary.seconds = time.monotonic() - started
     save_run_log(config, summary)
     return summary
@@ -180,10 +188,33 @@ def _report_progress(
     )
 
 
+def top_errors(spark: SparkSession, config: EmbedConfig, run_id: str, limit: int = 10) -> dict[str, int]:
+    """The most common reasons this run's rows failed, read back from the target."""
+    table = read_target(spark, config)
+    if table is None:
+        return {}
+    rows = (
+        table.filter((F.col("run_id") == run_id) & (F.col("status") == "failed"))
+        .groupBy("error")
+        .count()
+        .orderBy(F.desc("count"))
+        .limit(limit)
+        .collect()
+    )
+    return {str(r["error"]): int(r["count"]) for r in rows}
+
+
 def save_run_log(config: EmbedConfig, summary: RunSummary) -> Path:
     """The summary and per-request timeline, for ``sparkembed report``."""
     folder = Path(config.run.log_dir) / summary.run_id
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    details = {
+        "tokens_per_minute": summary.tokens_per_minute,
+        "requests_per_minute": summary.requests_per_minute,
+        "total_tokens": summary.counts["total_tokens"],
+        "price_per_million_tokens": summary.price_per_million_tokens,
+        "error_reasons": summary.error_reasons,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary.to_json() | details, indent=2))
     (folder / "timeline.json").write_text(json.dumps(summary.timeline))
     return folder

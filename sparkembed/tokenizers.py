@@ -335,6 +335,8 @@ def _say_once(level: int, message: str) -> None:
 def counter_for(config: EmbedConfig) -> TokenCounter:
     """The token counter for the configured model; never downloads anything.
 
+    ``long_text.tokenizer`` names it outright; with ``auto``:
+
     - ``endpoint.url: local``: the wordllama tokenizer, which the local endpoint counts with.
     - a model (or Azure OpenAI deployment) named like text-embedding-3-* or ada: cl100k_base
       when its file is on disk (:func:`find_tiktoken_file`), else :class:`ByteBound`, said
@@ -344,10 +346,13 @@ def counter_for(config: EmbedConfig) -> TokenCounter:
     Raises:
         ConfigError: ``long_text.tiktoken_file`` is set but missing or not cl100k_base.
     """
-    if config.endpoint.url == "local":
+    choice = config.long_text.tokenizer
+    if choice == "wordllama" or (choice == "auto" and config.endpoint.url == "local"):
         return WordLlamaCounter()
+    if choice == "utf8_bytes":
+        return ByteBound()
     model = _model_name(config)
-    if not OPENAI_EMBEDDING_MODELS.search(model):
+    if choice == "auto" and not OPENAI_EMBEDDING_MODELS.search(model):
         _say_once(
             logging.INFO,
             f"no tokenizer known for model {model!r}: counting UTF-8 bytes as a safe upper "

@@ -54,7 +54,7 @@ def _write_partition(
         target, job.embed_batches(batches, metrics), schema=job.arrow_schema, file_prefix=prefix
     )
     rows = [("file", json.dumps(dataclasses.asdict(f))) for f in files]
-    rows.append(("metrics", json.dumps(metrics.to_dict())))
+    rows.append(("metrics", json.dumps(metrics.to_dict(timeline=True))))
     yield pa.RecordBatch.from_arrays(
         [pa.array([k for k, _ in rows]), pa.array([p for _, p in rows])],
         names=["kind", "payload"],
@@ -173,4 +173,4 @@ def _merge_metrics(parts: Iterator[dict[str, Any]]) -> dict[str, Any]:
     total = Metrics()
     for part in parts:
         total.merge(Metrics.from_dict(part))
-    return total.to_dict()
+    return total.to_dict(timeline=True)

@@ -1,0 +1,136 @@
+"""``sparkembed report``: charts and tables from the log of a real, throttled engine run."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from test_engine_integration import DIMS, corpus
+
+from sparkembed.config import validate_config
+from sparkembed.engine import Embedder
+from sparkembed.metrics import Metrics, RequestRecord
+from sparkembed.report import (
+    THROTTLE_COLOR,
+    RunLog,
+    load_run_log,
+    main,
+    render_html,
+    throughput_figure,
+    trailing_minute_tokens,
+)
+
+QUOTA_TPM = 6000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHARTS = ("throughput", "throttling", "latency")
+
+
+@pytest.fixture(scope="module")
+def throttled_run(start_endpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Metrics]:
+    """A run saved by the job's own ``save_run_log``: ~6,600 tokens against a 6,000 TPM
+    quota, with the limiter told twice the quota, so the service answers 429s."""
+    from sparkembed.job import RunSummary, save_run_log
+
+    endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--tpm", str(QUOTA_TPM), "--no-auth")
+    runs = tmp_path_factory.mktemp("runs")
+    config = validate_config(
+        {
+            "endpoint": {"url": endpoint.url},
+            "auth": {"mode": "none"},
+            "batching": {"max_inputs": 16},
+            "limits": {"concurrency": 4, "tokens_per_minute": 2 * QUOTA_TPM},
+            "retry": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "max_attempts": 12},
+            "run": {"log_dir": str(runs)},
+        }
+    )
+    embedder = Embedder(config)
+    metrics = Metrics()
+    started = time.monotonic()
+    try:
+        results = list(embedder.embed_stream([corpus(400)], metrics))
+    finally:
+        embedder.close()
+    assert results[0].status == ["ok"] * 400
+    summary = RunSummary(run_id="throttled", price_per_million_tokens=0.02)
+    summary.add(metrics.to_dict(timeline=True))
+    summary.seconds = time.monotonic() - started
+    save_run_log(config, summary)
+    return runs, metrics
+
+
+def test_report_of_a_throttled_run_draws_the_quota_and_the_429s(throttled_run: tuple[Path, Metrics]) -> None:
+    runs, metrics = throttled_run
+    assert metrics.throttled > 0  # the run did see 429s
+    log = load_run_log("throttled", runs)
+    assert len(log.records) == metrics.requests
+
+    fig = throughput_figure(log.records, QUOTA_TPM)
+    tokens_axes = fig.axes[0]
+    quota_lines = [line for line in tokens_axes.get_lines() if str(line.get_label()).startswith("quota")]
+    assert len(quota_lines) == 1
+    assert list(quota_lines[0].get_ydata()) == [QUOTA_TPM, QUOTA_TPM]  # horizontal, at the quota
+    # Every 429 answer falls in a red span.
+    spans = [_x_range(p) for p in tokens_axes.patches if _is_color(p.get_facecolor(), THROTTLE_COLOR)]
+    t0 = min(r.start_s for r in log.records)
+    throttled_at = [r.end_s - t0 for r in log.records if r.status == 429]
+    assert spans and all(any(lo <= t <= hi for lo, hi in spans) for t in throttled_at)
+
+
+def test_the_command_writes_valid_pngs_and_a_self_contained_page(
+    throttled_run: tuple[Path, Metrics], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs, metrics = throttled_run
+    out = tmp_path / "report"
+    assert main(["throttled", "--runs-dir", str(runs), "--out", str(out), "--tpm", str(QUOTA_TPM)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out / 'report.html'}"
+    page = (out / "report.html").read_text()
+    for name in CHARTS:
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(PNG_SIGNATURE)
+        assert imread(out / f"{name}.png").shape[2] == 4  # decodes as an RGBA image
+        assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page
+    assert f"<td>answered 429</td><td class=n>{metrics.throttled:,}</td>" in page
+    assert f"<td>TPM quota</td><td class=n>{QUOTA_TPM:,}</td>" in page
+    assert "<td>ok</td><td class=n>400</td><td class=n>100.0 %</td>" in page
+
+
+def test_a_missing_run_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nope", "--runs-dir", str(tmp_path)]) == 2
+    assert "no run log at" in capsys.readouterr().err
+
+
+def test_tables_escape_error_reasons_and_say_when_there_is_no_timeline() -> None:
+    summary = {"rows_ok": 3, "rows_failed": 2, "error_reasons": {"400 bad <input>": 2}}
+    page = render_html(RunLog("r1", summary, []), [], None)
+    assert "<td>400 bad &lt;input&gt;</td><td class=n>2</td>" in page
+    assert "<td>failed</td><td class=n>2</td><td class=n>40.0 %</td>" in page
+    assert "No request timeline in this run log: no charts." in page
+    assert "not given (pass --tpm)" in page
+
+
+def test_trailing_minute_counts_tokens_answered_in_the_last_60_s() -> None:
+    records = [
+        RequestRecord(100.0, 101.0, 1, 500, 200, 1),
+        RequestRecord(100.0, 130.0, 1, 0, 429, 1),
+        RequestRecord(130.0, 150.0, 1, 200, 200, 2),
+        RequestRecord(150.0, 170.0, 1, 100, 200, 1),
+    ]
+    at = np.array([0.0, 1.0, 50.0, 61.0, 70.0, 130.0])
+    np.testing.assert_array_equal(trailing_minute_tokens(records, at, 100.0), [0, 500, 700, 200, 300, 0])
+
+
+def _x_range(patch: Any) -> tuple[float, float]:
+    """A span's x extent in data coordinates (a Rectangle or a Polygon, by matplotlib version)."""
+    xs = patch.get_patch_transform().transform(patch.get_path().vertices)[:, 0]
+    return float(xs.min()), float(xs.max())
+
+
+def _is_color(rgba: tuple[float, ...], hex_color: str) -> bool:
+    from matplotlib.colors import to_rgb
+
+    return np.allclose(rgba[:3], to_rgb(hex_color))
