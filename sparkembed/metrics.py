@@ -66,13 +66,13 @@ class Metrics:
         self.total_tokens += total_tokens
         self.timeline.append(record)
 
-    def count_rows(self, status: list[str]) -> None:
-        """Count final row statuses of one finished chunk."""
+    def count_rows(self, status: list[str], sign: int = 1) -> None:
+        """Count final row statuses of one finished chunk (``sign=-1`` takes them back)."""
         ok = status.count("ok")
         skipped = status.count("skipped")
-        self.ok_rows += ok
-        self.skipped_rows += skipped
-        self.failed_rows += len(status) - ok - skipped
+        self.ok_rows += sign * ok
+        self.skipped_rows += sign * skipped
+        self.failed_rows += sign * (len(status) - ok - skipped)
 
     def merge(self, other: Metrics) -> None:
         """Add ``other``'s counters and timeline into this one, in place."""

@@ -80,7 +80,11 @@ class PartitionJob:
         embedder = get_embedder(self.config)
         for results in embedder.embed_stream(plans(), metrics):
             batch, plan = pending.popleft()
-            yield self._to_arrow(batch, combine(plan, results))
+            out = combine(plan, results)
+            if metrics is not None:  # count output rows, not the units the engine saw
+                metrics.count_rows(results.status, sign=-1)
+                metrics.count_rows(out.status)
+            yield self._to_arrow(batch, out)
 
     def _to_arrow(self, batch: pa.RecordBatch, out: Combined) -> pa.RecordBatch:
         n = len(out.status)
