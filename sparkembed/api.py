@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pyspark.sql import DataFrame, SparkSession
 
-from sparkembed.config import EmbedConfig, load_config, validate_config
+from sparkembed.config import EmbedConfig, load_config, resolve_endpoint, validate_config
 from sparkembed.job import RunSummary, new_run_id, run
 from sparkembed.secrets import apply_secret
 from sparkembed.sources import select_input
@@ -34,7 +35,7 @@ def _as_config(
     merged = validate_config(tree)
     if key is not None:
         merged = merged.model_copy(update={"auth": merged.auth.model_copy(update={"key": key})})
-    return apply_secret(merged, spark=spark)
+    return apply_secret(resolve_endpoint(merged, os.environ), spark=spark)
 
 
 def embed(

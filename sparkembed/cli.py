@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sparkembed.config import EmbedConfig, load_config, parse_override
+from sparkembed.config import EmbedConfig, load_config, parse_override, resolve_endpoint
 from sparkembed.errors import SparkEmbedError
 
 log = logging.getLogger("sparkembed")
@@ -70,10 +70,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         if value is not None:
             overrides[key] = value
     overrides.update(parse_override(item) for item in args.set)
-    config = load_config(args.config, overrides)
-    if args.config is None and "endpoint.url" not in overrides and env.get("AZURE_INFERENCE_ENDPOINT"):
-        config = load_config(None, {**overrides, "endpoint.url": env["AZURE_INFERENCE_ENDPOINT"]})
-    return config
+    return resolve_endpoint(load_config(args.config, overrides), env)
 
 
 @contextlib.contextmanager

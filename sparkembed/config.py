@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,8 +30,8 @@ class _Frozen(BaseModel):
 class EndpointConfig(_Frozen):
     """Where and what to call."""
 
-    url: str = "local"
-    """``local`` starts the bundled endpoint; otherwise an https URL (env AZURE_INFERENCE_ENDPOINT)."""
+    url: str | None = None
+    """``local`` starts the bundled endpoint; otherwise an https URL. Unset: $AZURE_INFERENCE_ENDPOINT."""
     api: Literal["azure-ai-inference", "openai-v1"] = "azure-ai-inference"
     model: str | None = None
     api_version: str | None = None
@@ -164,7 +165,7 @@ class EmbedConfig(_Frozen):
     @field_validator("endpoint")
     @classmethod
     def _url_shape(cls, v: EndpointConfig) -> EndpointConfig:
-        if v.url != "local" and not v.url.startswith(("http://", "https://")):
+        if v.url is not None and v.url != "local" and not v.url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint.url must be 'local' or an http(s) URL, got {v.url!r}")
         return v
 
@@ -239,3 +240,21 @@ def validate_config(tree: dict[str, Any]) -> EmbedConfig:
         return EmbedConfig.model_validate(tree)
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+
+
+def resolve_endpoint(config: EmbedConfig, environ: Mapping[str, str]) -> EmbedConfig:
+    """Edge-side: an unset ``endpoint.url`` comes from ``AZURE_INFERENCE_ENDPOINT``.
+
+    Raises:
+        ConfigError: neither is set.
+    """
+    if config.endpoint.url is not None:
+        return config
+    url = environ.get("AZURE_INFERENCE_ENDPOINT")
+    if not url:
+        raise ConfigError(
+            "no endpoint: set endpoint.url in the config, pass --endpoint URL, or export "
+            "AZURE_INFERENCE_ENDPOINT (use 'local' for the bundled local endpoint)"
+        )
+    endpoint = validate_config({"endpoint": config.endpoint.model_dump() | {"url": url}}).endpoint
+    return config.model_copy(update={"endpoint": endpoint})

@@ -375,7 +375,7 @@ def _model_name(config: EmbedConfig) -> str:
     """``endpoint.model``, else an Azure OpenAI URL's deployment name (often the model's)."""
     if config.endpoint.model:
         return config.endpoint.model
-    _, found, rest = config.endpoint.url.partition("/deployments/")
+    _, found, rest = (config.endpoint.url or "").partition("/deployments/")
     return rest.split("/")[0] if found else ""
 
 

@@ -67,7 +67,9 @@ def long_texts(corpus: dict[str, str | None]) -> list[str]:
 
 
 def planner(strategy: str = "chunk", **long_text: object) -> LongTextPlanner:
-    config = EmbedConfig.model_validate({"long_text": {"strategy": strategy, **long_text}})
+    config = EmbedConfig.model_validate(
+        {"endpoint": {"url": "local"}, "long_text": {"strategy": strategy, **long_text}}
+    )
     return LongTextPlanner(config)  # endpoint "local": the wordllama tokenizer
 
 
