@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, integration (real local endpoint over HTTP), Spark (local and a
-# standalone master + worker) and Delta. Extra arguments go to pytest.
+# standalone master + worker) and Delta, then a Spark 3.5 run of the built wheel.
+# Extra arguments go to pytest and skip the Spark 3.5 run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/bootstrap.sh
 .venv/bin/python -m pytest -q -rs "$@"
+# The built wheel in a venv with pyspark 3.5 preinstalled (Synapse, Databricks LTS): a real run.
+if [ "$#" -eq 0 ]; then
+    bash scripts/compat_spark35.sh
+fi

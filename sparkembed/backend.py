@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import importlib
+import inspect
 import json
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ import aiohttp
 import numpy as np
 from azure.core.exceptions import (
     AzureError,
+    ClientAuthenticationError,
     DecodeError,
     HttpResponseError,
     IncompleteReadError,
@@ -35,6 +39,7 @@ from azure.core.exceptions import (
 from sparkembed.config import AuthConfig, EmbedConfig
 from sparkembed.errors import ConfigError, ServiceError, TransportError
 from sparkembed.retry import retry_after_s
+from sparkembed.transport import RedactingTraceLoggingPolicy, check_endpoint_url, hide_bridge_traffic
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +89,17 @@ class AzureInferenceBackend:
     def __init__(self, config: EmbedConfig, *, credential: Any = None) -> None:
         if config.endpoint.url == "local":
             raise ConfigError("endpoint.url 'local' must be resolved to the started server's URL")
+        check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
+        hide_bridge_traffic()  # before a closure holding the key goes to the JVM (preflight runs first)
         self._config = config
         self._credential = credential
         self._owns_credential = credential is None
         self._client: Any = None
         self._format = config.endpoint.encoding_format
         self._secret = config.auth.key.get_secret_value() if config.auth.key else None
+        # azure-core refuses bearer tokens over http; check_endpoint_url has vetted this URL.
+        plain_http = str(config.endpoint.url).lower().startswith("http:")
+        self._call_options = {"enforce_https": False} if plain_http and config.auth.mode == "entra" else {}
 
     @property
     def encoding_format(self) -> str:
@@ -121,7 +131,10 @@ class AzureInferenceBackend:
         client_request_id = uuid.uuid4().hex
         try:
             result = await client.embed(
-                input=texts, encoding_format=self._format, request_id=client_request_id
+                input=texts,
+                encoding_format=self._format,
+                request_id=client_request_id,
+                **self._call_options,
             )
         except asyncio.CancelledError:
             raise
@@ -143,17 +156,32 @@ class AzureInferenceBackend:
             "connection_timeout": retry.connect_timeout_s,
             "read_timeout": retry.read_timeout_s,
             "user_agent": USER_AGENT,
+            # With logging_enable and DEBUG, azure-core would print the api-key and bearer token.
+            "logging_policy": RedactingTraceLoggingPolicy(),
         }
         if endpoint.api_version:
             options["api_version"] = endpoint.api_version
         if self._config.auth.mode == "entra":
             options["credential_scopes"] = [self._config.auth.scope]
-        self._client = EmbeddingsClient(endpoint.url, self._credential, **options)
+        self._client = EmbeddingsClient(str(endpoint.url), self._credential, **options)
         return self._client
 
 
-def build_credential(auth: AuthConfig) -> Any:
-    """The credential for ``auth``: a key, a dummy key for ``none``, or an aio Entra credential."""
+def build_credential(auth: AuthConfig, *, environ: Mapping[str, str] | None = None) -> Any:
+    """The credential for ``auth``: a key, a dummy key for ``none``, or an async Entra credential.
+
+    Entra credentials are built in the process that uses them (each executor's backend),
+    since azure-identity caches tokens per instance, in memory.
+
+    Args:
+        auth: the auth section.
+        environ: where ``client_secret`` reads AZURE_TENANT_ID, AZURE_CLIENT_ID and
+            AZURE_CLIENT_SECRET (default ``os.environ``), as azure-identity names them.
+
+    Raises:
+        ConfigError: no key resolved, missing environment variables (named, never their
+            values), or a ``credential_factory`` that cannot be imported or called.
+    """
     from azure.core.credentials import AzureKeyCredential
 
     if auth.mode == "key":
@@ -162,20 +190,95 @@ def build_credential(auth: AuthConfig) -> Any:
         return AzureKeyCredential(auth.key.get_secret_value())
     if auth.mode == "none":
         return AzureKeyCredential("unused")  # the SDK insists on a credential
+    if auth.credential == "custom":
+        return load_credential(auth.credential_factory)
     from azure.identity import aio as identity
 
+    env = os.environ if environ is None else environ
     if auth.credential == "managed_identity":
-        return identity.ManagedIdentityCredential(client_id=auth.client_id)
+        return identity.ManagedIdentityCredential(client_id=auth.client_id)  # None: system-assigned
     if auth.credential == "workload_identity":
-        kwargs = {"client_id": auth.client_id} if auth.client_id else {}
-        return identity.WorkloadIdentityCredential(**kwargs)
+        _require_env(env, "workload_identity", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE")
+        if not auth.client_id:
+            _require_env(env, "workload_identity", "AZURE_CLIENT_ID")
+        return identity.WorkloadIdentityCredential(
+            tenant_id=env["AZURE_TENANT_ID"],
+            client_id=auth.client_id or env["AZURE_CLIENT_ID"],
+            token_file_path=env["AZURE_FEDERATED_TOKEN_FILE"],
+        )
     if auth.credential == "client_secret":
-        # Tenant, client id and secret come from AZURE_TENANT_ID/CLIENT_ID/CLIENT_SECRET,
-        # read by azure-identity itself: sparkembed never holds that secret.
-        return identity.EnvironmentCredential()
+        _require_env(env, "client_secret", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET")
+        if not auth.client_id:
+            _require_env(env, "client_secret", "AZURE_CLIENT_ID")
+        return identity.ClientSecretCredential(
+            env["AZURE_TENANT_ID"], auth.client_id or env["AZURE_CLIENT_ID"], env["AZURE_CLIENT_SECRET"]
+        )
     if auth.client_id:
         return identity.DefaultAzureCredential(managed_identity_client_id=auth.client_id)
     return identity.DefaultAzureCredential()
+
+
+def load_credential(factory: str | None) -> Any:
+    """Call the ``module:function`` named by ``auth.credential_factory``; async-wrap a sync result.
+
+    Raises:
+        ConfigError: unset, malformed, not importable, failing, or not a TokenCredential.
+    """
+    where = f"auth.credential_factory {factory!r}"
+    module_name, _, attribute = (factory or "").partition(":")
+    if not (module_name and attribute):
+        raise ConfigError(
+            f"auth.credential is 'custom' but {where} is not 'module:function' "
+            "(a zero-argument callable returning a TokenCredential)"
+        )
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {where} in this process: {exc}") from exc
+    try:
+        credential = target()
+    except Exception as exc:  # the user's code: any failure means no credential
+        raise ConfigError(f"{where} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    get_token = getattr(credential, "get_token", None)
+    if get_token is None:
+        raise ConfigError(f"{where} returned a {type(credential).__name__}, which has no get_token")
+    return credential if inspect.iscoroutinefunction(get_token) else SyncCredentialAdapter(credential)
+
+
+class SyncCredentialAdapter:
+    """An async TokenCredential over a sync one, for the aio client.
+
+    ``get_token`` runs in a worker thread, so a slow token endpoint never stalls the
+    event loop that carries every request of the process.
+    """
+
+    def __init__(self, credential: Any) -> None:
+        self._credential = credential
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(self._credential.get_token, *scopes, **kwargs)
+
+    async def close(self) -> None:
+        close = getattr(self._credential, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+    async def __aenter__(self) -> SyncCredentialAdapter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _require_env(env: Mapping[str, str], credential: str, *names: str) -> None:
+    missing = [name for name in names if not env.get(name)]
+    if missing:
+        raise ConfigError(
+            f"auth.credential is {credential!r} but {', '.join('$' + n for n in missing)} "
+            "is not set in this process (executors need it too)"
+        )
 
 
 def decode_response(
@@ -252,6 +355,11 @@ def map_error(exc: BaseException, *, secret: str | None = None) -> ServiceError 
             _clean(message, secret),
             retry_after_s=retry_after_s(dict(headers.items())),
         )
+    if isinstance(exc, ClientAuthenticationError):
+        # No HTTP answer: the credential could not get a token. As a 401 it stops the
+        # preflight at once instead of being retried as a network error.
+        message = f"{type(exc).__name__}: {exc.message}"
+        return ServiceError(401, "credential_unavailable", _clean(message, secret))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return TransportError("timed out waiting for the service")
     if isinstance(exc, (AzureError, aiohttp.ClientError, OSError)):

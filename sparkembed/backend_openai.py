@@ -35,6 +35,7 @@ from sparkembed.backend import (
 from sparkembed.config import EmbedConfig
 from sparkembed.errors import ConfigError, ServiceError, TransportError
 from sparkembed.retry import retry_after_s
+from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,15 @@ class OpenAIV1Backend:
 
     Raises:
         ConfigError: the ``openai`` package is missing, ``endpoint.model`` is unset, or
-            the URL is still ``local``.
+            the URL is still ``local`` or unsafe (see :func:`sparkembed.transport.check_endpoint_url`).
     """
 
     def __init__(self, config: EmbedConfig, *, credential: Any = None) -> None:
         endpoint = config.endpoint
         if endpoint.url == "local":
             raise ConfigError("endpoint.url 'local' must be resolved to the started server's URL")
+        check_endpoint_url(endpoint.url, allow_insecure_http=endpoint.allow_insecure_http)
+        hide_bridge_traffic()  # as AzureInferenceBackend: the key may ride in a task closure
         if importlib.util.find_spec("openai") is None:
             raise ConfigError(
                 "endpoint.api 'openai-v1' needs the openai package: pip install 'sparkembed[openai]'"

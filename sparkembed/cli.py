@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sparkembed.config import EmbedConfig, load_config, parse_override, resolve_endpoint
-from sparkembed.errors import SparkEmbedError
+from sparkembed.errors import ConfigError, SparkEmbedError
 
 log = logging.getLogger("sparkembed")
 
@@ -79,6 +80,11 @@ def local_endpoint(config: EmbedConfig) -> Iterator[EmbedConfig]:
     if config.endpoint.url != "local":
         yield config
         return
+    if importlib.util.find_spec("tokenizers") is None or importlib.util.find_spec("safetensors") is None:
+        raise ConfigError(
+            "endpoint.url 'local' needs the bundled model: pip install 'sparkembed[endpoint]' "
+            "(or [local] on a laptop), or give an Azure endpoint URL"
+        )
     from sparkembed.server.launch import start_local_endpoint
 
     with start_local_endpoint("--no-auth", "--model", config.endpoint.local_model) as server:
@@ -99,13 +105,20 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
     try:
         config = config_from_args(args)
         with local_endpoint(config) as config:
+            from pyspark.sql import SparkSession
+
             from sparkembed import job
             from sparkembed.secrets import apply_secret
             from sparkembed.session import get_spark
 
+            ours = SparkSession.getActiveSession() is None
             spark = get_spark(config, local_default=local_master)
-            config = apply_secret(config, spark=spark)
-            summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
+            try:
+                config = apply_secret(config, spark=spark)
+                summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
+            finally:
+                if ours:  # a session we built: stop it, so event logs and executors close cleanly
+                    spark.stop()
     except SparkEmbedError as exc:
         print(f"sparkembed: error: {exc}", file=sys.stderr)
         print(json.dumps({"error": str(exc), "error_type": type(exc).__name__}))

@@ -22,6 +22,7 @@ from sparkembed.engine import Embedder
 from sparkembed.errors import ConfigError
 from sparkembed.incremental import plan_work, read_target
 from sparkembed.sources import check_ids, read_source, select_input
+from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def prepare(
 ) -> tuple[DataFrame, EmbedConfig]:
     """Validate source and endpoint before any money is spent; hand each task its quota share."""
     refuse_speculation(spark)
+    check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
+    hide_bridge_traffic()
     if not config.target.path:
         raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
     config = _absolute_target(config)

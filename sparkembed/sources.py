@@ -101,8 +101,12 @@ def check_ids(df: DataFrame, id_col: str) -> None:
         raise InputError(f"id column {id_col!r} has null values; every row needs an id")
     dupes = df.groupBy(id_col).count().filter(F.col("count") > 1).limit(5).collect()
     if dupes:
-        shown = ", ".join(repr(r[id_col]) for r in dupes)
+        shown = ", ".join(_short(repr(r[id_col])) for r in dupes)
         raise InputError(f"id column {id_col!r} has duplicate values, e.g. {shown}")
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 RESERVED_COLUMNS = (

@@ -23,6 +23,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.engine import get_embedder
 from sparkembed.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.metrics import Metrics
+from sparkembed.transport import hide_bridge_traffic
 
 OUTPUT_FIELDS = (
     ("chunk_index", T.IntegerType()),
@@ -152,6 +153,7 @@ def to_arrow_schema(schema: T.StructType) -> pa.Schema:
 
 
 def make_job(df: DataFrame, config: EmbedConfig, run_id: str) -> tuple[PartitionJob, T.StructType]:
+    hide_bridge_traffic()  # the closure below carries the key: keep py4j's DEBUG dump of it out of logs
     src = config.source
     schema = output_schema(df.schema, src.id_col, src.passthrough)
     job = PartitionJob(

@@ -80,7 +80,7 @@ def test_chunk_rows_reassemble_overlap_and_fit(
         assert [r["chunk_index"] for r in chunks] == list(range(len(chunks)))
         assert len(chunks) > 1 and all(r["status"] == "ok" for r in chunks)
         assert chunks[0]["chunk_start"] == 0 and chunks[-1]["chunk_end"] == len(text)
-        for a, b in zip(chunks, chunks[1:]):
+        for a, b in zip(chunks, chunks[1:], strict=False):
             assert b["chunk_start"] < a["chunk_end"]  # overlap, so no gap
             overlap = wordllama_local.count_tokens([text[b["chunk_start"] : a["chunk_end"]]])[0]
             assert 16 <= overlap <= 128  # configured 64 tokens, cut at word ends

@@ -67,6 +67,11 @@ def test_the_config_picks_the_backend(hash_endpoint: LocalEndpoint, endpoint_key
     no_model = config.model_copy(update={"endpoint": config.endpoint.model_copy(update={"model": None})})
     with pytest.raises(ConfigError, match="needs endpoint.model: the deployment name"):
         make_backend(no_model)
+    cleartext = config.model_copy(
+        update={"endpoint": config.endpoint.model_copy(update={"url": "http://example.com/openai/v1"})}
+    )
+    with pytest.raises(ConfigError, match="allow_insecure_http"):
+        make_backend(cleartext)
 
 
 def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(

@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from spark_cluster import standalone_cluster
 
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import read_table
-from spark_cluster import standalone_cluster
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]
 
@@ -122,7 +122,9 @@ def test_driver_killed_mid_run_then_rerun_equals_a_clean_run(
     assert twice <= wave_rows, f"{twice} texts billed twice; one wave is {wave_rows}"
 
 
-def test_concurrent_runs_on_one_target_fail_cleanly(start_endpoint, endpoint_key: str, tmp_path: Path) -> None:
+def test_concurrent_runs_on_one_target_fail_cleanly(
+    start_endpoint, endpoint_key: str, tmp_path: Path
+) -> None:
     endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--latency-ms", "200")
     source = write_source(tmp_path / "src.parquet", 600)
     target = tmp_path / "target"
@@ -131,7 +133,10 @@ def test_concurrent_runs_on_one_target_fail_cleanly(start_endpoint, endpoint_key
         "--set", "run.commit_every_rows=200", "--set", "limits.concurrency=1",
     )  # fmt: skip
     env = {**os.environ, "AZURE_INFERENCE_CREDENTIAL": endpoint_key}
-    runs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    runs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in "ab"
+    ]
     outcomes = [(p.wait(timeout=300), p.stdout.read() if p.stdout else "") for p in runs]
     codes = sorted(code for code, _ in outcomes)
     assert codes == [0, 2], outcomes

@@ -148,7 +148,7 @@ def check_rows(table: pa.Table, texts: dict[int, str | None], url: str) -> tuple
     if sent:
         want = endpoint_vectors(url, [t for t, _ in sent])
         got = [np.asarray(v if v is not None else [], dtype=np.float32) for _, v in sent]
-        wrong = sum(not np.array_equal(g, w) for g, w in zip(got, want))
+        wrong = sum(not np.array_equal(g, w) for g, w in zip(got, want, strict=True))
         if wrong:
             problems.append(f"{wrong} of {len(sent)} vectors differ from the endpoint's for their text")
     statuses = [r["status"] for rows in by_id.values() for r in rows]
@@ -200,7 +200,7 @@ def _check_unit(
         ):
             problems.append(f"long text chunks leave gaps or miss an end: {spans[:3]} ... {spans[-1]}")
             return problems
-        sent.extend((text[s:e], r["embedding"]) for (s, e), r in zip(spans, rows))
+        sent.extend((text[s:e], r["embedding"]) for (s, e), r in zip(spans, rows, strict=True))
     elif len(rows) != 1 or rows[0]["chunk_start"] is not None:
         problems.append(f"id {id_}: a short text gave {len(rows)} rows")
     else:
@@ -225,9 +225,10 @@ def run_logged(cmd: list[str], work: Path, env: dict[str, str], name: str) -> tu
     return done.returncode, done.stdout
 
 
-def tail(path: Path, lines: int = 25) -> str:
-    text = path.read_text(errors="replace").splitlines() if path.exists() else []
-    return "\n".join(line for line in text if not line.lstrip().startswith("at "))[-4000:] if text else ""
+def tail(path: Path) -> str:
+    """The end of a log, without Java stack frames."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return "\n".join(line for line in lines if not line.lstrip().startswith("at "))[-4000:]
 
 
 def check_job(venv: Path, work: Path, url: str, texts: dict[int, str | None]) -> tuple[list[str], str]:
@@ -259,8 +260,10 @@ def check_job(venv: Path, work: Path, url: str, texts: dict[int, str | None]) ->
     if preflights != 1:
         problems.append(f"the endpoint saw {preflights} preflight requests, want 1")
     if counts["prompt_tokens"] != billed or summary["prompt_tokens"] != billed:
-        problems.append(f"prompt_tokens: table {counts['prompt_tokens']}, summary {summary['prompt_tokens']}, "
-                        f"endpoint {billed} (preflight excluded)")  # fmt: skip
+        problems.append(
+            f"prompt_tokens: table {counts['prompt_tokens']}, summary {summary['prompt_tokens']}, "
+            f"endpoint {billed} (preflight excluded)"
+        )
     if summary["requests"] != stats["ok_requests"] - preflights or set(stats["responses"]) != {"200"}:
         problems.append(f"requests: summary {summary['requests']}, endpoint {stats['responses']}")
     if (summary["rows_ok"], summary["rows_skipped"], summary["rows_failed"]) != (
@@ -311,8 +314,8 @@ def check(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="sparkembed-spark35-"))
     texts = source_texts()
     write_source(work / "source.parquet", texts)
-    version = subprocess.run([str(venv / "bin" / "python"), "-c", "import pyspark; print(pyspark.__version__)"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    probe = [str(venv / "bin" / "python"), "-c", "import pyspark; print(pyspark.__version__)"]
+    version = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
     problems: list[str] = []
     parts: list[str] = []
     try:
@@ -323,14 +326,15 @@ def check(args: argparse.Namespace) -> int:
                 problems += found
                 parts.append(line or f"{step.__name__} failed")
     finally:
-        if args.keep or problems:
-            print(f"scratch folder kept: {work}", file=sys.stderr)
-        else:
+        keep = args.keep or problems
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
     for problem in problems:
         print(f"MISMATCH {problem}", file=sys.stderr)
     verdict = "FAILED" if problems else "ok"
     print(f"spark {version} compat {verdict}: " + "; ".join(parts) + f" ({time.monotonic() - started:.0f} s)")
+    if keep:
+        print(f"scratch folder kept: {work}", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -360,7 +364,9 @@ def notebook(args: argparse.Namespace) -> int:
     lazy = endpoint_stats(args.endpoint)["requests"] - before
     rows = [row.asDict() for row in out.collect()]
     pq.write_table(pa.Table.from_pylist(rows, schema=NOTEBOOK_SCHEMA), work / "notebook.parquet")
-    workers = spark.sparkContext.parallelize(range(2), 2).map(lambda _: __import__("sparkembed").__file__)
+    workers = spark.sparkContext.parallelize(range(2), 2).map(
+        lambda _: str(__import__("sparkembed").__file__)
+    )
     info = {
         "spark": spark.version,
         "requests_before_collect": lazy,
