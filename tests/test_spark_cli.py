@@ -79,6 +79,8 @@ def test_cli_on_a_standalone_cluster(start_endpoint, endpoint_key: str, tmp_path
     assert len(rows) == 500
     stats = endpoint.stats()
     assert stats["texts_billed"] == 498 + 1  # and the preflight
+    # One client per executor Python worker (2 cores, concurrency 8), plus the driver's preflight.
+    assert stats["connections"] <= 2 * 8 + 1
     # Executors ran in the worker's own JVM, with Python workers there.
     assert list((tmp_path / "cluster" / "work").glob("app-*/*/stderr"))
 
