@@ -42,6 +42,10 @@ class EndpointConfig(_Frozen):
     """Allow plain http to a non-loopback host (test rigs only)."""
     local_model: Literal["wordllama", "hash"] = "wordllama"
     """Model served when ``url: local``."""
+    served_model: str | None = None
+    """Learned by the driver's preflight (the model the service reports); not for users."""
+    served_dimensions: int | None = None
+    """Learned by the driver's preflight (the vector size); not for users."""
     price_per_million_tokens: float = Field(default=0.02, ge=0)
     """USD per 1M prompt tokens, for estimates (text-embedding-3-small list price)."""
 
@@ -171,12 +175,16 @@ class EmbedConfig(_Frozen):
 
     def fingerprint(self) -> str:
         """What the vectors mean: a new value means old vectors must not be mixed in."""
+        endpoint = self.endpoint
         meaning = {
-            "api": self.endpoint.api,
-            "model": self.endpoint.model
-            or (self.endpoint.local_model if self.endpoint.url == "local" else None),
-            "dimensions": self.endpoint.dimensions,
-            "input_type": self.endpoint.input_type,
+            "api": endpoint.api,
+            # What the service says it ran beats what we asked for: a deployment URL may
+            # change model without any config key changing.
+            "model": endpoint.served_model
+            or endpoint.model
+            or (endpoint.local_model if endpoint.url == "local" else None),
+            "dimensions": endpoint.served_dimensions or endpoint.dimensions,
+            "input_type": endpoint.input_type,
             "long_text": [
                 self.long_text.strategy,
                 self.long_text.chunk_tokens,

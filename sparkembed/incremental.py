@@ -23,15 +23,19 @@ class WorkPlan:
 
     Attributes:
         todo: source rows to embed (id, text, passthrough).
-        overwrite: replace the whole target (first run with ``--reembed-all``).
+        overwrite: replace the whole target (``target.mode: overwrite``).
         failed_left: ids whose failed rows stay as they are (no ``--retry-failed``).
         prune: target ids that are gone from the source, when ``--prune`` is on.
+        retire_other_fingerprints: after the waves, delete the rows that another
+            fingerprint made (``--reembed-all``); the waves have replaced every id
+            still in the source, so what is left is ids gone from the source.
     """
 
     todo: DataFrame
     overwrite: bool = False
     failed_left: int = 0
     prune: DataFrame | None = None
+    retire_other_fingerprints: bool = False
 
 
 def read_target(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
@@ -53,7 +57,10 @@ def read_target(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
 
 
 def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> WorkPlan:
-    """Anti-join the source against the target.
+    """Anti-join the source against the target rows made with this run's fingerprint.
+
+    A ``--reembed-all`` run is resumable like any other: rows it already replaced
+    carry the new fingerprint and are skipped by its rerun.
 
     Raises:
         ConfigError: the target holds vectors made with another fingerprint and
@@ -62,11 +69,11 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
     target = read_target(spark, config)
     if target is None or config.target.mode == "overwrite":
         return WorkPlan(todo=source, overwrite=config.target.mode == "overwrite")
-    _check_fingerprint(target, config)
-    if config.run.reembed_all:
-        return WorkPlan(todo=source, overwrite=True)
+    current = config.fingerprint()
+    retire = _other_fingerprints(target, config)
     id_col, text_col = config.source.id_col, config.source.text_col
-    per_text = target.groupBy(id_col, "text_hash").agg(
+    mine = target.filter(F.col("embedding_fingerprint") == current)
+    per_text = mine.groupBy(id_col, "text_hash").agg(
         F.max((F.col("status") == "failed").cast("int")).alias("_failed")
     )
     done = per_text.filter(F.col("_failed") == 0) if config.run.retry_failed else per_text
@@ -83,16 +90,32 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
     prune = None
     if config.run.prune:
         prune = target.select(id_col).distinct().join(source.select(id_col), id_col, "left_anti")
-    return WorkPlan(todo=todo, failed_left=failed_left, prune=prune)
+    return WorkPlan(todo=todo, failed_left=failed_left, prune=prune, retire_other_fingerprints=retire)
 
 
-def _check_fingerprint(target: DataFrame, config: EmbedConfig) -> None:
+def other_fingerprint_ids(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
+    """Ids of target rows made with another fingerprint (read afresh, after the waves)."""
+    target = read_target(spark, config)
+    if target is None:
+        return None
+    stale = target.filter(F.col("embedding_fingerprint") != config.fingerprint())
+    return stale.select(config.source.id_col).distinct()
+
+
+def _other_fingerprints(target: DataFrame, config: EmbedConfig) -> bool:
+    """True when the target holds other fingerprints and ``--reembed-all`` allows replacing them."""
     current = config.fingerprint()
     found = [r[0] for r in target.select("embedding_fingerprint").distinct().limit(5).collect()]
     other = [fp for fp in found if fp != current]
-    if other and not config.run.reembed_all:
+    if not other:
+        return False
+    if not config.run.reembed_all:
         raise ConfigError(
             f"target {config.target.path} holds vectors made with another model, dimensions, "
             f"input_type or long-text strategy (fingerprint {other[0]}, this run {current}). "
-            "Mixing them would make the table wrong: rerun with --reembed-all, or give a new --target"
+            "Mixing them would make the table wrong: rerun with --reembed-all (also to finish "
+            "one that stopped), or give a new --target"
         )
+    if config.target.mode != "upsert":
+        raise ConfigError("--reembed-all replaces rows by id: it needs target.mode upsert")
+    return True

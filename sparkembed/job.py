@@ -20,8 +20,9 @@ from sparkembed import waves as wave_sinks
 from sparkembed.config import EmbedConfig
 from sparkembed.engine import Embedder
 from sparkembed.errors import ConfigError
-from sparkembed.incremental import plan_work, read_target
+from sparkembed.incremental import other_fingerprint_ids, plan_work, read_target
 from sparkembed.sources import check_ids, read_source, select_input
+from sparkembed.spark import output_schema
 from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,27 @@ def prepare(
     finally:
         preflight.close()
     log.info("preflight ok: model %s, %d dimensions", model, dims)
-    workers = min(config.run.partitions or default_parallelism(spark), default_parallelism(spark))
+    endpoint = config.endpoint.model_copy(update={"served_model": model, "served_dimensions": dims})
+    parallelism = default_parallelism(spark, config)
+    workers = min(config.run.partitions or parallelism, parallelism)
     limits = config.limits.model_copy(update={"workers": max(1, workers)})
-    return df, config.model_copy(update={"limits": limits})
+    return df, config.model_copy(update={"limits": limits, "endpoint": endpoint})
+
+
+def check_target_schema(spark: SparkSession, config: EmbedConfig, df: DataFrame) -> None:
+    """Refuse, before anything is paid for, a target whose columns this run's rows won't fit."""
+    target = read_target(spark, config)
+    if target is None or config.target.mode == "overwrite":
+        return
+    want = output_schema(df.schema, config.source.id_col, config.source.passthrough)
+    wanted = {f.name: f.dataType.simpleString() for f in want}
+    have = {f.name: f.dataType.simpleString() for f in target.schema}
+    if wanted != have:
+        diff = sorted({f"{k} {v}" for k, v in have.items() ^ wanted.items()})
+        raise ConfigError(
+            f"target {config.target.path} has other columns than this run writes ({', '.join(diff)}): "
+            "check source.id_col's type and source.passthrough, or use --mode overwrite or a new --target"
+        )
 
 
 def _absolute_target(config: EmbedConfig) -> EmbedConfig:
@@ -121,8 +140,15 @@ def _absolute_target(config: EmbedConfig) -> EmbedConfig:
     return config.model_copy(update={"target": target})
 
 
-def default_parallelism(spark: SparkSession) -> int:
-    return max(1, spark.sparkContext.defaultParallelism)
+def default_parallelism(spark: SparkSession, config: EmbedConfig) -> int:
+    """Task slots: the context's parallelism, or conf/``run.partitions`` on Spark Connect."""
+    try:
+        return max(1, spark.sparkContext.defaultParallelism)
+    except Exception:  # Spark Connect sessions have no SparkContext
+        fallback = spark.conf.get("spark.default.parallelism", None) or config.run.partitions
+        if not fallback:
+            raise ConfigError("cannot tell the cluster's parallelism here: set run.partitions") from None
+        return max(1, int(fallback))
 
 
 def run(
@@ -146,19 +172,18 @@ def run(
         requests_per_minute=config.limits.requests_per_minute,
     )
     df, config = prepare(spark, config, source)
+    check_target_schema(spark, config, df)
     plan = plan_work(spark, df, config)
     if plan.failed_left:
         progress(
             f"{plan.failed_left} ids have failed rows from earlier runs; left as they are "
             "(rerun with --retry-failed to embed them again)"
         )
-    if plan.overwrite:
-        config = config.model_copy(update={"target": config.target.model_copy(update={"mode": "overwrite"})})
     total = plan.todo.count()
     summary.rows_total = total
     waves = math.ceil(total / config.run.commit_every_rows)
     progress(f"{total} source rows to embed in {waves} wave(s)")
-    partitions = config.run.partitions or default_parallelism(spark)
+    partitions = config.run.partitions or default_parallelism(spark, config)
     sink = wave_sinks.choose_sink(spark, config)
     id_col = config.source.id_col
     for wave in range(waves):
@@ -171,6 +196,10 @@ def run(
     if plan.prune is not None:
         summary.pruned = sink.prune(plan.prune, config, summary.run_id, version=waves)
         progress(f"pruned {summary.pruned} ids that are gone from the source")
+    stale = other_fingerprint_ids(spark, config) if plan.retire_other_fingerprints else None
+    if stale is not None:
+        retired = sink.prune(stale, config, summary.run_id, version=waves + 1)
+        progress(f"deleted {retired} ids left with vectors of the old fingerprint")
     sink.finish(config, summary.run_id)
     if summary.counts["failed_rows"]:
         summary.error_reasons = top_errors(spark, config, summary.run_id)

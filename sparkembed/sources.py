@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -59,9 +60,12 @@ def read_delta(spark: SparkSession, location: str) -> DataFrame:
         return spark.read.format("delta").load(location)
     from deltalake import DeltaTable
 
-    files = DeltaTable(location).file_uris()
-    if not files:
-        raise InputError(f"Delta table {location} has no data files")
+    table = DeltaTable(location)
+    files = table.file_uris()
+    if not files:  # an empty table is a table, not an error
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        return spark.createDataFrame([], from_arrow_schema(pa.schema(table.schema().to_arrow())))
     return spark.read.parquet(*files)
 
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
 
-from sparkembed import job
+from sparkembed import job, waves
 from sparkembed.config import EmbedConfig, load_config
 from sparkembed.engine import PREFLIGHT_TEXT
 from sparkembed.errors import ConfigError
@@ -210,20 +211,86 @@ def test_failed_rows_stay_until_retry_failed(
     assert billed_besides_preflight(clean)[0] == 3
 
 
-def test_changed_fingerprint_is_refused_unless_reembed_all(
-    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+def test_changed_fingerprint_is_refused_and_reembed_all_resumes_after_a_crash(
+    spark: SparkSession,
+    hash_endpoint: LocalEndpoint,
+    endpoint_key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    source = write_source(tmp_path, source_rows(100))
+    rows = source_rows(600)
+    source = write_source(tmp_path, rows)
     target = str(tmp_path / "target")
     job.run(spark, make_config(hash_endpoint, endpoint_key, source, target), progress=lambda _: None)
     smaller = make_config(hash_endpoint, endpoint_key, source, target, **{"endpoint.dimensions": 32})
     with pytest.raises(ConfigError, match="--reembed-all"):
         job.run(spark, smaller, progress=lambda _: None)
 
+    # A --reembed-all run dies after its first wave is committed...
     again = make_config(
         hash_endpoint, endpoint_key, source, target, **{"endpoint.dimensions": 32, "run.reembed_all": True}
     )
+    real_write = waves.DeltaRsSink.write_wave
+
+    def die_after_first_wave(self, df, config, run_id, wave):  # type: ignore[no-untyped-def]
+        if wave == 1:
+            raise KeyboardInterrupt("driver killed")
+        return real_write(self, df, config, run_id, wave)
+
+    monkeypatch.setattr(waves.DeltaRsSink, "write_wave", die_after_first_wave)
+    with pytest.raises(KeyboardInterrupt):
+        job.run(spark, again, progress=lambda _: None)
+    monkeypatch.undo()
+    mixed = read_table(target).to_pandas()
+    first_wave = mixed[mixed["dimensions"] == 32]
+    assert 0 < len(first_wave) < len(mixed)
+    with pytest.raises(ConfigError, match="also to finish"):  # half-replaced: still refused without the flag
+        job.run(spark, smaller, progress=lambda _: None)
+
+    # ...and its rerun pays only for what the crash left undone.
+    hash_endpoint.reset()
     job.run(spark, again, progress=lambda _: None)
     table = read_table(target).to_pandas()
     assert table["embedding_fingerprint"].nunique() == 1
     assert set(table["dimensions"].dropna()) == {32}
+    assert set(table["id"]) == set(rows["id"])
+    billed_ids = len(set(rows["id"])) - 3 - first_wave["id"].nunique()  # minus blanks, minus wave 0
+    assert billed_besides_preflight(hash_endpoint)[0] == len(table[table["status"] == "ok"]) - len(
+        first_wave[first_wave["status"] == "ok"]
+    )
+    assert billed_ids > 0
+
+
+def test_a_target_that_does_not_fit_is_refused_before_any_embedding(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = source_rows(50)
+    target = str(tmp_path / "target")
+    job.run(
+        spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), target), progress=print
+    )
+    rows["title"] = list(range(50))  # a passthrough column changed type
+    other = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows, "other.parquet"), target)
+    hash_endpoint.reset()
+    with pytest.raises(ConfigError, match="title"):
+        job.run(spark, other, progress=lambda _: None)
+    assert hash_endpoint.stats(billed=False)["requests"] == 1  # the preflight only
+
+
+def test_prune_to_an_empty_table_then_rerun(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    target = str(tmp_path / "target")
+    job.run(spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, source_rows(20)), target))
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string()),
+                             "title": pa.array([], pa.string())}), empty)  # fmt: skip
+    config = make_config(hash_endpoint, endpoint_key, str(empty), target, **{"run.prune": True})
+    summary = job.run(spark, config, progress=lambda _: None)
+    assert summary.pruned == 20 and read_table(target).num_rows == 0
+    job.run(spark, config, progress=lambda _: None)  # an empty table is still a table
+    fresh = make_config(
+        hash_endpoint, endpoint_key, write_source(tmp_path, source_rows(5), "f.parquet"), target
+    )
+    job.run(spark, fresh, progress=lambda _: None)
+    assert set(read_table(target).column("id").to_pylist()) == {f"doc-{i:04d}" for i in range(5)}
