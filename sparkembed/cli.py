@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -100,6 +101,23 @@ def local_endpoint(config: EmbedConfig) -> Iterator[EmbedConfig]:
         yield config.model_copy(update={"endpoint": endpoint, "auth": auth, "long_text": long_text})
 
 
+_EXECUTOR_ERROR = re.compile(r"^(?:sparkembed\.errors\.)?(\w+(?:Error|Exhausted\w*)): (.+)$", re.M)
+_OURS = {"ConfigError", "EndpointConfigError", "QuotaExhaustedError", "ServiceError", "TransportError"}
+
+
+def _executor_error(exc: Exception) -> tuple[str, str] | None:
+    """Our error class and message, from a Spark task failure that carries one."""
+    found = [m for m in _EXECUTOR_ERROR.finditer(str(exc)) if m.group(1) in _OURS]
+    return (found[-1].group(1), found[-1].group(2).strip()) if found else None
+
+
+def _fail(kind: str, message: str) -> int:
+    """Exit 2 with the error on stderr and as the JSON last line."""
+    print(f"sparkembed: error: {message}", file=sys.stderr)
+    print(json.dumps({"error": message, "error_type": kind}), flush=True)
+    return 2
+
+
 def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: bool = True) -> int:
     args = _run_parser(prog).parse_args(argv)
     try:
@@ -120,9 +138,12 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
                 if ours:  # a session we built: stop it, so event logs and executors close cleanly
                     spark.stop()
     except SparkEmbedError as exc:
-        print(f"sparkembed: error: {exc}", file=sys.stderr)
-        print(json.dumps({"error": str(exc), "error_type": type(exc).__name__}))
-        return 2
+        return _fail(type(exc).__name__, str(exc))
+    except Exception as exc:  # a task raised: Spark wraps our error in its own
+        found = _executor_error(exc)
+        if found is None:
+            raise
+        return _fail(*found)
     print(json.dumps(summary.to_json()), flush=True)
     if summary.failed_fraction > config.run.max_failed_fraction:
         return 1
@@ -133,12 +154,13 @@ def estimate_command(argv: list[str]) -> int:
     """Rows, tokens and cost of the next run; nothing is sent to the endpoint."""
     args = _run_parser("sparkembed estimate").parse_args(argv)
     try:
-        config = config_from_args(args)
-        from sparkembed.estimate import estimate
-        from sparkembed.session import get_spark
+        with local_endpoint(config_from_args(args)) as config:
+            from sparkembed.estimate import estimate
+            from sparkembed.secrets import apply_secret
+            from sparkembed.session import get_spark
 
-        spark = get_spark(config, local_default="DATABRICKS_RUNTIME_VERSION" not in os.environ)
-        result = estimate(spark, config)
+            spark = get_spark(config, local_default="DATABRICKS_RUNTIME_VERSION" not in os.environ)
+            result = estimate(spark, apply_secret(config, spark=spark))
     except SparkEmbedError as exc:
         print(f"sparkembed: error: {exc}", file=sys.stderr)
         return 2

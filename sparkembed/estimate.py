@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 
 from sparkembed.config import EmbedConfig
 from sparkembed.incremental import plan_work
-from sparkembed.job import refuse_speculation
+from sparkembed.job import prepare, refuse_speculation
 from sparkembed.longtext import LongTextPlanner
 from sparkembed.sources import check_ids, read_source, select_input
 from sparkembed.tokenizers import counter_for
@@ -36,13 +36,22 @@ def _count_partition(config: EmbedConfig, batches: Iterator[pa.RecordBatch]) -> 
 def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None = None) -> dict[str, Any]:
     """What the next run would embed: only rows the target lacks, after long-text planning.
 
+    Nothing is embedded; with a target, one preflight request checks the endpoint.
+
     Token counts are exact where the model's tokenizer is available offline, else an
     upper bound (UTF-8 bytes); ``tokens_exact`` says which.
     """
-    refuse_speculation(spark)
-    df = select_input(source if source is not None else read_source(spark, config.source), config.source)
-    check_ids(df, config.source.id_col)
-    todo = plan_work(spark, df, config).todo if config.target.path else df
+    if config.target.path:
+        # The same checks and preflight as a run (one tiny request), so the fingerprint
+        # compared with the target is the one the run would write.
+        df, config = prepare(spark, config, source)
+        todo = plan_work(spark, df, config).todo
+    else:
+        refuse_speculation(spark)
+        todo = select_input(
+            source if source is not None else read_source(spark, config.source), config.source
+        )
+        check_ids(todo, config.source.id_col)
     totals = (
         todo.select(config.source.text_col)
         .mapInArrow(lambda batches: _count_partition(config, batches), _COUNTS)

@@ -148,3 +148,19 @@ def test_concurrent_runs_on_one_target_fail_cleanly(
     rows = read_table(str(target)).to_pandas()
     assert not rows.duplicated(["id", "chunk_index"]).any()
     assert len(rows) == 600  # the winner committed everything
+
+
+def test_quota_exhausted_with_stop_ends_the_run_with_a_clear_error(
+    start_endpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--tpm", "60")
+    source = write_source(tmp_path / "src.parquet", 50)
+    args = cli(
+        endpoint, endpoint_key, source, tmp_path / "target",
+        "--set", "retry.on_quota_exhausted=stop", "--set", "retry.max_wait_s=1",
+    )  # fmt: skip
+    proc = run_cli(args, endpoint_key)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = summary_of(proc)
+    assert last["error_type"] == "QuotaExhaustedError"
+    assert "retry.max_wait_s" in str(last["error"]) or "quota" in str(last["error"]).lower()
