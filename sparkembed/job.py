@@ -131,6 +131,17 @@ def check_target_schema(spark: SparkSession, config: EmbedConfig, df: DataFrame)
         )
 
 
+def _materialize(todo: DataFrame) -> DataFrame:
+    """Compute the rows to do once: waves then slice a fixed set, without re-reading the
+    source and redoing the anti-join per wave, and a non-deterministic source cannot
+    hand two waves different rows. Kept on the executors' memory and disk."""
+    try:
+        return todo.localCheckpoint(eager=True)
+    except Exception as exc:  # e.g. Spark Connect 3.5 has no localCheckpoint
+        log.warning("could not checkpoint the rows to do (%s); each wave recomputes them", exc)
+        return todo
+
+
 def _absolute_target(config: EmbedConfig) -> EmbedConfig:
     """Executors may run in other folders: a local target path must be absolute."""
     path = str(config.target.path)
@@ -179,7 +190,8 @@ def run(
             f"{plan.failed_left} ids have failed rows from earlier runs; left as they are "
             "(rerun with --retry-failed to embed them again)"
         )
-    total = plan.todo.count()
+    todo = _materialize(plan.todo)
+    total = todo.count()
     summary.rows_total = total
     waves = math.ceil(total / config.run.commit_every_rows)
     progress(f"{total} source rows to embed in {waves} wave(s)")
@@ -187,9 +199,9 @@ def run(
     sink = wave_sinks.choose_sink(spark, config)
     id_col = config.source.id_col
     for wave in range(waves):
-        part = plan.todo
+        part = todo
         if waves > 1:
-            part = plan.todo.filter(F.expr(f"pmod(xxhash64(`{id_col}`), {waves})") == wave)
+            part = todo.filter(F.expr(f"pmod(xxhash64(`{id_col}`), {waves})") == wave)
         metrics = sink.write_wave(part.repartition(partitions), config, summary.run_id, wave)
         summary.add(metrics)
         _report_progress(progress, summary, wave, waves, time.monotonic() - started)
