@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 from pyspark import TaskContext
+from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -121,6 +122,38 @@ class DeltaRsSink:
         sinks.vacuum_orphans(target, prefix="part-", older_than_s=86_400)
 
 
+class _MetricsParam(AccumulatorParam):  # type: ignore[type-arg]
+    """Adds tasks' metrics dicts (counters and timelines) on the driver."""
+
+    def zero(self, value: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def addInPlace(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        total = Metrics.from_dict(a)
+        total.merge(Metrics.from_dict(b))
+        return total.to_dict(timeline=True)
+
+
+def embed_with_metrics(df: DataFrame, config: EmbedConfig, run_id: str) -> tuple[DataFrame, Any]:
+    """The embedded rows, lazily, and an accumulator its tasks add their metrics to.
+
+    The accumulator is None where the session has no SparkContext (Spark Connect).
+    """
+    job, schema = make_job(df, config, run_id)
+    try:
+        accumulator = df.sparkSession.sparkContext.accumulator({}, _MetricsParam())
+    except Exception:
+        accumulator = None
+
+    def embed_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        metrics = Metrics()
+        yield from job.embed_batches(batches, metrics)
+        if accumulator is not None:
+            accumulator.add(metrics.to_dict(timeline=True))
+
+    return df.mapInArrow(embed_partition, schema), accumulator
+
+
 class NativeSink:
     """Spark's own Delta (Databricks, Synapse, Fabric, spark-submit with the Delta package)."""
 
@@ -128,16 +161,17 @@ class NativeSink:
         self._reported: dict[str, int] = {}
 
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
-        job, schema = make_job(df, config, run_id)
-        out = df.mapInArrow(lambda batches: job.embed_batches(batches), schema)
+        out, accumulator = embed_with_metrics(df, config, run_id)
         mode = config.target.mode
         if mode == "overwrite" and wave > 0:
             mode = "append"
         sinks.write_native(
-            out, str(config.target.path), mode=mode, id_col=job.id_col, app_id=run_id,
+            out, str(config.target.path), mode=mode, id_col=config.source.id_col, app_id=run_id,
             version=wave,
         )  # fmt: skip
-        # Counted from the table, since the rows never pass through the driver.
+        if accumulator is not None:
+            return dict(accumulator.value)
+        # Spark Connect: counted from the table, since the rows never pass the driver.
         so_far = _counts_from_target(df.sparkSession, config, run_id)
         wave_counts = {k: v - self._reported.get(k, 0) for k, v in so_far.items()}
         self._reported = so_far

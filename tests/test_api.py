@@ -55,3 +55,24 @@ def test_write_keeps_the_configs_mode_unless_told(
     assert sorted(read_table(target).column("title").to_pylist()) == ["a", "b"]
     again = sparkembed.write(df, target, config=config)  # append mode, but nothing new to embed
     assert again.counts["ok_rows"] == 0 and read_table(target).num_rows == 2
+
+
+def test_the_native_sinks_metrics_come_back_through_an_accumulator(
+    spark: SparkSession, start_endpoint, endpoint_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The native sink writes with Spark's Delta (not here), so metrics can't ride on collected rows."""
+    from sparkembed.api import _as_config
+    from sparkembed.waves import embed_with_metrics
+
+    monkeypatch.setenv("SPARKEMBED_TEST_KEY", endpoint_key)
+    endpoint = start_endpoint("--model", "hash", "--dims", "16")
+    df = spark.createDataFrame(
+        [(i, f"text {i}", "t") for i in range(300)], "doc long, body string, title string"
+    ).repartition(3)
+    config = _as_config(spark, config_for(endpoint, tmp_path, batching={"max_inputs": 50}))
+    out, accumulator = embed_with_metrics(df, config, "run-1")
+    assert out.count() == 300
+    metrics = accumulator.value
+    assert metrics["ok_rows"] == 300 and metrics["requests"] == endpoint.stats(billed=False)["requests"]
+    assert metrics["prompt_tokens"] == endpoint.stats(billed=False)["prompt_tokens"]
+    assert len(metrics["timeline"]) == metrics["requests"]
