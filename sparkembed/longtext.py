@@ -137,10 +137,6 @@ class LongTextPlanner:
                 )
         return Plan(units, errors, self.strategy)
 
-    def combine(self, plan: Plan, results: UnitResults) -> Combined:
-        """:func:`combine`, for symmetry with :meth:`plan`."""
-        return combine(plan, results)
-
     def _too_long(self, tokens: int) -> str:
         reason = f"input too long: {tokens} tokens > {self.max_input_tokens}"
         if not self.counter.exact:

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from sparkembed import sinks
 from sparkembed.config import EmbedConfig
+from sparkembed.errors import ConfigError
 from sparkembed.metrics import Metrics
 from sparkembed.spark import PartitionJob, make_job
 
@@ -40,7 +41,15 @@ def choose_sink(spark: SparkSession, config: EmbedConfig) -> WaveSink:
     kind = config.target.sink
     if kind == "auto":
         kind = "native" if sinks.native_available(spark) else "delta-rs"
-    return NativeSink() if kind == "native" else DeltaRsSink(str(config.target.path))
+    if kind == "native":
+        return NativeSink()
+    target = str(config.target.path)
+    if not ("/" in target or "\\" in target):
+        raise ConfigError(
+            f"target {target!r} looks like a catalog table, but this session has no Delta "
+            "(the delta-rs sink writes paths only): give a path, or run where Delta is installed"
+        )
+    return DeltaRsSink(target)
 
 
 def _write_partition(
