@@ -14,10 +14,6 @@ corrected from each response's reported usage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
-
 BYTES_PER_TOKEN = 4
 """Typical UTF-8 bytes per token for English under cl100k/o200k."""
 
@@ -39,14 +35,3 @@ def estimate_tokens(text: str) -> int:
     The ``+ 1`` keeps very short texts from being priced at zero.
     """
     return -(-utf8_len(text) // BYTES_PER_TOKEN) + 1
-
-
-def estimate_tokens_many(texts: Sequence[str]) -> np.ndarray:
-    """:func:`estimate_tokens` for each text, as an int64 array."""
-    nbytes = np.fromiter((utf8_len(t) for t in texts), dtype=np.int64, count=len(texts))
-    return -(-nbytes // BYTES_PER_TOKEN) + 1
-
-
-def upper_bound_tokens_many(texts: Sequence[str]) -> np.ndarray:
-    """:func:`upper_bound_tokens` for each text, as an int64 array."""
-    return np.fromiter((utf8_len(t) for t in texts), dtype=np.int64, count=len(texts))

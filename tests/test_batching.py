@@ -11,9 +11,7 @@ import pytest
 from sparkembed.batching import Packer, apportion, is_blank, pack
 from sparkembed.tokens import (
     estimate_tokens,
-    estimate_tokens_many,
     upper_bound_tokens,
-    upper_bound_tokens_many,
 )
 
 
@@ -135,7 +133,6 @@ def test_upper_bound_is_the_utf8_length() -> None:
     assert upper_bound_tokens("hello") == 5
     assert upper_bound_tokens("héllo") == 6
     assert upper_bound_tokens("日本") == 6
-    assert upper_bound_tokens_many(["ab", "é", ""]).tolist() == [2, 2, 0]
 
 
 def test_estimate_is_a_quarter_of_the_bytes_plus_one() -> None:
@@ -143,8 +140,6 @@ def test_estimate_is_a_quarter_of_the_bytes_plus_one() -> None:
     assert estimate_tokens("abcd") == 2
     assert estimate_tokens("abcde") == 3
     assert estimate_tokens("日本") == math.ceil(6 / 4) + 1
-    texts = ["", "abcd", "abcde", "日本"]
-    assert estimate_tokens_many(texts).tolist() == [estimate_tokens(t) for t in texts]
 
 
 def test_estimate_never_exceeds_the_upper_bound_for_real_text() -> None:
