@@ -33,13 +33,24 @@ GOALS = {"base64": 10_000, "float": 3_000}
 MEASURING = "MEASURING"
 
 
-def sample_texts(count: int, chars: int = 200) -> list[str]:
-    """Realistic inputs: slices of Python's help topics, about 50 tokens each."""
-    from pydoc_data.topics import topics
+class SampleTexts:
+    """Realistic inputs: slices of Python's help topics, about 50 tokens each.
 
-    corpus = " ".join(topics.values())
-    step = len(corpus) // count
-    return [corpus[i * step : i * step + chars] for i in range(count)]
+    Text ``k`` starts ``k * step`` characters in (modulo the corpus), so a run sends ever new
+    texts, cut mid-word at both ends: the endpoint's per-word count cache gets no free hits
+    from texts sent again.
+    """
+
+    def __init__(self, chars: int = 200, step: int = 997) -> None:
+        from pydoc_data.topics import topics
+
+        self._corpus = " ".join(topics.values())
+        self._chars = chars
+        self._step = step
+
+    def __getitem__(self, k: int) -> str:
+        start = (k * self._step) % (len(self._corpus) - self._chars)
+        return self._corpus[start : start + self._chars]
 
 
 def check_vectors(data: list[dict], encoding: str, dims: int) -> None:
@@ -66,13 +77,13 @@ async def run_client(
     """Post batches from ``concurrency`` workers for ``seconds``; count inputs embedded."""
     import aiohttp
 
-    texts = sample_texts(4096)
+    texts = SampleTexts()
     done = {"inputs": 0, "requests": 0}
 
     async def worker(session: aiohttp.ClientSession, first: int, deadline: float) -> None:
         position = first
         while time.perf_counter() < deadline:
-            inputs = [texts[(position + i) % len(texts)] for i in range(batch)]
+            inputs = [texts[position + i] for i in range(batch)]
             position += batch * concurrency
             body = orjson.dumps({"input": inputs, "encoding_format": encoding})
             async with session.post(f"{url}/embeddings", data=body) as response:

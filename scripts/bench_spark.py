@@ -10,7 +10,9 @@ In one local[2] Spark session, on the same source and with the same waves:
   zero latency: preflight, id checks, the engine on every row, and the same sink.
 
 A small warm-up of both goes first, untimed, so neither pays for starting Python workers.
-Reports rows/s of both, their ratio (target >= 0.5), and the peak RSS of the Python workers
+Reports rows/s of both, their ratio (target >= 0.5), CPU seconds of the Python workers, the
+JVM and the endpoint (and the CPU-time ratio, floor CPU per row over the job's: the ratio at
+equal core use, steadier on a shared machine), and the peak RSS of the Python workers
 (VmHWM of the pyspark daemon and its forked workers under this session's JVM, read from /proc
 and reset between phases; target <= 1.5 GiB per worker). Linux only.
 
@@ -119,7 +121,7 @@ def run_floor(spark: SparkSession, config: EmbedConfig, run_id: str, source: Dat
     df = select_input(source if source is not None else read_source(spark, config.source), config.source)
     total = df.count()
     waves = max(1, math.ceil(total / config.run.commit_every_rows))
-    partitions = config.run.partitions or default_parallelism(spark)
+    partitions = config.run.partitions or default_parallelism(spark, config)
     job, _ = make_job(df, config, run_id)
     target, id_col = str(config.target.path), config.source.id_col
     expected = sinks.table_version(target)
@@ -278,6 +280,7 @@ def timed(
         "jvm_cpu_s": round(cpu_seconds(jvm_pid) - jvm_cpu, 1),
         "endpoint_cpu_s": round(cpu_seconds(server_pid) - server_cpu, 1),
     }
+    used["cpu_s"] = round(used["workers_cpu_s"] + used["jvm_cpu_s"] + used["endpoint_cpu_s"], 1)
     return seconds, used, result
 
 
@@ -332,6 +335,8 @@ def main() -> int:
             "floor_rows_per_s": round(floor_rows / floor_s, 1),
             "job_rows_per_s": round(job_rows / job_s, 1),
             "ratio": round((job_rows / job_s) / (floor_rows / floor_s), 3),
+            # What the ratio would be at equal core use: steadier than wall time on a shared box.
+            "cpu_ratio": round((floor_used["cpu_s"] / floor_rows) / (job_used["cpu_s"] / job_rows), 3),
             "floor_seconds": round(floor_s, 1),
             "job_seconds": round(job_s, 1),
             "floor": floor_used,
@@ -353,10 +358,12 @@ def main() -> int:
         print(
             f"{label:<36} {figures[f'{name}_rows_per_s']:>8.0f} rows/s ({figures[f'{name}_seconds']} s); "
             f"worker peak RSS {used['worker_peak_rss_gib']:.2f} GiB; CPU s: Python workers "
-            f"{used['workers_cpu_s']}, JVM {used['jvm_cpu_s']}, endpoint {used['endpoint_cpu_s']}"
+            f"{used['workers_cpu_s']}, JVM {used['jvm_cpu_s']}, endpoint {used['endpoint_cpu_s']}, "
+            f"total {used['cpu_s']}"
         )
     print(
-        f"ratio job/floor: {figures['ratio']:.2f} (target >= 0.5); job worker peak RSS "
+        f"ratio job/floor: {figures['ratio']:.2f} (target >= 0.5; CPU-time ratio "
+        f"{figures['cpu_ratio']:.2f}); job worker peak RSS "
         f"{figures['job']['worker_peak_rss_gib']:.2f} GiB (target <= 1.5; all workers together "
         f"{figures['job']['workers_total_rss_peak_gib']:.2f} GiB). Shared machine: figures are noisy."
     )

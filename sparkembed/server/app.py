@@ -138,16 +138,15 @@ async def _answer(state: EndpointState, request: web.Request, request_id: str) -
         settings.max_inputs,
     )
     check_fail_texts(embed_request.texts, settings.fail_texts)
-    encodings = state.model.tokenize(embed_request.texts)
-    counts = [len(encoding) for encoding in encodings]
-    check_token_counts(counts, settings.max_input_tokens)
-    prompt_tokens = sum(counts)
+    prepared = state.model.prepare(embed_request.texts)
+    check_token_counts(prepared.token_counts, settings.max_input_tokens)
+    prompt_tokens = sum(prepared.token_counts)
     admission = state.quota.admit(prompt_tokens)
     if not admission.admitted:
         raise _rate_limited(admission)
 
     vectors = state.model.embed(
-        embed_request.texts, encodings, embed_request.dimensions, embed_request.input_type
+        embed_request.texts, prepared.encodings, embed_request.dimensions, embed_request.input_type
     )
     state.stats.billed_ok(embed_request.texts, prompt_tokens)
     delay_s = state.faults.slow_delay_s()

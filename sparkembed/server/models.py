@@ -1,7 +1,7 @@
 """Embedding models served by the local endpoint.
 
-Both models count tokens with the WordLlama tokenizer, so ``usage`` is realistic and the same
-whichever model is served.
+Both models count tokens exactly as the WordLlama tokenizer does, so ``usage`` is realistic and
+the same whichever model is served (and the same as the client's ``wordllama`` counter).
 
 - :class:`WordLlamaModel`: real semantic vectors, 256 dimensions; ``dimensions`` below 256
   truncates and renormalises (as Matryoshka models such as text-embedding-3 do).
@@ -12,7 +12,10 @@ whichever model is served.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +31,19 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What a model learns from a request's texts before the request is admitted.
+
+    Attributes:
+        token_counts: tokens of each text (``usage`` and the per-input limit).
+        encodings: what :meth:`EmbeddingModel.embed` needs; empty for the hash model.
+    """
+
+    token_counts: list[int]
+    encodings: Sequence[Encoding]
+
+
 class EmbeddingModel(Protocol):
     """What the endpoint needs from a model."""
 
@@ -36,7 +52,12 @@ class EmbeddingModel(Protocol):
     max_dimensions: int
 
     def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
-        """Tokenize texts; ``len()`` of each result is its token count."""
+        """Tokenize texts with the WordLlama tokenizer; ``len()`` of each is its token count."""
+        ...
+
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        """Count the tokens of texts (and tokenize them, if ``embed`` needs it): what the
+        endpoint bills. The counts equal :meth:`tokenize`'s."""
         ...
 
     def embed(
@@ -65,7 +86,12 @@ class WordLlamaModel:
         wordllama_local.load_matrix()
 
     def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
+        """Tokenize texts; ``len()`` of each result is its token count."""
         return wordllama_local.encode(texts)
+
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        encodings = self.tokenize(texts)
+        return Prepared([len(encoding) for encoding in encodings], encodings)
 
     def embed(
         self,
@@ -92,10 +118,15 @@ class HashModel:
     def __init__(self, default_dimensions: int = 1536, max_dimensions: int = 16384) -> None:
         self.default_dimensions = default_dimensions
         self.max_dimensions = max(max_dimensions, default_dimensions)
-        wordllama_local.load_tokenizer()
+        self._counter = WordLlamaPieceCounter()
 
     def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
+        """Tokenize texts with the WordLlama tokenizer (``embed`` needs no tokens)."""
         return wordllama_local.encode(texts)
+
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        # Counts only: the vectors come from the texts themselves.
+        return Prepared(self._counter.count(texts), ())
 
     def embed(
         self,
@@ -106,6 +137,95 @@ class HashModel:
     ) -> np.ndarray:
         seeds = np.fromiter((_seed(text, input_type) for text in texts), dtype=np.uint64, count=len(texts))
         return hash_vectors(seeds, dimensions)
+
+
+class WordLlamaPieceCounter:
+    """Exact WordLlama token counts, about 7 µs a text instead of 45, by counting each word once.
+
+    The tokenizer prepends the word marker "▁", turns every space into "▁", and runs BPE over
+    the whole text (it has no pre-tokenizer), building an ``Encoding`` per text. But no
+    vocabulary token has "▁" right after a character other than "▁", so no token spans a space
+    that follows a character other than a space or "▁". Cut there, each piece is tokenized with
+    its own prepended marker exactly as inside the whole text, and the counts add up. Pieces are
+    mostly words, which repeat, so their counts are cached (up to ``max_pieces``, pieces of at
+    most ``max_piece_chars``). A text holding ``<s>``, ``</s>`` or ``<unk>`` (matched in the raw
+    text, before normalisation) is counted whole. tests/test_server_token_counts.py checks the
+    counts against the tokenizer on hostile texts.
+
+        counter = WordLlamaPieceCounter()
+        counter.count(["hello world", "hello"])   # [2, 1], as wordllama_local.count_tokens
+    """
+
+    __slots__ = ("_bpe", "_counts", "_max_pieces", "_max_piece_chars")
+
+    def __init__(self, max_pieces: int = 200_000, max_piece_chars: int = 64) -> None:
+        self._bpe = wordllama_local.load_tokenizer().model
+        self._counts: dict[str, int] = {}
+        self._max_pieces = max_pieces
+        self._max_piece_chars = max_piece_chars
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text, as ``len(wordllama_local.encode([text])[0])``."""
+        if not texts:
+            return []
+        joined = " ".join(texts)
+        if _plain(joined):  # usual: every space is a cut, in every text, so split once
+            pieces = joined.split(" ")
+            sizes = (
+                np.fromiter(map(str.count, texts, itertools.repeat(" ")), dtype=np.int64, count=len(texts))
+                + 1
+            )
+        else:
+            split = [_pieces(text) for text in texts]
+            pieces = list(itertools.chain.from_iterable(split))
+            sizes = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+        tokens = self._piece_tokens(pieces)
+        return np.add.reduceat(tokens, np.cumsum(sizes) - sizes).tolist()
+
+    def _piece_tokens(self, pieces: list[str]) -> np.ndarray:
+        counts = self._counts
+        tokens = np.fromiter(map(counts.get, pieces, itertools.repeat(-1)), dtype=np.int64, count=len(pieces))
+        missing = np.flatnonzero(tokens < 0).tolist()
+        if missing:
+            new = {piece: self._count_piece(piece) for piece in {pieces[i] for i in missing}}
+            tokens[missing] = [new[pieces[i]] for i in missing]
+            if len(counts) > self._max_pieces:
+                counts.clear()
+            counts.update((piece, n) for piece, n in new.items() if len(piece) <= self._max_piece_chars)
+        return tokens
+
+    def _count_piece(self, piece: str) -> int:
+        if _has_special_token(piece):  # a whole text: special tokens are matched before BPE
+            return len(wordllama_local.encode([piece])[0])
+        if not piece:  # an empty text (a piece is never empty otherwise)
+            return 0
+        # The tokenizer's normaliser by hand, then its BPE model alone: no Encoding to build.
+        return len(self._bpe.tokenize(_MARKER + piece.replace(" ", _MARKER)))
+
+
+_SPECIAL_TOKENS = ("<s>", "</s>", "<unk>")
+_MARKER = "\u2581"
+# A space after a character that is neither a space nor the marker, with something after it.
+_CUT = re.compile(r"(?<=[^ \u2581]) (?=.)", re.DOTALL)
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` cut where no WordLlama token spans the cut (see :class:`WordLlamaPieceCounter`)."""
+    if _has_special_token(text):
+        return [text]
+    return text.split(" ") if _plain(text) else _CUT.split(text)
+
+
+def _plain(text: str) -> bool:
+    """Every space of ``text`` is a cut: no marker, no special token, no space at either end
+    nor next to another space."""
+    return bool(text) and not (
+        text[0] == " " or text[-1] == " " or "  " in text or _MARKER in text or _has_special_token(text)
+    )
+
+
+def _has_special_token(text: str) -> bool:
+    return "<" in text and any(special in text for special in _SPECIAL_TOKENS)
 
 
 def hash_vectors(seeds: np.ndarray, dimensions: int) -> np.ndarray:

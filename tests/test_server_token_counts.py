@@ -1,0 +1,71 @@
+"""The hash model's token counts: exactly the WordLlama tokenizer's, counted piece by piece."""
+
+from __future__ import annotations
+
+import random
+from pydoc_data.topics import topics
+
+import pytest
+
+from sparkembed import wordllama_local
+from sparkembed.server.models import HashModel, WordLlamaPieceCounter
+
+# Every way a text can make the piece-wise count differ from the whole-text one: runs of
+# spaces, spaces at either end, the word marker itself, special tokens in the raw text,
+# byte-fallback characters, and digits.
+HOSTILE_PARTS = [
+    *"abcdefghij KLM  ,.\t\n<>/s9",
+    "▁",
+    "▁▁",
+    " ▁",
+    "▁ ",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "é",
+    "日本",
+    "😀",
+    "\u200b",
+    "  ",
+    "   ",
+]
+
+
+def hostile_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(HOSTILE_PARTS) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def prose_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = " ".join(topics.values()).split()
+    return [f"[{i}] " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_counts_equal_the_whole_text_tokenizer_on_hostile_texts(seed: int) -> None:
+    texts = hostile_texts(1500, seed)
+    # A tiny cache, so eviction and the uncached path run too.
+    counter = WordLlamaPieceCounter(max_pieces=200, max_piece_chars=6)
+    counted = [n for k in range(0, len(texts), 100) for n in counter.count(texts[k : k + 100])]
+    assert counted == wordllama_local.count_tokens(texts)
+
+
+def test_counts_equal_the_tokenizer_on_prose_whether_a_request_is_plain_or_not() -> None:
+    texts = prose_texts(1200, seed=2)
+    counter = WordLlamaPieceCounter()
+    want = wordllama_local.count_tokens(texts)
+    for start in range(0, len(texts), 200):
+        plain = texts[start : start + 100]  # split as one string
+        mixed = [*texts[start + 100 : start + 200], "  odd  spacing ", "", "</s> end"]
+        assert counter.count(plain) == want[start : start + 100]
+        assert counter.count(mixed) == [*want[start + 100 : start + 200], 5, 0, 3]
+    assert wordllama_local.count_tokens(["  odd  spacing ", "", "</s> end"]) == [5, 0, 3]
+
+
+def test_the_hash_model_bills_wordllama_tokens_and_keeps_no_encodings() -> None:
+    texts = ["hello world", "a  b ", "<s>x", "日本語 text"]
+    prepared = HashModel(16).prepare(texts)
+    assert prepared.token_counts == wordllama_local.count_tokens(texts)
+    assert list(prepared.encodings) == []
+    assert WordLlamaPieceCounter().count([]) == []
