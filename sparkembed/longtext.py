@@ -113,10 +113,11 @@ class LongTextPlanner:
         """Units for ``texts``, in order; long texts follow the strategy."""
         units: list[Unit] = []
         errors: dict[int, str] = {}
-        sendable = [t for t in texts if isinstance(t, str) and not is_blank(t)]
+        skip = [not isinstance(t, str) or is_blank(t) for t in texts]
+        sendable = [t for t, s in zip(texts, skip, strict=True) if not s]
         counts = iter(self.counter.count_many(sendable).tolist())
         for row, text in enumerate(texts):
-            if not isinstance(text, str) or is_blank(text):
+            if skip[row]:
                 units.append(Unit(row, 0, None, None, text, 0))
                 continue
             tokens = next(counts)

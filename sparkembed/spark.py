@@ -134,7 +134,8 @@ def vectors_to_arrow(vectors: np.ndarray, ok: np.ndarray) -> pa.Array:
     lengths = np.where(ok, dims, 0).astype(np.int32)
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.ascontiguousarray(vectors[ok], dtype=np.float32).reshape(-1)
+    kept = vectors if ok.all() else vectors[ok]  # no copy when every row is ok
+    values = np.ascontiguousarray(kept, dtype=np.float32).reshape(-1)
     return pa.ListArray.from_arrays(
         pa.array(offsets), pa.array(values), type=pa.list_(pa.float32()), mask=pa.array(~ok)
     )

@@ -127,7 +127,11 @@ class ChunkAssembly:
         if self._vectors is None:
             self._vectors = np.zeros((self._n, vectors.shape[1]), dtype=np.float32)
         r = self._results
-        self._vectors[rows] = vectors
+        first, count = int(rows[0]), len(rows)
+        if int(rows[-1]) - first + 1 == count and np.all(np.diff(rows) == 1):
+            self._vectors[first : first + count] = vectors  # the usual case: a plain memcpy
+        else:
+            self._vectors[rows] = vectors
         r.prompt_tokens[rows] = prompt_tokens
         r.total_tokens[rows] = total_tokens
         r.attempts[rows] = attempts
