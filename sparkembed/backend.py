@@ -87,31 +87,22 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-class AzureInferenceBackend:
-    """:class:`Backend` over ``azure.ai.inference.aio.EmbeddingsClient``.
+class HttpBackend:
+    """What the HTTP backends share: a lazily built client and credential, closed
+    together, and the switch to ``float`` when a model refuses base64.
 
-    The client (and, for Entra auth, the credential) is built on first use, on the
-    caller's event loop, and lives until :meth:`close`. The SDK's retries are off.
-
-    Args:
-        config: endpoint, auth and timeouts; ``endpoint.url`` must be resolved (not ``local``).
-        credential: use this credential instead of building one from ``config.auth`` (tests).
+    Subclasses set ``_config``, ``_client``, ``_credential``, ``_owns_credential`` and
+    ``_format``, and implement ``_send(texts)``.
     """
 
-    def __init__(self, config: EmbedConfig, *, credential: Any = None) -> None:
-        if config.endpoint.url == "local":
-            raise ConfigError("endpoint.url 'local' must be resolved to the started server's URL")
-        check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
-        hide_bridge_traffic()  # before a closure holding the key goes to the JVM (preflight runs first)
-        self._config = config
-        self._credential = credential
-        self._owns_credential = credential is None
-        self._client: Any = None
-        self._format = config.endpoint.encoding_format
-        self._secret = config.auth.key.get_secret_value() if config.auth.key else None
-        # azure-core refuses bearer tokens over http; check_endpoint_url has vetted this URL.
-        plain_http = str(config.endpoint.url).lower().startswith("http:")
-        self._call_options = {"enforce_https": False} if plain_http and config.auth.mode == "entra" else {}
+    _config: EmbedConfig
+    _client: Any
+    _credential: Any
+    _owns_credential: bool
+    _format: str
+
+    async def _send(self, texts: list[str]) -> BackendResponse:
+        raise NotImplementedError
 
     @property
     def encoding_format(self) -> str:
@@ -137,6 +128,33 @@ class AzureInferenceBackend:
         if self._owns_credential and hasattr(self._credential, "close"):
             await self._credential.close()
             self._credential = None
+
+
+class AzureInferenceBackend(HttpBackend):
+    """:class:`Backend` over ``azure.ai.inference.aio.EmbeddingsClient``.
+
+    The client (and, for Entra auth, the credential) is built on first use, on the
+    caller's event loop, and lives until :meth:`close`. The SDK's retries are off.
+
+    Args:
+        config: endpoint, auth and timeouts; ``endpoint.url`` must be resolved (not ``local``).
+        credential: use this credential instead of building one from ``config.auth`` (tests).
+    """
+
+    def __init__(self, config: EmbedConfig, *, credential: Any = None) -> None:
+        if config.endpoint.url == "local":
+            raise ConfigError("endpoint.url 'local' must be resolved to the started server's URL")
+        check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
+        hide_bridge_traffic()  # before a closure holding the key goes to the JVM (preflight runs first)
+        self._config = config
+        self._credential = credential
+        self._owns_credential = credential is None
+        self._client: Any = None
+        self._format = config.endpoint.encoding_format
+        self._secret = config.auth.key.get_secret_value() if config.auth.key else None
+        # azure-core refuses bearer tokens over http; check_endpoint_url has vetted this URL.
+        plain_http = str(config.endpoint.url).lower().startswith("http:")
+        self._call_options = {"enforce_https": False} if plain_http and config.auth.mode == "entra" else {}
 
     async def _send(self, texts: list[str]) -> BackendResponse:
         client = self._client or self._build_client()

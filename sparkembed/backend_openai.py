@@ -26,8 +26,8 @@ import orjson
 from sparkembed.backend import (
     USER_AGENT,
     BackendResponse,
+    HttpBackend,
     _clean,
-    _refuses_base64,
     build_credential,
     decode_response,
     map_error,
@@ -46,7 +46,7 @@ PLACEHOLDER_KEY = "unused"
 """The SDK insists on an api key; with Entra or no auth the real header is set per request."""
 
 
-class OpenAIV1Backend:
+class OpenAIV1Backend(HttpBackend):
     """:class:`~sparkembed.backend.Backend` over ``openai.AsyncOpenAI`` on the v1 route.
 
     The client (and, for Entra auth, the credential) is built on first use, on the
@@ -87,31 +87,6 @@ class OpenAIV1Backend:
         self._secret = config.auth.key.get_secret_value() if config.auth.key else None
         if config.auth.mode == "key" and self._secret is None:
             raise ConfigError("auth.mode is 'key' but no key was resolved (see auth.key_env)")
-
-    @property
-    def encoding_format(self) -> str:
-        """``base64`` until the model refuses it, then ``float``."""
-        return self._format
-
-    async def embed(self, texts: list[str]) -> BackendResponse:
-        """Embed ``texts`` in one request (two if the model refuses base64 first)."""
-        try:
-            return await self._send(texts)
-        except ServiceError as error:
-            if not (self._format == "base64" and _refuses_base64(error)):
-                raise
-            log.warning("the model refused encoding_format base64; using float from now on")
-            self._format = "float"
-            return await self._send(texts)
-
-    async def close(self) -> None:
-        """Close the client's connections and the credential this backend built."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
-        if self._owns_credential and hasattr(self._credential, "close"):
-            await self._credential.close()
-            self._credential = None
 
     async def _send(self, texts: list[str]) -> BackendResponse:
         client = self._client or self._build_client()
