@@ -16,13 +16,16 @@ from pyspark.sql import functions as F
 from sparkembed.config import EmbedConfig
 from sparkembed.errors import ConfigError
 
+REPLACES = "_sparkembed_replaces"
+"""Column of ``WorkPlan.todo``: the id already has rows in the target (sinks drop it)."""
+
 
 @dataclass(frozen=True)
 class WorkPlan:
     """What a run must do.
 
     Attributes:
-        todo: source rows to embed (id, text, passthrough).
+        todo: source rows to embed (id, text, passthrough), plus :data:`REPLACES`.
         overwrite: replace the whole target (``target.mode: overwrite``).
         failed_left: ids whose failed rows stay as they are (no ``--retry-failed``).
         prune: target ids that are gone from the source, when ``--prune`` is on.
@@ -68,7 +71,8 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
     """
     target = read_target(spark, config)
     if target is None or config.target.mode == "overwrite":
-        return WorkPlan(todo=source, overwrite=config.target.mode == "overwrite")
+        todo = source.withColumn(REPLACES, F.lit(False))
+        return WorkPlan(todo=todo, overwrite=config.target.mode == "overwrite")
     current = config.fingerprint()
     retire = _other_fingerprints(target, config)
     id_col, text_col = config.source.id_col, config.source.text_col
@@ -84,6 +88,13 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
         (hashed[id_col] == done["_done_id"]) & hashed["_hash"].eqNullSafe(done["_done_hash"]),
         "left_anti",
     ).drop("_hash")
+    # Which ids already have rows: only those need the upsert's rewrite of old files.
+    known = target.select(F.col(id_col).alias("_known_id")).distinct()
+    todo = (
+        todo.join(known, todo[id_col] == known["_known_id"], "left")
+        .withColumn(REPLACES, F.col("_known_id").isNotNull())
+        .drop("_known_id")
+    )
     failed_left = 0
     if not config.run.retry_failed:
         failed_left = per_text.filter(F.col("_failed") == 1).select(id_col).distinct().count()

@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 from sparkembed import sinks
 from sparkembed.config import EmbedConfig
 from sparkembed.errors import ConfigError
+from sparkembed.incremental import REPLACES
 from sparkembed.metrics import Metrics
 from sparkembed.spark import PartitionJob, make_job
 
@@ -84,7 +85,14 @@ class DeltaRsSink:
         self._expected = sinks.table_version(target)
 
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
-        job, _ = make_job(df, config, run_id)
+        job, _ = make_job(df.drop(REPLACES), config, run_id)
+        replacing: pa.Array | None = None
+        if REPLACES in df.columns:
+            # Only ids with old rows make the upsert rewrite files; a growing table's new
+            # rows are just added, without scanning the table for them.
+            known = df.filter(F.col(REPLACES)).select(job.id_col).collect()
+            replacing = pa.array([r[0] for r in known], job.arrow_schema.field(job.id_col).type)
+            df = df.drop(REPLACES)
         target = str(config.target.path)
         meta = df.mapInArrow(
             lambda batches: _write_partition(job, target, wave, batches), _META_SCHEMA
@@ -95,7 +103,7 @@ class DeltaRsSink:
             self._expected = sinks.upsert_files(
                 target, files, schema=job.arrow_schema, id_col=job.id_col, app_id=run_id,
                 version=wave, rewrite_prefix=f"part-{run_id}-w{wave:05d}-rw",
-                expected_version=self._expected,
+                expected_version=self._expected, replace_ids=replacing,
             )  # fmt: skip
         else:
             self._expected = sinks.commit_files(
@@ -170,7 +178,7 @@ class NativeSink:
         self._reported: dict[str, int] = {}
 
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
-        out, accumulator = embed_with_metrics(df, config, run_id)
+        out, accumulator = embed_with_metrics(df.drop(REPLACES), config, run_id)
         mode = config.target.mode
         if mode == "overwrite" and wave > 0:
             mode = "append"

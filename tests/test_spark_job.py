@@ -294,3 +294,24 @@ def test_prune_to_an_empty_table_then_rerun(
     )
     job.run(spark, fresh, progress=lambda _: None)
     assert set(read_table(target).column("id").to_pylist()) == {f"doc-{i:04d}" for i in range(5)}
+
+
+def test_new_rows_are_added_without_rewriting_the_table(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    import json as json_
+
+    rows = source_rows(100)
+    target = tmp_path / "target"
+    job.run(spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), str(target)))
+    grown = {k: list(v) for k, v in rows.items()}
+    grown["id"] += ["extra-1", "extra-2"]
+    grown["text"] += ["one more", "and another"]
+    grown["title"] += ["x", "y"]
+    config = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, grown, "g.parquet"), str(target))
+    job.run(spark, config, progress=lambda _: None)
+    last = sorted((target / "_delta_log").glob("*.json"))[-1]
+    actions = [json_.loads(line) for line in last.read_text().splitlines()]
+    assert not [a for a in actions if "remove" in a]  # nothing rewritten
+    assert sum(1 for a in actions if "add" in a) >= 1
+    assert set(read_table(str(target)).column("id").to_pylist()) == set(grown["id"])

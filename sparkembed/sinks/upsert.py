@@ -57,6 +57,7 @@ def upsert_files(
     rewrite_prefix: str | None = None,
     properties: dict[str, str] | None = None,
     expected_version: int | None = None,
+    replace_ids: pa.Array | None = None,
 ) -> int:
     """Replace every row of each id in ``files`` by the rows in ``files``, in one commit.
 
@@ -67,6 +68,8 @@ def upsert_files(
         rewrite_prefix: file prefix of rewritten files; default ``<app_id>-v<version>-rw``
             (with unsafe characters replaced), so ``vacuum_orphans(prefix=app_id)``
             also removes rewrites of a commit that failed.
+        replace_ids: the ids in ``files`` that may have rows in the table, when the caller
+            knows (an anti-join did); by default every id in ``files`` is looked for.
 
     Returns:
         The table version holding the upsert.
@@ -96,7 +99,7 @@ def upsert_files(
         raise DeltaSinkError(f"{table_uri} has deletion vectors; upsert with the native sink")
 
     fs, root = resolve_root(table_uri)
-    new_ids = _distinct_ids(fs, root, files, id_col)
+    new_ids = _distinct_ids(fs, root, files, id_col) if replace_ids is None else replace_ids
     prefix = rewrite_prefix or _safe(f"{app_id}-v{version}-rw")
     actions: list[AddAction | RemoveAction] = [add_action(f) for f in files]
     actions += _drop_ids(table_uri, table, id_col, new_ids, schema, prefix)
