@@ -6,6 +6,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/bootstrap.sh
+# Lint everything, type-check the pure core (no Spark in it) and its HTTP edge.
+.venv/bin/ruff check .
+.venv/bin/mypy sparkembed/config.py sparkembed/errors.py sparkembed/batching.py sparkembed/tokens.py \
+    sparkembed/ratelimit.py sparkembed/retry.py sparkembed/engine.py sparkembed/streaming.py \
+    sparkembed/metrics.py sparkembed/longtext.py sparkembed/tokenizers.py sparkembed/backend.py \
+    sparkembed/transport.py
 .venv/bin/python -m pytest -q -rs "$@"
 # The built wheel in a venv with pyspark 3.5 preinstalled (Synapse, Databricks LTS): a real run.
 if [ "$#" -eq 0 ]; then

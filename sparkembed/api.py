@@ -31,10 +31,10 @@ def _as_config(
         if value is not None:
             section, key = dotted.split(".")
             tree[section][key] = value
-    key = base.auth.key
+    secret = base.auth.key
     merged = validate_config(tree)
-    if key is not None:
-        merged = merged.model_copy(update={"auth": merged.auth.model_copy(update={"key": key})})
+    if secret is not None:
+        merged = merged.model_copy(update={"auth": merged.auth.model_copy(update={"key": secret})})
     return apply_secret(resolve_endpoint(merged, os.environ), spark=spark)
 
 

@@ -92,7 +92,7 @@ class Embedder:
         return self._dims
 
     def embed_stream(
-        self, chunks: Iterable[Sequence[Any]], metrics: Metrics | None = None
+        self, chunks: Iterable[Any], metrics: Metrics | None = None
     ) -> Generator[EmbedResults, None, None]:
         """Embed chunks of texts lazily; yield one :class:`EmbedResults` per chunk, in order.
 

@@ -84,7 +84,7 @@ def new_run_id() -> str:
 
 def refuse_speculation(spark: SparkSession) -> None:
     """A speculative copy of a task pays for the same tokens twice."""
-    if spark.conf.get("spark.speculation", "false").lower() == "true":
+    if (spark.conf.get("spark.speculation", "false") or "false").lower() == "true":
         raise ConfigError("spark.speculation is on; it would pay for tokens twice. Set it to false")
 
 

@@ -114,10 +114,10 @@ class LongTextPlanner:
         units: list[Unit] = []
         errors: dict[int, str] = {}
         skip = [not isinstance(t, str) or is_blank(t) for t in texts]
-        sendable = [t for t, s in zip(texts, skip, strict=True) if not s]
+        sendable = [t for t, s in zip(texts, skip, strict=True) if not s and isinstance(t, str)]
         counts = iter(self.counter.count_many(sendable).tolist())
         for row, text in enumerate(texts):
-            if skip[row]:
+            if skip[row] or not isinstance(text, str):
                 units.append(Unit(row, 0, None, None, text, 0))
                 continue
             tokens = next(counts)

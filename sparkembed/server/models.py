@@ -11,6 +11,7 @@ the same whichever model is served (and the same as the client's ``wordllama`` c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import re
@@ -231,23 +232,57 @@ def _has_special_token(text: str) -> bool:
 def hash_vectors(seeds: np.ndarray, dimensions: int) -> np.ndarray:
     """Unit vectors, float32 of shape (len(seeds), dimensions), one per uint64 seed.
 
-    Element j of a row depends only on the seed and j, so vectors of different sizes share
-    their prefix. Elements are uniform in [-1, 1) before normalisation.
+    A row is cut into blocks of ``_BLOCK`` elements; each block copies a window of a fixed
+    random pool (see :func:`_pool_windows`) at an offset hashed from the seed and the block's
+    index, and the first block adds a second window, so even a vector of a few dimensions has
+    2**36 possible values. Gathering windows costs about a quarter of hashing every element
+    (about 0.7 ms instead of 2.4 per 1,024 vectors of 1536 dimensions). The elements before
+    normalisation depend only on the seed and their index, so a smaller ``dimensions`` gives
+    the renormalised prefix of a larger one.
     """
-    pairs = (dimensions + 1) // 2  # each 64-bit hash yields two 32-bit elements
-    counters = np.arange(1, pairs + 1, dtype=np.uint64) * _GOLDEN
-    z = seeds[:, None] + counters[None, :]
+    windows = _pool_windows()
+    blocks = -(-dimensions // _BLOCK)
+    # Hash 1 picks the first block's second window, hash j + 2 block j's window: neither
+    # depends on ``dimensions``.
+    z = seeds[:, None] + np.arange(1, blocks + 2, dtype=np.uint64) * _GOLDEN
+    offsets = (_splitmix(z) >> np.uint64(64 - _POOL_BITS)).astype(np.intp)
+    gathered = windows[offsets[:, 1:]]  # (rows, blocks, _BLOCK), a fresh array
+    gathered[:, 0] += windows[offsets[:, 0]]
+    vectors = gathered.reshape(len(seeds), blocks * _BLOCK)
+    if dimensions < blocks * _BLOCK:
+        vectors = np.ascontiguousarray(vectors[:, :dimensions])
+    # einsum's row sums do not depend on a row's place in the batch: a text gets the same
+    # vector whatever else is in its request.
+    vectors *= (1.0 / np.sqrt(np.einsum("ij,ij->i", vectors, vectors)))[:, None]
+    return vectors
+
+
+# The pool: 2**18 floats (1 MiB, so it stays in cache), read as overlapping windows of _BLOCK.
+_POOL_BITS = 18
+_BLOCK = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _pool_windows() -> np.ndarray:
+    """Every window of ``_BLOCK`` consecutive pool elements, a read-only view of shape
+    (2**_POOL_BITS, _BLOCK). Element i is uniform in [-1, 1), from splitmix64 of i: the same in
+    every process. Windows at different offsets are uncorrelated. Built once, in about 10 ms."""
+    size = (1 << _POOL_BITS) + _BLOCK - 1
+    z = _splitmix(np.arange(1, size + 1, dtype=np.uint64) * _GOLDEN)
+    pool = (z >> np.uint64(40)).astype(np.float32)  # the top 24 bits
+    pool *= np.float32(2.0**-23)
+    pool -= np.float32(1.0)
+    return np.lib.stride_tricks.sliding_window_view(pool, _BLOCK)
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser over uint64 counters, in place; returns ``z``."""
     z ^= z >> np.uint64(30)
     z *= _MIX1
     z ^= z >> np.uint64(27)
     z *= _MIX2
     z ^= z >> np.uint64(31)
-    halves = z.view(np.uint32)[:, :dimensions]
-    vectors = (halves >> np.uint32(8)).astype(np.float32)
-    vectors *= np.float32(2.0**-23)
-    vectors -= np.float32(1.0)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors
+    return z
 
 
 def truncate(vectors: np.ndarray, dimensions: int) -> np.ndarray:
