@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,30 @@ def read_if_there(path: Path) -> str:
         return ""
 
 
+def settled_files(root: Path, timeout_s: float = 20.0) -> list[Path]:
+    """The files under ``root`` once they stop changing: the JVM of a finished run may
+    still be deleting its temp files for a moment after the driver process exits."""
+    listing = sorted(p for p in root.rglob("*") if p.is_file())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = sorted(p for p in root.rglob("*") if p.is_file())
+        if again == listing:
+            break
+        listing = again
+    return listing
+
+
 def find_secret(root: Path, secret: str) -> list[tuple[str, bytes]]:
     """(file, pattern) for every file under ``root`` that reveals ``secret``."""
     patterns = needles(secret)
     hits = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        for view in file_views(path):
+    for path in settled_files(root):
+        try:
+            views = file_views(path)
+        except FileNotFoundError:  # deleted after settling: gone, so it holds nothing
+            continue
+        for view in views:
             hits += [(str(path.relative_to(root)), p) for p in patterns if p in view]
     return hits
 
