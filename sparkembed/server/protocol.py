@@ -5,13 +5,13 @@ Errors are raised as :class:`ApiError` and rendered as ``{"error": {"code", "mes
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
+import pybase64
 from aiohttp import web
 
 from sparkembed.server.models import INPUT_TYPES, EmbeddingModel
@@ -213,7 +213,7 @@ def response_body(
             {
                 "index": i,
                 "object": "embedding",
-                "embedding": base64.b64encode(little_endian[i].tobytes()).decode("ascii"),
+                "embedding": pybase64.b64encode(little_endian[i].tobytes()).decode("ascii"),
             }
             for i in order
         ]
