@@ -73,6 +73,7 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
     if target is None or config.target.mode == "overwrite":
         todo = source.withColumn(REPLACES, F.lit(False))
         return WorkPlan(todo=todo, overwrite=config.target.mode == "overwrite")
+    _check_columns(target, source, config)
     current = config.fingerprint()
     retire = _other_fingerprints(target, config)
     id_col, text_col = config.source.id_col, config.source.text_col
@@ -130,3 +131,18 @@ def _other_fingerprints(target: DataFrame, config: EmbedConfig) -> bool:
     if config.target.mode != "upsert":
         raise ConfigError("--reembed-all replaces rows by id: it needs target.mode upsert")
     return True
+
+
+def _check_columns(target: DataFrame, source: DataFrame, config: EmbedConfig) -> None:
+    """Refuse, before anything is paid for, a target whose columns this run's rows won't fit."""
+    from sparkembed.spark import output_schema
+
+    want = output_schema(source.schema, config.source.id_col, config.source.passthrough)
+    wanted = {f.name: f.dataType.simpleString() for f in want}
+    have = {f.name: f.dataType.simpleString() for f in target.schema}
+    if wanted != have:
+        diff = sorted({f"{k} {v}" for k, v in have.items() ^ wanted.items()})
+        raise ConfigError(
+            f"target {config.target.path} has other columns than this run writes ({', '.join(diff)}): "
+            "check source.id_col's type and source.passthrough, or use --mode overwrite or a new --target"
+        )

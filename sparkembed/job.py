@@ -22,7 +22,6 @@ from sparkembed.engine import Embedder
 from sparkembed.errors import ConfigError
 from sparkembed.incremental import other_fingerprint_ids, plan_work, read_target
 from sparkembed.sources import check_ids, read_source, select_input
-from sparkembed.spark import output_schema
 from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
 
 log = logging.getLogger(__name__)
@@ -115,22 +114,6 @@ def prepare(
     return df, config.model_copy(update={"limits": limits, "endpoint": endpoint})
 
 
-def check_target_schema(spark: SparkSession, config: EmbedConfig, df: DataFrame) -> None:
-    """Refuse, before anything is paid for, a target whose columns this run's rows won't fit."""
-    target = read_target(spark, config)
-    if target is None or config.target.mode == "overwrite":
-        return
-    want = output_schema(df.schema, config.source.id_col, config.source.passthrough)
-    wanted = {f.name: f.dataType.simpleString() for f in want}
-    have = {f.name: f.dataType.simpleString() for f in target.schema}
-    if wanted != have:
-        diff = sorted({f"{k} {v}" for k, v in have.items() ^ wanted.items()})
-        raise ConfigError(
-            f"target {config.target.path} has other columns than this run writes ({', '.join(diff)}): "
-            "check source.id_col's type and source.passthrough, or use --mode overwrite or a new --target"
-        )
-
-
 def _materialize(todo: DataFrame) -> DataFrame:
     """Compute the rows to do once: waves then slice a fixed set, without re-reading the
     source and redoing the anti-join per wave, and a non-deterministic source cannot
@@ -183,7 +166,6 @@ def run(
         requests_per_minute=config.limits.requests_per_minute,
     )
     df, config = prepare(spark, config, source)
-    check_target_schema(spark, config, df)
     plan = plan_work(spark, df, config)
     if plan.failed_left:
         progress(

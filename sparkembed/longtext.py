@@ -27,12 +27,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Protocol
 
 import numpy as np
 
 from sparkembed.batching import is_blank
 from sparkembed.config import EmbedConfig
+from sparkembed.streaming import EmbedResults
 from sparkembed.tokenizers import TokenCounter, counter_for
 
 NO_OFFSET = -1
@@ -318,50 +318,24 @@ class _Chunker:
         return chosen
 
 
-class UnitResults(Protocol):
-    """What :func:`combine` reads: the engine's ``EmbedResults`` for a plan's units."""
-
-    vectors: np.ndarray
-    status: list[str]
-    error: list[str | None]
-    prompt_tokens: np.ndarray
-    total_tokens: np.ndarray
-    attempts: np.ndarray
-    request_id: list[str | None]
-    model: list[str | None]
-
-
 @dataclass
-class Combined:
-    """Output rows, columnar: the engine's result columns plus where each row comes from.
+class Combined(EmbedResults):
+    """Output rows: the engine's result columns plus where each row comes from.
 
     Attributes:
         row: int64 source row of each output row.
         chunk_index: int32, 0 for a whole text.
         chunk_start, chunk_end: int64 char offsets into the source text, :data:`NO_OFFSET`
             for a row that stands for the whole text.
-        vectors ... model: as in the engine's ``EmbedResults``; vectors of rows that are not
-            ``ok`` are zeros.
     """
 
     row: np.ndarray
     chunk_index: np.ndarray
     chunk_start: np.ndarray
     chunk_end: np.ndarray
-    vectors: np.ndarray
-    status: list[str]
-    error: list[str | None]
-    prompt_tokens: np.ndarray
-    total_tokens: np.ndarray
-    attempts: np.ndarray
-    request_id: list[str | None]
-    model: list[str | None]
-
-    def __len__(self) -> int:
-        return len(self.status)
 
 
-def combine(plan: Plan, results: UnitResults) -> Combined:
+def combine(plan: Plan, results: EmbedResults) -> Combined:
     """Output rows from the results of ``plan.units`` (one result per unit, in order).
 
     Units in ``plan.unit_errors`` become ``failed`` with that reason. Under ``mean`` each

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
@@ -11,27 +9,14 @@ from sparkembed import wordllama_local
 from sparkembed.config import EmbedConfig
 from sparkembed.corpus import build_corpus
 from sparkembed.longtext import NO_OFFSET, LongTextPlanner, Plan, Unit, combine
+from sparkembed.streaming import EmbedResults
 from sparkembed.tokenizers import ByteBound, WordLlamaCounter
 
 LONG_IDS = ("topic:specialnames", "module:tkinter")
 LIMIT = 8191
 
 
-@dataclass
-class FakeResults:
-    """The columns of the engine's EmbedResults, built by hand."""
-
-    vectors: np.ndarray
-    status: list[str]
-    error: list[str | None]
-    prompt_tokens: np.ndarray
-    total_tokens: np.ndarray
-    attempts: np.ndarray
-    request_id: list[str | None]
-    model: list[str | None]
-
-
-def answer(plan: Plan, dims: int = 8, seed: int = 0) -> FakeResults:
+def answer(plan: Plan, dims: int = 8, seed: int = 0) -> EmbedResults:
     """What an engine would return: unit vectors for sendable units, skipped for blanks."""
     rng = np.random.default_rng(seed)
     n = len(plan.units)
@@ -40,7 +25,7 @@ def answer(plan: Plan, dims: int = 8, seed: int = 0) -> FakeResults:
     sent = np.array([bool(t and not t.isspace()) for t in plan.texts], dtype=bool)
     vectors[~sent] = 0
     tokens = np.where(sent, plan.tokens, 0)
-    return FakeResults(
+    return EmbedResults(
         vectors=vectors,
         status=["ok" if s else "skipped" for s in sent],
         error=[None if s else "skipped: empty text" for s in sent],
