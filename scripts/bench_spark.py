@@ -54,11 +54,13 @@ from pyspark.sql import functions as F  # noqa: E402
 from sparkembed import sinks  # noqa: E402
 from sparkembed.config import EmbedConfig, validate_config  # noqa: E402
 from sparkembed.job import default_parallelism, run  # noqa: E402
+from sparkembed.metrics import Metrics
 from sparkembed.server.launch import start_local_endpoint  # noqa: E402
 from sparkembed.session import get_spark  # noqa: E402
 from sparkembed.sinks.files import conform  # noqa: E402
 from sparkembed.sources import read_source, select_input  # noqa: E402
 from sparkembed.spark import make_job, vectors_to_arrow  # noqa: E402
+from sparkembed.waves import META_SCHEMA, read_reports, task_report
 
 DIMS = 1536
 POOL_ROWS = 4096
@@ -113,7 +115,7 @@ def floor_partition(
 
     prefix = f"part-{run_id}-w{wave:05d}-p{part:05d}-a{attempt}"
     metas = sinks.write_part(target, rows(), schema=schema, file_prefix=prefix)
-    yield sinks.file_metas_to_batch(metas)
+    yield task_report(metas, Metrics())
 
 
 def run_floor(spark: SparkSession, config: EmbedConfig, run_id: str, source: DataFrame | None = None) -> int:
@@ -132,11 +134,11 @@ def run_floor(spark: SparkSession, config: EmbedConfig, run_id: str, source: Dat
             part.repartition(partitions)
             .mapInArrow(
                 functools.partial(floor_partition, job.arrow_schema, id_col, target, run_id, wave),
-                sinks.FILE_META_DDL,
+                META_SCHEMA,
             )
             .collect()
         )
-        files = sinks.file_metas_from_rows([r.asDict() for r in rows])
+        files, _ = read_reports(rows)
         expected = sinks.commit_files(
             target, files, schema=job.arrow_schema, mode="append", app_id=run_id, version=wave,
             expected_version=expected,

@@ -27,8 +27,6 @@ from sparkembed.incremental import REPLACES
 from sparkembed.metrics import Metrics
 from sparkembed.spark import PartitionJob, make_job
 
-_META_SCHEMA = "kind string, payload string"
-
 
 class WaveSink(Protocol):
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]: ...
@@ -64,12 +62,31 @@ def _write_partition(
     files = sinks.write_part(
         target, job.embed_batches(batches, metrics), schema=job.arrow_schema, file_prefix=prefix
     )
+    yield task_report(files, metrics)
+
+
+META_SCHEMA = "kind string, payload string"
+"""What a writing task returns: one row per file written, and one with its metrics."""
+
+
+def task_report(files: list[sinks.FileMeta], metrics: Metrics) -> pa.RecordBatch:
+    """Executor side: the rows of :data:`META_SCHEMA` for one task."""
     rows = [("file", json.dumps(dataclasses.asdict(f))) for f in files]
     rows.append(("metrics", json.dumps(metrics.to_dict(timeline=True))))
-    yield pa.RecordBatch.from_arrays(
+    return pa.RecordBatch.from_arrays(
         [pa.array([k for k, _ in rows]), pa.array([p for _, p in rows])],
         names=["kind", "payload"],
     )
+
+
+def read_reports(rows: list[Any]) -> tuple[list[sinks.FileMeta], dict[str, Any]]:
+    """Driver side: the files and the summed metrics of collected :data:`META_SCHEMA` rows."""
+    files = [sinks.FileMeta(**json.loads(r.payload)) for r in rows if r.kind == "file"]
+    total = Metrics()
+    for r in rows:
+        if r.kind == "metrics":
+            total.merge(Metrics.from_dict(json.loads(r.payload)))
+    return files, total.to_dict(timeline=True)
 
 
 class DeltaRsSink:
@@ -95,9 +112,9 @@ class DeltaRsSink:
             df = df.drop(REPLACES)
         target = str(config.target.path)
         meta = df.mapInArrow(
-            lambda batches: _write_partition(job, target, wave, batches), _META_SCHEMA
+            lambda batches: _write_partition(job, target, wave, batches), META_SCHEMA
         ).collect()
-        files = [sinks.FileMeta(**json.loads(r.payload)) for r in meta if r.kind == "file"]
+        files, metrics = read_reports(meta)
         mode = config.target.mode
         if mode == "upsert":
             self._expected = sinks.upsert_files(
@@ -111,7 +128,7 @@ class DeltaRsSink:
                 mode="overwrite" if mode == "overwrite" and wave == 0 else "append",
                 app_id=run_id, version=wave, expected_version=self._expected,
             )  # fmt: skip
-        return _merge_metrics(json.loads(r.payload) for r in meta if r.kind == "metrics")
+        return metrics
 
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
         """Delete the rows of ``ids`` (gone from the source) in one idempotent commit."""
@@ -218,10 +235,3 @@ def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -
         out[f"{r.status}_rows"] = r.n
         out["prompt_tokens"] = out.get("prompt_tokens", 0) + (r.t or 0)
     return out
-
-
-def _merge_metrics(parts: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    total = Metrics()
-    for part in parts:
-        total.merge(Metrics.from_dict(part))
-    return total.to_dict(timeline=True)

@@ -20,8 +20,6 @@ from sparkembed.sinks import (
     FileMeta,
     TargetSchemaError,
     commit_files,
-    file_metas_from_rows,
-    file_metas_to_batch,
     native_available,
     read_table,
     table_version,
@@ -354,8 +352,6 @@ def test_write_part_edges(uri: str) -> None:
     with pytest.raises(ValueError, match="title"):
         write_part(uri, rows([(1, 0)]).drop_columns(["title"]), schema=SCHEMA, file_prefix="p")
     metas = write(uri, rows([(k, 0) for k in range(9)]), "p", row_group_rows=4)
-    assert file_metas_from_rows(pa.Table.from_batches([file_metas_to_batch(metas)])) == metas
-    assert file_metas_from_rows([dict(vars(m)) for m in metas]) == metas
     # Input batches of 2 rows are coalesced into row groups of 4.
     parquet = pq.ParquetFile(os.path.join(uri, metas[0].path))
     row_groups = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]

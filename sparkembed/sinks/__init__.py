@@ -2,8 +2,8 @@
 
 Driver flow per wave, for the delta-rs sink::
 
-    metas = file_metas_from_rows(df.mapInArrow(write_fn, FILE_META_DDL).collect())
-    version = commit_files(uri, metas, schema=schema, mode="append", app_id=app_id,
+    files, metrics = read_reports(df.mapInArrow(write_fn, META_SCHEMA).collect())  # sparkembed.waves
+    version = commit_files(uri, files, schema=schema, mode="append", app_id=app_id,
                            version=wave, expected_version=version)   # or upsert_files
     ...
     vacuum_orphans(uri, prefix=app_id)   # at the end of the run
@@ -32,11 +32,7 @@ _HOMES = {
     "ConcurrentWriteError": "errors",
     "DeltaSinkError": "errors",
     "TargetSchemaError": "errors",
-    "FILE_META_DDL": "files",
-    "FILE_META_SCHEMA": "files",
     "FileMeta": "files",
-    "file_metas_from_rows": "files",
-    "file_metas_to_batch": "files",
     "write_part": "files",
     "native_available": "native",
     "write_native": "native",
@@ -44,8 +40,6 @@ _HOMES = {
 
 __all__ = [
     "ABSENT",
-    "FILE_META_DDL",
-    "FILE_META_SCHEMA",
     "ConcurrentWriteError",
     "DeltaSinkError",
     "FileMeta",
@@ -53,8 +47,6 @@ __all__ = [
     "commit_files",
     "delete_ids",
     "delete_native",
-    "file_metas_from_rows",
-    "file_metas_to_batch",
     "native_available",
     "read_table",
     "table_version",

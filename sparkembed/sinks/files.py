@@ -5,10 +5,9 @@ executor. Each call writes one or more files straight under the table folder and
 returns one :class:`FileMeta` per file; the driver commits the metas of successful
 task attempts in one Delta transaction (:func:`sparkembed.sinks.commit_files`).
 
-Example, inside the lead's ``mapInArrow`` function::
+Example, inside a ``mapInArrow`` function (see :func:`sparkembed.waves.task_report`)::
 
     metas = write_part(uri, batches, schema=schema, file_prefix=f"{app}-w3-p{pid}-a{attempt}")
-    yield file_metas_to_batch(metas)
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -30,20 +29,6 @@ DEFAULT_MAX_ROWS_PER_FILE = 25_000
 """About 150 MB of 1536-d float32 vectors, which do not compress."""
 DEFAULT_ROW_GROUP_ROWS = 8_192
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._=-]+$")
-
-FILE_META_SCHEMA = pa.schema(
-    [
-        pa.field("path", pa.string(), nullable=False),
-        pa.field("size_bytes", pa.int64(), nullable=False),
-        pa.field("num_records", pa.int64(), nullable=False),
-        pa.field("modification_time_ms", pa.int64(), nullable=False),
-        pa.field("stats", pa.string()),
-    ]
-)
-FILE_META_DDL = (
-    "path string, size_bytes bigint, num_records bigint, modification_time_ms bigint, stats string"
-)
-"""The Spark schema of :data:`FILE_META_SCHEMA`, for ``mapInArrow(fn, FILE_META_DDL)``."""
 
 
 @dataclass(frozen=True)
@@ -63,18 +48,6 @@ class FileMeta:
     num_records: int
     modification_time_ms: int
     stats: str | None = None
-
-
-def file_metas_to_batch(metas: Iterable[FileMeta]) -> pa.RecordBatch:
-    """Pack metas into one record batch of :data:`FILE_META_SCHEMA` (for ``mapInArrow``)."""
-    return pa.RecordBatch.from_pylist([asdict(m) for m in metas], schema=FILE_META_SCHEMA)
-
-
-def file_metas_from_rows(rows: Iterable[Mapping[str, object]] | pa.Table) -> list[FileMeta]:
-    """Unpack collected meta rows (``Row.asDict()`` mappings or an Arrow table)."""
-    if isinstance(rows, pa.Table):
-        rows = rows.to_pylist()
-    return [FileMeta(**{f.name: row[f.name] for f in FILE_META_SCHEMA}) for row in rows]  # type: ignore[arg-type]
 
 
 def resolve_root(table_uri: str) -> tuple[pafs.FileSystem, str]:
