@@ -10,7 +10,10 @@ In one local[2] Spark session, on the same source and with the same waves:
   zero latency: preflight, id checks, the engine on every row, and the same sink.
 
 A small warm-up of both goes first, untimed, so neither pays for starting Python workers.
-Reports rows/s of both, their ratio (target >= 0.5), CPU seconds of the Python workers, the
+Then ``--rounds`` rounds (default 3) each run the floor then the job into new tables, so a
+noisy neighbour on this shared machine slows both sides of a round alike; figures are the
+median over the rounds, and every round's ratio is printed. Reports rows/s of both, their
+ratio (target >= 0.5), CPU seconds of the Python workers, the
 JVM and the endpoint (and the CPU-time ratio, floor CPU per row over the job's: the ratio at
 equal core use, steadier on a shared machine), and the peak RSS of the Python workers
 (VmHWM of the pyspark daemon and its forked workers under this session's JVM, read from /proc
@@ -33,6 +36,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -54,13 +58,14 @@ from pyspark.sql import functions as F  # noqa: E402
 from sparkembed import sinks  # noqa: E402
 from sparkembed.config import EmbedConfig, validate_config  # noqa: E402
 from sparkembed.job import default_parallelism, run  # noqa: E402
-from sparkembed.metrics import Metrics
+from sparkembed.memory import keep_freed_memory  # noqa: E402
+from sparkembed.metrics import Metrics  # noqa: E402
 from sparkembed.server.launch import start_local_endpoint  # noqa: E402
 from sparkembed.session import get_spark  # noqa: E402
 from sparkembed.sinks.files import conform  # noqa: E402
 from sparkembed.sources import read_source, select_input  # noqa: E402
 from sparkembed.spark import make_job, vectors_to_arrow  # noqa: E402
-from sparkembed.waves import META_SCHEMA, read_reports, task_report
+from sparkembed.waves import META_SCHEMA, read_reports, task_report  # noqa: E402
 
 DIMS = 1536
 POOL_ROWS = 4096
@@ -90,6 +95,7 @@ def floor_partition(
     schema: pa.Schema, id_col: str, target: str, run_id: str, wave: int, batches: Iterator[pa.RecordBatch]
 ) -> Iterator[pa.RecordBatch]:
     """Executor side: write one 1536-d vector per input row, yield the file metas."""
+    keep_freed_memory()  # as the job's executors do: the same allocator on both sides
     ctx = TaskContext.get()
     part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
     pool = np.random.default_rng(part).standard_normal((POOL_ROWS, DIMS), dtype=np.float32)
@@ -289,6 +295,7 @@ def timed(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000, help="source rows (default 200000)")
+    parser.add_argument("--rounds", type=int, default=3, help="floor-then-job rounds (default 3)")
     parser.add_argument("--commit-every-rows", type=int, default=50_000, help="rows per wave")
     parser.add_argument("--mode", choices=["append", "overwrite", "upsert"], default="append",
                         help="the job's target mode (the floor appends)")  # fmt: skip
@@ -300,78 +307,94 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sparkembed-bench-spark-", dir=args.workdir))
     source = work / "source.parquet"
     write_corpus(source, args.rows)
-    print(f"bench_spark: {args.rows} rows, {DIMS} dims, hash model, zero latency, local[2], "
-          f"waves of {args.commit_every_rows} rows; scratch {work}", flush=True)  # fmt: skip
+    print(f"bench_spark: {args.rows} rows, {DIMS} dims, hash model, zero latency, local[2], waves of "
+          f"{args.commit_every_rows} rows, {args.rounds} rounds; scratch {work}", flush=True)  # fmt: skip
+    rounds: list[dict[str, Any]] = []
     try:
         with start_local_endpoint("--model", "hash", "--dims", str(DIMS), "--no-auth") as endpoint:
             config = bench_config(endpoint.url, source, work / "job", work, args)
-            floor_config = retarget(config, work / "floor")
             spark = get_spark(config, local_default=True)
             jvm = spark.sparkContext._gateway.proc.pid  # type: ignore[union-attr]
             memory = WorkerMemory(jvm)
             warm = spark.read.parquet(str(source)).limit(WARMUP_ROWS).cache()
             run_floor(spark, retarget(config, work / "warm-floor"), "warmup", source=warm)
             run(spark, retarget(config, work / "warm-job"), source=warm, progress=lambda _: None)
-            endpoint.reset()
-            server = endpoint.process.pid
-            floor_s, floor_used, floor_rows = timed(
-                memory, jvm, server, lambda: run_floor(spark, floor_config, "floor")
-            )
-            print(f"  floor: {floor_rows} rows in {floor_s:.1f} s", flush=True)
-            job_s, job_used, summary = timed(
-                memory, jvm, server,
-                lambda: run(spark, config, progress=lambda line: print(f"  job: {line}", flush=True)),
-            )  # fmt: skip
-            job_used["workers_total_rss_peak_gib"] = round(memory.peak_total_bytes / GIB, 3)
+            for number in range(1, args.rounds + 1):
+                endpoint.reset()
+                figures = one_round(spark, memory, jvm, endpoint, config, work / f"round-{number}")
+                rounds.append(figures)
+                print(f"round {number}: floor {figures['floor_rows_per_s']:.0f} rows/s, job "
+                      f"{figures['job_rows_per_s']:.0f} rows/s, ratio {figures['ratio']:.2f} "
+                      f"(CPU-time ratio {figures['cpu_ratio']:.2f})", flush=True)  # fmt: skip
             memory.stop()
-            stats = endpoint.stats(billed=False)
             spark.stop()
-        from deltalake import DeltaTable
-
-        job_rows = DeltaTable(str(work / "job")).count()
-        if DeltaTable(str(work / "floor")).count() != floor_rows:
-            raise RuntimeError("the floor table does not hold the rows its commits reported")
-        figures: dict[str, Any] = {
-            "rows": args.rows,
-            "dims": DIMS,
-            "floor_rows_per_s": round(floor_rows / floor_s, 1),
-            "job_rows_per_s": round(job_rows / job_s, 1),
-            "ratio": round((job_rows / job_s) / (floor_rows / floor_s), 3),
-            # What the ratio would be at equal core use: steadier than wall time on a shared box.
-            "cpu_ratio": round((floor_used["cpu_s"] / floor_rows) / (job_used["cpu_s"] / job_rows), 3),
-            "floor_seconds": round(floor_s, 1),
-            "job_seconds": round(job_s, 1),
-            "floor": floor_used,
-            "job": job_used,
-            "job_rows_in_delta": job_rows,
-            "job_requests": summary.counts["requests"],
-            "job_prompt_tokens": summary.counts["prompt_tokens"],
-            "endpoint_requests": stats["requests"],
-            "job_summary": summary.to_json(),
-        }
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    summary = {key: statistics.median(r[key] for r in rounds) for key in MEDIANS}
     for name, label in (
         ("floor", "floor (random vectors -> Delta)"),
         ("job", "job (sparkembed.job.run -> Delta)"),
     ):
-        used = figures[name]
+        used = {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
+        summary[name] = used
         print(
-            f"{label:<36} {figures[f'{name}_rows_per_s']:>8.0f} rows/s ({figures[f'{name}_seconds']} s); "
-            f"worker peak RSS {used['worker_peak_rss_gib']:.2f} GiB; CPU s: Python workers "
-            f"{used['workers_cpu_s']}, JVM {used['jvm_cpu_s']}, endpoint {used['endpoint_cpu_s']}, "
-            f"total {used['cpu_s']}"
+            f"{label:<36} {summary[f'{name}_rows_per_s']:>8.0f} rows/s; worker peak RSS "
+            f"{used['worker_peak_rss_gib']:.2f} GiB; CPU s: Python workers {used['workers_cpu_s']}, "
+            f"JVM {used['jvm_cpu_s']}, endpoint {used['endpoint_cpu_s']}, total {used['cpu_s']}"
         )
+    each = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
     print(
-        f"ratio job/floor: {figures['ratio']:.2f} (target >= 0.5; CPU-time ratio "
-        f"{figures['cpu_ratio']:.2f}); job worker peak RSS "
-        f"{figures['job']['worker_peak_rss_gib']:.2f} GiB (target <= 1.5; all workers together "
-        f"{figures['job']['workers_total_rss_peak_gib']:.2f} GiB). Shared machine: figures are noisy."
+        f"ratio job/floor, median of {len(rounds)} rounds: {summary['ratio']:.2f} (target >= 0.5; "
+        f"rounds {each}; CPU-time ratio "
+        f"{summary['cpu_ratio']:.2f}); job worker peak RSS {summary['job']['worker_peak_rss_gib']:.2f} GiB "
+        f"(target <= 1.5; all workers together {summary['job']['workers_total_rss_peak_gib']:.2f} GiB). "
+        "Shared machine: figures are noisy."
     )
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        args.json.write_text(
+            json.dumps({"rows": args.rows, "dims": DIMS, "median": summary, "rounds": rounds}, indent=2)
+        )
     return 0
+
+
+MEDIANS = ("floor_rows_per_s", "job_rows_per_s", "ratio", "cpu_ratio", "floor_seconds", "job_seconds")
+"""Figures reported as the median over rounds."""
+
+
+def one_round(
+    spark: SparkSession, memory: WorkerMemory, jvm: int, endpoint: Any, config: EmbedConfig, folder: Path
+) -> dict[str, Any]:
+    """The floor then the job, each into a new table under ``folder``; their figures."""
+    server = endpoint.process.pid
+    floor_s, floor_used, floor_rows = timed(
+        memory, jvm, server, lambda: run_floor(spark, retarget(config, folder / "floor"), "floor")
+    )
+    job_s, job_used, summary = timed(memory, jvm, server, lambda: run(spark, retarget(config, folder / "job"),
+                                                                        progress=lambda _: None))  # fmt: skip
+    job_used["workers_total_rss_peak_gib"] = round(memory.peak_total_bytes / GIB, 3)
+    from deltalake import DeltaTable
+
+    job_rows = DeltaTable(str(folder / "job")).count()
+    if DeltaTable(str(folder / "floor")).count() != floor_rows:
+        raise RuntimeError("the floor table does not hold the rows its commits reported")
+    stats = endpoint.stats(billed=False)
+    return {
+        "floor_rows_per_s": round(floor_rows / floor_s, 1),
+        "job_rows_per_s": round(job_rows / job_s, 1),
+        "ratio": round((job_rows / job_s) / (floor_rows / floor_s), 3),
+        # What the ratio would be at equal core use: steadier than wall time on a shared box.
+        "cpu_ratio": round((floor_used["cpu_s"] / floor_rows) / (job_used["cpu_s"] / job_rows), 3),
+        "floor_seconds": round(floor_s, 2),
+        "job_seconds": round(job_s, 2),
+        "floor": floor_used,
+        "job": job_used,
+        "job_rows_in_delta": job_rows,
+        "job_requests": summary.counts["requests"],
+        "job_prompt_tokens": summary.counts["prompt_tokens"],
+        "endpoint_requests": stats["requests"],
+        "job_summary": summary.to_json(),
+    }
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any
 
-import orjson
+import msgspec
 
 from sparkembed.backend import (
     USER_AGENT,
@@ -116,8 +116,8 @@ class OpenAIV1Backend(HttpBackend):
         except Exception as exc:
             raise map_openai_error(exc, secret=self._secret) from exc
         try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError as exc:
+            body = msgspec.json.decode(content)
+        except msgspec.DecodeError as exc:
             raise ServiceError(502, "invalid_response", f"undecodable body: {exc}") from exc
         if not isinstance(body, dict):
             raise ServiceError(502, "invalid_response", f"body is a {type(body).__name__}")

@@ -34,6 +34,7 @@ from sparkembed.errors import (
     ServiceError,
     TransportError,
 )
+from sparkembed.memory import keep_freed_memory
 from sparkembed.metrics import Metrics, RequestRecord
 from sparkembed.ratelimit import RateLimiter
 from sparkembed.retry import Decision, RetryPolicy, config_error_for
@@ -308,6 +309,7 @@ def _process_loop() -> _LoopThread:
 def get_embedder(config: EmbedConfig) -> Embedder:
     """The process's :class:`Embedder` for ``config``: built once, reused by every task."""
     key = config.client_key()
+    keep_freed_memory()  # answers are megabytes each: reuse their memory, request after request
     with _lock:
         _process_loop()
         embedder = _embedders.get(key)

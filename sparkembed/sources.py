@@ -100,11 +100,15 @@ def select_input(df: DataFrame, source: SourceConfig) -> DataFrame:
 
 def check_ids(df: DataFrame, id_col: str) -> None:
     """Null or duplicate ids would make rows unaddressable for reruns: refuse them up front."""
-    nulls = df.filter(F.col(id_col).isNull()).limit(1).count()
-    if nulls:
+    counts = df.groupBy(id_col).count()
+    found = counts.agg(  # one pass over the source for both checks
+        F.sum(F.when(F.col(id_col).isNull(), F.col("count"))).alias("nulls"),
+        F.count(F.when(F.col("count") > 1, True)).alias("repeated"),
+    ).first()
+    if found is not None and found["nulls"]:
         raise InputError(f"id column {id_col!r} has null values; every row needs an id")
-    dupes = df.groupBy(id_col).count().filter(F.col("count") > 1).limit(5).collect()
-    if dupes:
+    if found is not None and found["repeated"]:
+        dupes = counts.filter(F.col("count") > 1).limit(5).collect()
         shown = ", ".join(_short(repr(r[id_col])) for r in dupes)
         raise InputError(f"id column {id_col!r} has duplicate values, e.g. {shown}")
 

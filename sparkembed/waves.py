@@ -105,10 +105,11 @@ class DeltaRsSink:
         job, _ = make_job(df.drop(REPLACES), config, run_id)
         replacing: pa.Array | None = None
         if REPLACES in df.columns:
-            # Only ids with old rows make the upsert rewrite files; a growing table's new
-            # rows are just added, without scanning the table for them.
-            known = df.filter(F.col(REPLACES)).select(job.id_col).collect()
-            replacing = pa.array([r[0] for r in known], job.arrow_schema.field(job.id_col).type)
+            if config.target.mode == "upsert":
+                # Only ids with old rows make the upsert rewrite files; a growing table's new
+                # rows are just added, without scanning the table for them.
+                known = df.filter(F.col(REPLACES)).select(job.id_col).collect()
+                replacing = pa.array([r[0] for r in known], job.arrow_schema.field(job.id_col).type)
             df = df.drop(REPLACES)
         target = str(config.target.path)
         meta = df.mapInArrow(

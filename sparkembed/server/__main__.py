@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from sparkembed.memory import keep_freed_memory
 from sparkembed.server.app import create_app
 from sparkembed.server.settings import ServerSettings
 
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     def announce(url: str) -> None:
         print(f"LISTENING {url}", flush=True)
 
+    keep_freed_memory()  # each answer is megabytes: reuse their memory, request after request
     try:
         asyncio.run(serve(settings, announce))
     except (OSError, ValueError, ModuleNotFoundError) as exc:

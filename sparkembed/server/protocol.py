@@ -207,24 +207,23 @@ def response_body(
         order: input positions in the order to list them.
         prompt_tokens: tokens of all inputs together.
     """
-    if request.encoding_format == "base64":
-        little_endian = vectors.astype("<f4", copy=False)
-        data = [
-            {
-                "index": i,
-                "object": "embedding",
-                "embedding": pybase64.b64encode(little_endian[i].tobytes()).decode("ascii"),
-            }
-            for i in order
-        ]
-    else:
-        # orjson writes float32 arrays natively with the shortest round-tripping digits.
-        data = [{"index": i, "object": "embedding", "embedding": vectors[i]} for i in order]
-    document = {
+    document: dict[str, Any] = {
         "id": request_id,
         "object": "list",
-        "data": data,
         "model": request.model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
-    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if request.encoding_format == "float":
+        # orjson writes float32 arrays natively with the shortest round-tripping digits.
+        document["data"] = [{"index": i, "object": "embedding", "embedding": vectors[i]} for i in order]
+        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    # base64 needs no JSON escaping, so the items are joined as bytes, with no str or dict per
+    # vector: about a quarter of the CPU of building them for orjson.
+    little_endian = vectors.astype("<f4", copy=False)
+    items: list[bytes] = []
+    for i in order:
+        items += (b'{"index":%d,"object":"embedding","embedding":"' % i,
+                  pybase64.b64encode(little_endian[i].tobytes()), b'"},')  # fmt: skip
+    if items:
+        items[-1] = b'"}'  # no comma after the last item
+    return b"".join([orjson.dumps(document)[:-1], b',"data":[', *items, b"]}"])
