@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,8 +47,7 @@ _CJK_SENTENCE_ENDS = "。！？"  # CJK sentences end without a following space
 _WHITESPACE = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
+class Unit(NamedTuple):  # a tuple: built once per row, a third of a frozen dataclass's cost
     """One input to send: a whole text, a chunk ``text[start:end]`` of it, or nothing.
 
     Attributes:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
@@ -91,7 +92,8 @@ class PartitionJob:
         n = len(out.status)
         rows = pa.array(out.row)
         hashes = pa.array([text_hash(t) for t in batch.column(self.text_col).to_pylist()], pa.string())
-        ok = np.array([s == "ok" for s in out.status], dtype=bool)
+        status = pa.array(out.status, pa.string())
+        ok = pc.equal(status, "ok").to_numpy(zero_copy_only=False)
         whole = out.chunk_start == NO_OFFSET
         dims = out.vectors.shape[1] if out.vectors.ndim == 2 else 0
         now = datetime.now(timezone.utc)
@@ -107,7 +109,7 @@ class PartitionJob:
             "input_type": pa.array([self.config.endpoint.input_type or "text"] * n, pa.string()),
             "prompt_tokens": pa.array(out.prompt_tokens.astype(np.int64)),
             "total_tokens": pa.array(out.total_tokens.astype(np.int64)),
-            "status": pa.array(out.status, pa.string()),
+            "status": status,
             "error": pa.array(out.error, pa.string()),
             "attempts": pa.array(out.attempts.astype(np.int32)),
             "request_id": pa.array(out.request_id, pa.string()),

@@ -128,13 +128,20 @@ class ChunkAssembly:
             self._vectors = np.zeros((self._n, vectors.shape[1]), dtype=np.float32)
         r = self._results
         first, count = int(rows[0]), len(rows)
-        if int(rows[-1]) - first + 1 == count and np.all(np.diff(rows) == 1):
-            self._vectors[first : first + count] = vectors  # the usual case: a plain memcpy
-        else:
-            self._vectors[rows] = vectors
         r.prompt_tokens[rows] = prompt_tokens
         r.total_tokens[rows] = total_tokens
         r.attempts[rows] = attempts
+        if int(rows[-1]) - first + 1 == count and np.all(np.diff(rows) == 1):
+            # The usual case, consecutive rows: a memcpy, and list slices set in C.
+            self._vectors[first : first + count] = vectors
+            span = slice(first, first + count)
+            r.request_id[span] = [request_id] * count
+            r.model[span] = [model] * count
+            r.status[span] = ["ok"] * count
+            r.error[span] = [None] * count
+            self.pending -= count
+            return
+        self._vectors[rows] = vectors
         for row in rows.tolist():
             r.request_id[row] = request_id
             r.model[row] = model
@@ -193,13 +200,14 @@ class RowStream:
         chunk = ChunkAssembly(len(texts))
         self._chunks.append(chunk)
         blank, not_text = [], []
+        costs = tokens.tolist() if isinstance(tokens, np.ndarray) else tokens  # ints, not numpy scalars
         for row, text in enumerate(texts):
             if is_blank(text):
                 blank.append(row)
             elif not isinstance(text, str):
                 not_text.append(row)
             else:
-                cost = int(tokens[row]) if tokens is not None else estimate_tokens(text)
+                cost = int(costs[row]) if costs is not None else estimate_tokens(text)
                 if batch := self._packer.add((chunk, row, text, cost), cost):
                     self._submit(batch)
         chunk.finish_rows(blank, "skipped", SKIPPED_EMPTY)
