@@ -44,7 +44,12 @@ from azure.core.exceptions import map_error as azure_map_error
 from sparkembed.config import AuthConfig, EmbedConfig
 from sparkembed.errors import ConfigError, ServiceError, TransportError
 from sparkembed.retry import retry_after_s
-from sparkembed.transport import RedactingTraceLoggingPolicy, check_endpoint_url, hide_bridge_traffic
+from sparkembed.transport import (
+    RedactingTraceLoggingPolicy,
+    check_endpoint_url,
+    env_proxies,
+    hide_bridge_traffic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +193,10 @@ class AzureInferenceBackend(HttpBackend):
             "user_agent": USER_AGENT,
             # With logging_enable and DEBUG, azure-core would print the api-key and bearer token.
             "logging_policy": RedactingTraceLoggingPolicy(),
+            # The environment's proxy, read once here: with use_env_settings on, aiohttp looks
+            # up proxies and ~/.netrc in a worker thread for every request.
+            "use_env_settings": False,
+            "proxies": env_proxies(str(endpoint.url)),
         }
         if endpoint.api_version:
             options["api_version"] = endpoint.api_version

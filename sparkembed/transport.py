@@ -5,6 +5,8 @@
 - :class:`RedactingTraceLoggingPolicy`: azure-core's HTTP trace (``logging_enable=True``
   with DEBUG logging) prints every request header; this one prints auth headers as
   ``REDACTED``.
+- :func:`env_proxies`: the proxy the environment names for the endpoint, looked up once per
+  client; aiohttp's own lookup (``trust_env``) runs in a worker thread on every request.
 - :func:`hide_bridge_traffic`: py4j logs every driver-to-JVM command at DEBUG, and the
   commands carry pickled task closures, which hold the API key (base64 encoded). The
   command is summarised instead.
@@ -20,6 +22,7 @@ import ipaddress
 import logging
 from typing import Any
 from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.policies import NetworkTraceLoggingPolicy
@@ -76,6 +79,16 @@ def check_endpoint_url(url: str | None, *, allow_insecure_http: bool = False) ->
             "endpoint.allow_insecure_http: true (test rigs only)"
         )
     log.warning("endpoint %s is plain http (endpoint.allow_insecure_http is set)", url)
+
+
+def env_proxies(url: str) -> dict[str, str]:
+    """azure-core's ``proxies`` for ``url`` from HTTP(S)_PROXY and NO_PROXY, as aiohttp's
+    ``trust_env`` reads them: ``{scheme: proxy}``, or empty when none applies."""
+    parts = urlsplit(url)
+    proxy = getproxies().get(parts.scheme)
+    if not proxy or (parts.hostname and proxy_bypass(parts.hostname)):
+        return {}
+    return {parts.scheme: proxy}
 
 
 def is_loopback(host: str) -> bool:

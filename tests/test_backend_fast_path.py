@@ -362,3 +362,26 @@ def test_decode_takes_float_lists_and_base64_mixed() -> None:
     data = [{"index": 1, "embedding": VECTORS[1].tolist()}, {"index": 0, "embedding": b64(VECTORS[0])}]
     response = decode_response(body_of(data), 2)
     np.testing.assert_array_equal(response.vectors, VECTORS[:2])
+
+
+@pytest.mark.parametrize(("no_proxy", "via_proxy"), [("", True), ("127.0.0.1", False)])
+def test_the_backend_takes_the_environment_s_proxy_unless_no_proxy_names_the_host(
+    monkeypatch: pytest.MonkeyPatch, no_proxy: str, via_proxy: bool
+) -> None:
+    """aiohttp's per-request environment lookup is off; the backend reads the proxy once."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    target, proxy = Recorder(), Recorder()  # the "proxy" answers by itself
+
+    async def go() -> Any:
+        async with recording_server(target) as url, recording_server(proxy) as proxy_url:
+            monkeypatch.setenv("HTTP_PROXY", proxy_url)
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+            backend = backend_for(url)
+            try:
+                return await backend.embed(TEXTS)
+            finally:
+                await backend.close()
+
+    assert asyncio.run(go()).vectors.tolist() == VECTORS.tolist()
+    assert (len(proxy.requests), len(target.requests)) == ((1, 0) if via_proxy else (0, 1))
