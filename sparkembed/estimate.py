@@ -44,7 +44,7 @@ def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None 
     if config.target.path:
         # The same checks and preflight as a run (one tiny request), so the fingerprint
         # compared with the target is the one the run would write.
-        df, config = prepare(spark, config, source)
+        df, config, _ = prepare(spark, config, source)
         todo = plan_work(spark, df, config).todo
     else:
         refuse_speculation(spark)

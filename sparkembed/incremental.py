@@ -26,6 +26,7 @@ class WorkPlan:
 
     Attributes:
         todo: source rows to embed (id, text, passthrough), plus :data:`REPLACES`.
+        whole_source: ``todo`` is every source row (no target yet, or an overwrite).
         overwrite: replace the whole target (``target.mode: overwrite``).
         failed_left: ids whose failed rows stay as they are (no ``--retry-failed``).
         prune: target ids that are gone from the source, when ``--prune`` is on.
@@ -35,6 +36,7 @@ class WorkPlan:
     """
 
     todo: DataFrame
+    whole_source: bool = False
     overwrite: bool = False
     failed_left: int = 0
     prune: DataFrame | None = None
@@ -72,7 +74,7 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
     target = read_target(spark, config)
     if target is None or config.target.mode == "overwrite":
         todo = source.withColumn(REPLACES, F.lit(False))
-        return WorkPlan(todo=todo, overwrite=config.target.mode == "overwrite")
+        return WorkPlan(todo=todo, whole_source=True, overwrite=config.target.mode == "overwrite")
     _check_columns(target, source, config)
     current = config.fingerprint()
     retire = _other_fingerprints(target, config)

@@ -89,8 +89,12 @@ def refuse_speculation(spark: SparkSession) -> None:
 
 def prepare(
     spark: SparkSession, config: EmbedConfig, source: DataFrame | None = None
-) -> tuple[DataFrame, EmbedConfig]:
-    """Validate source and endpoint before any money is spent; hand each task its quota share."""
+) -> tuple[DataFrame, EmbedConfig, int]:
+    """Validate source and endpoint before any money is spent; hand each task its quota share.
+
+    Returns:
+        The selected source, the config for the run, and the source's row count.
+    """
     refuse_speculation(spark)
     check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
     hide_bridge_traffic()
@@ -100,7 +104,7 @@ def prepare(
     if source is None:
         source = read_source(spark, config.source)
     df = select_input(source, config.source)
-    check_ids(df, config.source.id_col)
+    rows = check_ids(df, config.source.id_col)
     preflight = Embedder(config)
     try:
         dims, model = preflight.preflight()
@@ -111,7 +115,7 @@ def prepare(
     parallelism = default_parallelism(spark, config)
     workers = min(config.run.partitions or parallelism, parallelism)
     limits = config.limits.model_copy(update={"workers": max(1, workers)})
-    return df, config.model_copy(update={"limits": limits, "endpoint": endpoint})
+    return df, config.model_copy(update={"limits": limits, "endpoint": endpoint}), rows
 
 
 def _materialize(todo: DataFrame) -> DataFrame:
@@ -165,7 +169,7 @@ def run(
         tokens_per_minute=config.limits.tokens_per_minute,
         requests_per_minute=config.limits.requests_per_minute,
     )
-    df, config = prepare(spark, config, source)
+    df, config, source_rows = prepare(spark, config, source)
     plan = plan_work(spark, df, config)
     if plan.failed_left:
         progress(
@@ -173,7 +177,7 @@ def run(
             "(rerun with --retry-failed to embed them again)"
         )
     todo = _materialize(plan.todo)
-    total = todo.count()
+    total = source_rows if plan.whole_source else todo.count()
     summary.rows_total = total
     waves = math.ceil(total / config.run.commit_every_rows)
     progress(f"{total} source rows to embed in {waves} wave(s)")

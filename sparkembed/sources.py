@@ -98,12 +98,17 @@ def select_input(df: DataFrame, source: SourceConfig) -> DataFrame:
     return df.select(F.col(source.id_col), text.alias(source.text_col), *source.passthrough)
 
 
-def check_ids(df: DataFrame, id_col: str) -> None:
-    """Null or duplicate ids would make rows unaddressable for reruns: refuse them up front."""
+def check_ids(df: DataFrame, id_col: str) -> int:
+    """Null or duplicate ids would make rows unaddressable for reruns: refuse them up front.
+
+    Returns:
+        The number of rows, counted in the same pass.
+    """
     counts = df.groupBy(id_col).count()
-    found = counts.agg(  # one pass over the source for both checks
+    found = counts.agg(  # one pass over the source for both checks and the count
         F.sum(F.when(F.col(id_col).isNull(), F.col("count"))).alias("nulls"),
         F.count(F.when(F.col("count") > 1, True)).alias("repeated"),
+        F.sum("count").alias("rows"),
     ).first()
     if found is not None and found["nulls"]:
         raise InputError(f"id column {id_col!r} has null values; every row needs an id")
@@ -111,6 +116,7 @@ def check_ids(df: DataFrame, id_col: str) -> None:
         dupes = counts.filter(F.col("count") > 1).limit(5).collect()
         shown = ", ".join(_short(repr(r[id_col])) for r in dupes)
         raise InputError(f"id column {id_col!r} has duplicate values, e.g. {shown}")
+    return int(found["rows"] or 0) if found is not None else 0
 
 
 def _short(text: str, limit: int = 80) -> str:

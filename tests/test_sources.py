@@ -61,4 +61,4 @@ def test_null_and_duplicate_ids_are_refused(spark: SparkSession) -> None:
         check_ids(spark.createDataFrame([(None, "a"), (2, "b")], "id long, text string"), "id")
     with pytest.raises(InputError, match="duplicate values, e.g. 7"):
         check_ids(spark.createDataFrame([(7, "a"), (7, "b"), (8, "c")], "id long, text string"), "id")
-    check_ids(spark.createDataFrame(ROWS), "id")  # fine
+    assert check_ids(spark.createDataFrame(ROWS), "id") == len(ROWS)  # fine, and counted
