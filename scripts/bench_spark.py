@@ -331,12 +331,12 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    summary = {key: statistics.median(r[key] for r in rounds) for key in MEDIANS}
+    summary: dict[str, Any] = {key: round(statistics.median(r[key] for r in rounds), 3) for key in MEDIANS}
     for name, label in (
         ("floor", "floor (random vectors -> Delta)"),
         ("job", "job (sparkembed.job.run -> Delta)"),
     ):
-        used = {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
+        used = {key: round(statistics.median(r[name][key] for r in rounds), 3) for key in rounds[0][name]}
         summary[name] = used
         print(
             f"{label:<36} {summary[f'{name}_rows_per_s']:>8.0f} rows/s; worker peak RSS "
