@@ -9,13 +9,17 @@ In one local[2] Spark session, on the same source and with the same waves:
 - ``job``: :func:`sparkembed.job.run` on the local endpoint's ``hash`` model, 1536 dimensions,
   zero latency: preflight, id checks, the engine on every row, and the same sink.
 
-A small warm-up of both goes first, untimed, so neither pays for starting Python workers.
-Then ``--rounds`` rounds (default 3) each run the floor then the job into new tables, so a
-noisy neighbour on this shared machine slows both sides of a round alike; figures are the
-median over the rounds, and every round's ratio is printed. Reports rows/s of both, their
-ratio (target >= 0.5), CPU seconds of the Python workers, the
+A warm-up of both goes first, untimed, so neither pays for starting Python workers or for
+the JVM compiling its hot paths. Then ``--rounds`` rounds (default 3) each run the floor then
+the job into new tables, so a noisy neighbour on this shared machine slows both sides of a
+round alike; figures are the median over the rounds, and every round's ratio is printed.
+Each phase starts after a ``sync``, and each round's tables are deleted after it: otherwise
+the gigabytes written earlier slow the later phases (writeback, then page reclaim), and the
+job, which runs second, more than the floor.
+
+Reports rows/s of both, their ratio (target >= 0.5), CPU seconds of the Python workers, the
 JVM and the endpoint (and the CPU-time ratio, floor CPU per row over the job's: the ratio at
-equal core use, steadier on a shared machine), and the peak RSS of the Python workers
+equal core use), and the peak RSS of the Python workers
 (VmHWM of the pyspark daemon and its forked workers under this session's JVM, read from /proc
 and reset between phases; target <= 1.5 GiB per worker). Linux only.
 
@@ -70,7 +74,8 @@ from sparkembed.waves import META_SCHEMA, read_reports, task_report  # noqa: E40
 DIMS = 1536
 POOL_ROWS = 4096
 """Random vectors each floor task draws once and cycles through (24 MiB)."""
-WARMUP_ROWS = 2000
+WARMUP_ROWS = 20_000
+"""Rows of the untimed warm-up of both sides: enough for the JVM to compile the hot paths."""
 GIB = 1024**3
 
 
@@ -276,6 +281,7 @@ def timed(
 ) -> tuple[float, dict[str, float], Any]:
     """(seconds, resources, result) of ``step()``: peak worker RSS (GiB), and CPU seconds of the
     Python workers, the JVM and the endpoint."""
+    os.sync()  # neither side pays for writing back the other's files
     memory.phase()
     server_cpu, jvm_cpu = cpu_seconds(server_pid), cpu_seconds(jvm_pid)
     started = time.monotonic()
@@ -319,10 +325,17 @@ def main() -> int:
             warm = spark.read.parquet(str(source)).limit(WARMUP_ROWS).cache()
             run_floor(spark, retarget(config, work / "warm-floor"), "warmup", source=warm)
             run(spark, retarget(config, work / "warm-job"), source=warm, progress=lambda _: None)
+            for name in ("warm-floor", "warm-job"):
+                shutil.rmtree(work / name)
             for number in range(1, args.rounds + 1):
                 endpoint.reset()
-                figures = one_round(spark, memory, jvm, endpoint, config, work / f"round-{number}")
+                folder = work / f"round-{number}"
+                figures = one_round(spark, memory, jvm, endpoint, config, folder)
                 rounds.append(figures)
+                if not args.keep:
+                    # Its 2.5 GB would stay in the page cache: later rounds would write on a
+                    # machine with less free memory, and the kernel's reclaim would slow them.
+                    shutil.rmtree(folder)
                 print(f"round {number}: floor {figures['floor_rows_per_s']:.0f} rows/s, job "
                       f"{figures['job_rows_per_s']:.0f} rows/s, ratio {figures['ratio']:.2f} "
                       f"(CPU-time ratio {figures['cpu_ratio']:.2f})", flush=True)  # fmt: skip
