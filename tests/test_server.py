@@ -186,6 +186,21 @@ def test_float_and_base64_carry_the_same_vectors_placed_by_index(
 
 
 @pytest.mark.integration
+def test_an_answer_of_many_megabytes_arrives_whole_in_both_encodings(
+    start_endpoint: Any, endpoint_key: str
+) -> None:
+    """Answers over 256 KiB go out slice by slice: 512 vectors of 1536 floats are 4 MB in base64."""
+    endpoint = start_endpoint("--model", "hash", "--shuffle", "--seed", "3")
+    client = EmbeddingsClient(f"{endpoint.url}/models", AzureKeyCredential(endpoint_key), retry_total=0)
+    texts = [f"text {i} " + words(i % 30 + 1) for i in range(512)]
+    packed = client.embed(input=texts, encoding_format=EmbeddingEncodingFormat.BASE64)
+    floats = client.embed(input=texts)
+    expected = HashModel().embed(texts, [], 1536, "text")
+    np.testing.assert_array_equal(np.stack([decode_base64(s) for s in by_index(packed)]), expected)
+    np.testing.assert_array_equal(np.array(by_index(floats), dtype=np.float32), expected)
+
+
+@pytest.mark.integration
 def test_dimensions_and_input_type_shape_the_vectors(client: EmbeddingsClient) -> None:
     result = client.embed(input=["hello"], dimensions=64, model="text-embedding-3-small")
     vector = np.array(result.data[0].embedding)

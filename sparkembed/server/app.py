@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -117,7 +117,33 @@ async def handle_embeddings(request: web.Request) -> web.StreamResponse:
     finally:
         state.stats.request_finished()
     response.headers.update(_id_headers(request, request_id))
+    body = response.body if isinstance(response, web.Response) else None
+    if isinstance(body, bytes) and len(body) > _CHUNK:
+        return await _send_in_chunks(request, response.status, response.headers, body)
     return response
+
+
+_CHUNK = 1 << 18
+
+
+async def _send_in_chunks(
+    request: web.Request, status: int, headers: Mapping[str, str], body: bytes
+) -> web.StreamResponse:
+    """Send a large answer a slice at a time, as the socket takes it.
+
+    Written whole, an 8 MB answer is copied three times on Python 3.11 (aiohttp joins it to
+    the headers; asyncio slices off what the socket took and buffers the rest), and the
+    buffer is shifted after every send: about 6 ms of CPU an answer. Slices of a memoryview
+    cost no copy, and the buffer stays small.
+    """
+    stream = web.StreamResponse(status=status, headers=headers)
+    stream.content_length = len(body)
+    await stream.prepare(request)
+    view = memoryview(body)
+    for start in range(0, len(body), _CHUNK):
+        await stream.write(view[start : start + _CHUNK])  # waits while the socket is full
+    await stream.write_eof()
+    return stream
 
 
 async def _answer(state: EndpointState, request: web.Request, request_id: str) -> web.Response:
