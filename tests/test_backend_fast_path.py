@@ -183,8 +183,8 @@ def test_error_answers_raise_and_map_exactly_as_through_the_sdk(
     assert mapped_raw.status == status
 
 
-def test_an_error_answer_maps_to_its_status_code_message_and_retry_after() -> None:
-    recorder = Recorder(answer=ERROR_ANSWERS[0])
+def raw_error(recorder: Recorder) -> Any:
+    """What the raw client raises for ``recorder``'s answer, as :func:`map_error` maps it."""
 
     async def call(sdk: Any, raw: Any) -> list[Any]:
         with pytest.raises(HttpResponseError) as caught:
@@ -192,7 +192,11 @@ def test_an_error_answer_maps_to_its_status_code_message_and_retry_after() -> No
         return [caught.value]
 
     (raised,) = asyncio.run(both_calls(recorder, call))
-    error = map_error(raised)
+    return map_error(raised)
+
+
+def test_an_error_answer_maps_to_its_status_code_message_and_retry_after() -> None:
+    error = raw_error(Recorder(answer=ERROR_ANSWERS[0]))
     assert isinstance(error, ServiceError)
     assert (error.status, error.code, error.message, error.retry_after_s) == (
         429,
@@ -205,15 +209,7 @@ def test_an_error_answer_maps_to_its_status_code_message_and_retry_after() -> No
 def test_an_error_whose_body_claims_json_but_is_not_keeps_its_status() -> None:
     # Through the SDK, azure-core parsed the body before looking at the status, so this 503
     # became a DecodeError (502 invalid_response) and lost its retry-after.
-    recorder = Recorder(answer=(503, b"<html>busy</html>", {"retry-after": "3"}))
-
-    async def call(sdk: Any, raw: Any) -> list[Any]:
-        with pytest.raises(HttpResponseError) as caught:
-            await raw.embed(input=TEXTS, encoding_format="base64")
-        return [caught.value]
-
-    (raised,) = asyncio.run(both_calls(recorder, call))
-    error = map_error(raised)
+    error = raw_error(Recorder(answer=(503, b"<html>busy</html>", {"retry-after": "3"})))
     assert isinstance(error, ServiceError)
     assert (error.status, error.retry_after_s) == (503, 3.0)
 

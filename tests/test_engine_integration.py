@@ -1,4 +1,9 @@
-"""The engine against the local endpoint over real HTTP, through azure-ai-inference's aio client."""
+"""The engine against the local endpoint over real HTTP, through both APIs.
+
+Each scenario runs through azure-ai-inference's aio client (``endpoint.api:
+azure-ai-inference``) and through the ``openai`` SDK on the ``/openai/v1`` route
+(``endpoint.api: openai-v1``); ``test_openai_v1.py`` has what only that route has.
+"""
 
 from __future__ import annotations
 
@@ -43,29 +48,48 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_for(server: LocalEndpoint, key: str, **sections: dict[str, Any]) -> EmbedConfig:
+AZURE = "azure-ai-inference"
+OPENAI_V1 = "openai-v1"
+DEPLOYMENT = "hash-embedding"
+"""The v1 route names the deployment in ``model``; the local endpoint echoes it back."""
+
+
+def config_for(
+    server: LocalEndpoint, key: str | None, api: str = AZURE, **sections: dict[str, Any]
+) -> EmbedConfig:
+    """Config for ``server`` through ``api``; ``key=None`` leaves auth as ``sections`` say."""
+    endpoint: dict[str, Any] = {"url": server.url}
+    if api == OPENAI_V1:
+        endpoint = {"url": f"{server.url}/openai/v1", "api": OPENAI_V1, "model": DEPLOYMENT}
     tree: dict[str, Any] = {
-        "endpoint": {"url": server.url},
+        "endpoint": endpoint,
         "retry": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "max_attempts": 12},
     }
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
     config = validate_config(tree)
-    auth = config.auth.model_copy(update={"key": SecretStr(key)})
-    return config.model_copy(update={"auth": auth})
+    if key is None:
+        return config
+    return config.model_copy(update={"auth": config.auth.model_copy(update={"key": SecretStr(key)})})
 
 
 @pytest.fixture(scope="module")
 def hash_endpoint(start_endpoint: Any) -> Iterator[LocalEndpoint]:
     endpoint = start_endpoint(
-        "--model", "hash", "--dims", str(DIMS), "--max-input-tokens", str(MAX_INPUT_TOKENS)
+        *("--model", "hash", "--dims", str(DIMS), "--max-input-tokens", str(MAX_INPUT_TOKENS)),
+        *("--accept-token-prefix", "entra-"),
     )
     yield endpoint
     endpoint.stop()
 
 
+@pytest.fixture(params=[AZURE, OPENAI_V1])
+def api(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
-    start_endpoint: Any, endpoint_key: str
+    start_endpoint: Any, endpoint_key: str, api: str
 ) -> None:
     texts = corpus(1200)
     want, tokens = expected(texts)
@@ -80,6 +104,7 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
     config = config_for(
         endpoint,
         endpoint_key,
+        api,
         batching={"max_inputs": 16},
         limits={"concurrency": 4, "tokens_per_minute": int(quota * 1.5)},
     )
@@ -88,6 +113,7 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
     chunks = [texts[i : i + 100] for i in range(0, len(texts), 100)]
     try:
         results = list(embedder.embed_stream(chunks, metrics))
+        assert embedder._backend.encoding_format == "base64"  # asked for, and never refused
     finally:
         embedder.close()
     stats = endpoint.stats()
@@ -100,7 +126,7 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
     prompt_tokens = sum(int(r.prompt_tokens.sum()) for r in results)
     assert prompt_tokens == stats["prompt_tokens"] == metrics.prompt_tokens == tokens
     assert metrics.requests == stats["requests"]
-    # Every kind of fault happened (seed 5 drops connections 15 and 51), and was retried.
+    # Every kind of fault happened and was retried: resets, 5xx and 429s.
     responses = stats["responses"]
     resets = stats["requests"] - sum(responses.values())
     assert resets >= 1 and responses.get("500", 0) + responses.get("503", 0) >= 1
@@ -108,11 +134,13 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
     assert metrics.retries == metrics.requests - stats["ok_requests"]
 
 
-def test_one_over_long_input_in_1000_fails_alone(hash_endpoint: LocalEndpoint, endpoint_key: str) -> None:
+def test_one_over_long_input_in_1000_fails_alone(
+    hash_endpoint: LocalEndpoint, endpoint_key: str, api: str
+) -> None:
     hash_endpoint.reset()
     texts = corpus(1000)
     texts[421] = " ".join(["word"] * (MAX_INPUT_TOKENS * 3))
-    embedder = Embedder(config_for(hash_endpoint, endpoint_key))
+    embedder = Embedder(config_for(hash_endpoint, endpoint_key, api))
     try:
         results = embedder.embed(texts)
     finally:
@@ -127,10 +155,10 @@ def test_one_over_long_input_in_1000_fails_alone(hash_endpoint: LocalEndpoint, e
     assert hash_endpoint.stats()["billed"] == {sha256_hex(t): 1 for t in good}
 
 
-def test_a_bad_key_is_a_config_error_without_the_key(hash_endpoint: LocalEndpoint, endpoint_key: str) -> None:
+def test_a_bad_key_is_a_config_error_without_the_key(hash_endpoint: LocalEndpoint, api: str) -> None:
     hash_endpoint.reset()
     wrong = "wrong-key-4242424242"
-    embedder = Embedder(config_for(hash_endpoint, wrong))
+    embedder = Embedder(config_for(hash_endpoint, wrong, api))
     try:
         with pytest.raises(EndpointConfigError) as caught:
             embedder.preflight()
@@ -139,11 +167,13 @@ def test_a_bad_key_is_a_config_error_without_the_key(hash_endpoint: LocalEndpoin
     assert caught.value.status == 401
     assert "AZURE_INFERENCE_CREDENTIAL" in str(caught.value)
     assert wrong not in str(caught.value) and wrong not in repr(caught.value)
-    assert hash_endpoint.stats()["requests"] == 1  # no retries
+    assert hash_endpoint.stats()["requests"] == 1  # no retries, in the engine or the SDK
 
 
-def test_preflight_learns_dimensions_and_model(hash_endpoint: LocalEndpoint, endpoint_key: str) -> None:
-    embedder = Embedder(config_for(hash_endpoint, endpoint_key))
+def test_preflight_learns_dimensions_and_model(
+    hash_endpoint: LocalEndpoint, endpoint_key: str, api: str
+) -> None:
+    embedder = Embedder(config_for(hash_endpoint, endpoint_key, api))
     try:
         assert embedder.preflight() == (DIMS, "hash-embedding")
     finally:
@@ -168,10 +198,11 @@ def test_one_client_per_process_reuses_its_connections(
     assert 1 <= stats["connections"] <= 3
 
 
-def test_a_422_for_dimensions_names_the_fix(start_endpoint: Any, endpoint_key: str) -> None:
-    endpoint = start_endpoint("--model", "wordllama")
-    config = config_for(endpoint, endpoint_key, endpoint={"dimensions": 512})
-    embedder = Embedder(config)
+def test_a_422_for_dimensions_names_the_fix(
+    hash_endpoint: LocalEndpoint, endpoint_key: str, api: str
+) -> None:
+    hash_endpoint.reset()
+    embedder = Embedder(config_for(hash_endpoint, endpoint_key, api, endpoint={"dimensions": 20000}))
     try:
         with pytest.raises(EndpointConfigError) as caught:
             embedder.preflight()
@@ -181,6 +212,6 @@ def test_a_422_for_dimensions_names_the_fix(start_endpoint: Any, endpoint_key: s
         embedder.close()
     assert caught.value.status == 422
     message = str(caught.value)
-    assert "does not support dimensions=512" in message
+    assert "does not support dimensions=20000" in message
     assert "does not support `dimensions`; remove endpoint.dimensions" in message
-    assert endpoint.stats()["requests"] == 2  # one each, no retries
+    assert hash_endpoint.stats()["requests"] == 2  # one each, no retries
