@@ -63,6 +63,20 @@ def test_counts_equal_the_tokenizer_on_prose_whether_a_request_is_plain_or_not()
     assert wordllama_local.count_tokens(["  odd  spacing ", "", "</s> end"]) == [5, 0, 3]
 
 
+@pytest.mark.parametrize(
+    "odd",
+    [" lead", "trail ", "in  side", "", "mark▁er", "▁", "x<s>y", "a </s>", "<unk>", "<", "<<s>"],
+)
+def test_one_text_that_is_not_plain_sends_its_request_the_exact_way(odd: str) -> None:
+    texts = [*prose_texts(50, seed=3), odd, *prose_texts(3, seed=4)]
+    assert WordLlamaPieceCounter().count(texts) == wordllama_local.count_tokens(texts)
+
+
+def test_a_special_token_split_across_two_texts_counts_each_text_alone() -> None:
+    texts = ["ends in <", "s> starts", "<", "/s>", "a <un", "k> b", *["<x>"] * 300]
+    assert WordLlamaPieceCounter().count(texts) == wordllama_local.count_tokens(texts)
+
+
 def test_the_hash_model_bills_wordllama_tokens_and_keeps_no_encodings() -> None:
     texts = ["hello world", "a  b ", "<s>x", "日本語 text"]
     prepared = HashModel(16).prepare(texts)
