@@ -131,6 +131,10 @@ def test_hash_vectors_are_deterministic_unit_and_share_prefixes() -> None:
     query = model.embed(texts, [], 1536, "query")
     assert abs(float(query[0] @ full[0])) < 0.2
     assert hash_vectors(np.array([1, 2], dtype=np.uint64), 3).shape == (2, 3)
+    # The endpoint hands over the digests it bills under; the vectors are the same.
+    digests = model.prepare(texts).digests
+    assert digests == [hashlib.sha256(t.encode()).digest() for t in texts]
+    np.testing.assert_array_equal(model.embed(texts, [], 1536, "text", digests=digests), full)
 
 
 def test_wordllama_local_matches_the_wordllama_library() -> None:

@@ -172,9 +172,13 @@ async def _answer(state: EndpointState, request: web.Request, request_id: str) -
         raise _rate_limited(admission)
 
     vectors = state.model.embed(
-        embed_request.texts, prepared.encodings, embed_request.dimensions, embed_request.input_type
+        embed_request.texts,
+        prepared.encodings,
+        embed_request.dimensions,
+        embed_request.input_type,
+        digests=prepared.digests,
     )
-    state.stats.billed_ok(embed_request.texts, prompt_tokens)
+    state.stats.billed_ok(prepared.digests, prompt_tokens)
     delay_s = state.faults.slow_delay_s()
     if delay_s:
         await asyncio.sleep(delay_s)

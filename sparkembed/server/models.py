@@ -41,10 +41,13 @@ class Prepared:
     Attributes:
         token_counts: tokens of each text (``usage`` and the per-input limit).
         encodings: what :meth:`EmbeddingModel.embed` needs; empty for the hash model.
+        digests: the sha256 of each text's UTF-8, what the endpoint bills it under (and the
+            hash model's seed).
     """
 
     token_counts: list[int]
     encodings: Sequence[Encoding]
+    digests: list[bytes]
 
 
 class EmbeddingModel(Protocol):
@@ -69,8 +72,10 @@ class EmbeddingModel(Protocol):
         encodings: Sequence[Encoding],
         dimensions: int,
         input_type: str,
+        digests: Sequence[bytes] | None = None,
     ) -> np.ndarray:
-        """Return unit vectors, float32 of shape (len(texts), dimensions)."""
+        """Return unit vectors, float32 of shape (len(texts), dimensions); ``digests`` are
+        :attr:`Prepared.digests` where known."""
         ...
 
 
@@ -94,7 +99,7 @@ class WordLlamaModel:
 
     def prepare(self, texts: Sequence[str]) -> Prepared:
         encodings = self.tokenize(texts)
-        return Prepared([len(encoding) for encoding in encodings], encodings)
+        return Prepared([len(encoding) for encoding in encodings], encodings, text_digests(texts))
 
     def embed(
         self,
@@ -102,6 +107,7 @@ class WordLlamaModel:
         encodings: Sequence[Encoding],
         dimensions: int,
         input_type: str,
+        digests: Sequence[bytes] | None = None,
     ) -> np.ndarray:
         # WordLlama has no query/document distinction: every input_type gives the same vector.
         vectors = wordllama_local.embed_encodings(encodings)
@@ -129,7 +135,7 @@ class HashModel:
 
     def prepare(self, texts: Sequence[str]) -> Prepared:
         # Counts only: the vectors come from the texts themselves.
-        return Prepared(self._counter.count(texts), ())
+        return Prepared(self._counter.count(texts), (), text_digests(texts))
 
     def embed(
         self,
@@ -137,9 +143,24 @@ class HashModel:
         encodings: Sequence[Encoding],
         dimensions: int,
         input_type: str,
+        digests: Sequence[bytes] | None = None,
     ) -> np.ndarray:
-        seeds = np.fromiter((_seed(text, input_type) for text in texts), dtype=np.uint64, count=len(texts))
+        if digests is None:
+            digests = text_digests(texts)
+        # A text's seed: the first 8 bytes of its sha256, salted by the input type.
+        heads = b"".join([digest[:8] for digest in digests])
+        seeds = np.frombuffer(heads, dtype="<u8").astype(np.uint64) ^ _input_type_salt(input_type)
         return hash_vectors(seeds, dimensions)
+
+
+def text_digests(texts: Sequence[str]) -> list[bytes]:
+    """The sha256 of each text's UTF-8."""
+    return [hashlib.sha256(text.encode()).digest() for text in texts]
+
+
+@functools.cache
+def _input_type_salt(input_type: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(input_type.encode(), digest_size=8).digest(), "little"))
 
 
 class WordLlamaPieceCounter:
@@ -326,12 +347,6 @@ def truncate(vectors: np.ndarray, dimensions: int) -> np.ndarray:
     norms = np.linalg.norm(head, axis=1, keepdims=True)
     np.divide(head, norms, out=head, where=norms > 0)
     return head
-
-
-def _seed(text: str, input_type: str) -> int:
-    # person= keeps input types apart without building a new string per text.
-    digest = hashlib.blake2b(text.encode(), digest_size=8, person=input_type.encode()).digest()
-    return int.from_bytes(digest, "little")
 
 
 def load_model(kind: str, dimensions: int | None = None) -> EmbeddingModel:

@@ -27,7 +27,7 @@ class Stats:
         self.ok_requests = 0
         self.texts_billed = 0
         self.prompt_tokens = 0
-        self.billed: Counter[str] = Counter()
+        self.billed: Counter[bytes] = Counter()  # by sha256 digest
         self.connections = 0
         self._connections_seen: weakref.WeakSet[object] = weakref.WeakSet()
         self.max_concurrent = self.in_flight
@@ -57,13 +57,13 @@ class Stats:
     def saw_bearer_token(self, token: str) -> None:
         self._bearer_token_hashes.add(hashlib.sha256(token.encode()).digest())
 
-    def billed_ok(self, texts: Sequence[str], prompt_tokens: int) -> None:
-        """Record a 200 answer: its inputs and tokens are billed."""
+    def billed_ok(self, digests: Sequence[bytes], prompt_tokens: int) -> None:
+        """Record a 200 answer: its inputs (the sha256 of each) and tokens are billed."""
         self.responded(200)
         self.ok_requests += 1
-        self.texts_billed += len(texts)
+        self.texts_billed += len(digests)
         self.prompt_tokens += prompt_tokens
-        self.billed.update(hashlib.sha256(text.encode()).hexdigest() for text in texts)
+        self.billed.update(digests)
 
     def to_json(self, *, include_billed: bool = True) -> dict[str, Any]:
         """The ``/_stats`` document; ``include_billed=False`` omits the per-text dict."""
@@ -78,5 +78,5 @@ class Stats:
             "max_concurrent": self.max_concurrent,
         }
         if include_billed:
-            document["billed"] = dict(self.billed)
+            document["billed"] = {digest.hex(): n for digest, n in self.billed.items()}
         return document
