@@ -83,3 +83,4 @@ def test_the_hash_model_bills_wordllama_tokens_and_keeps_no_encodings() -> None:
     assert prepared.token_counts == wordllama_local.count_tokens(texts)
     assert list(prepared.encodings) == []
     assert WordLlamaPieceCounter().count([]) == []
+    assert WordLlamaPieceCounter().count(["", ""]) == [0, 0]  # no UTF-8 bytes at all
