@@ -106,21 +106,26 @@ class PartitionJob:
             "embedding": vectors_to_arrow(out.vectors, ok),
             "dimensions": pa.array(np.where(ok, dims, 0).astype(np.int32), mask=~ok),
             "model": pa.array(out.model, pa.string()),
-            "input_type": pa.array([self.config.endpoint.input_type or "text"] * n, pa.string()),
+            "input_type": _repeat(self.config.endpoint.input_type or "text", pa.string(), n),
             "prompt_tokens": pa.array(out.prompt_tokens.astype(np.int64)),
             "total_tokens": pa.array(out.total_tokens.astype(np.int64)),
             "status": status,
             "error": pa.array(out.error, pa.string()),
             "attempts": pa.array(out.attempts.astype(np.int32)),
             "request_id": pa.array(out.request_id, pa.string()),
-            "run_id": pa.array([self.run_id] * n, pa.string()),
-            "embedded_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-            "embedding_fingerprint": pa.array([self.config.fingerprint()] * n, pa.string()),
+            "run_id": _repeat(self.run_id, pa.string(), n),
+            "embedded_at": _repeat(now, pa.timestamp("us", tz="UTC"), n),
+            "embedding_fingerprint": _repeat(self.config.fingerprint(), pa.string(), n),
         }
         for name in self.passthrough:
             columns[name] = batch.column(name).take(rows)
         arrays = [columns[f.name].cast(f.type) for f in self.arrow_schema]
         return pa.RecordBatch.from_arrays(arrays, schema=self.arrow_schema)
+
+
+def _repeat(value: object, type_: pa.DataType, n: int) -> pa.Array:
+    """``n`` copies of ``value``, built in Arrow (a list of datetimes took 0.2-0.5 µs a row)."""
+    return pa.repeat(pa.scalar(value, type_), n)
 
 
 def text_hash(text: str | None) -> str | None:

@@ -78,11 +78,12 @@ class EmbedResults:
 class ChunkAssembly:
     """The results of one input chunk, filled in as its requests finish (any order)."""
 
-    __slots__ = ("pending", "_n", "_vectors", "_results")
+    __slots__ = ("pending", "_n", "_filled", "_vectors", "_results")
 
     def __init__(self, n: int) -> None:
         self.pending = n
         self._n = n
+        self._filled = 0  # ok rows, whose vectors are set
         self._vectors: np.ndarray | None = None  # allocated once the vector size is known
         self._results = EmbedResults(
             vectors=np.zeros((n, 0), dtype=np.float32),
@@ -125,9 +126,12 @@ class ChunkAssembly:
     ) -> None:
         """Store ok rows: ``vectors[i]`` belongs to ``rows[i]``."""
         if self._vectors is None:
-            self._vectors = np.zeros((self._n, vectors.shape[1]), dtype=np.float32)
+            # Not np.zeros: ok rows are overwritten anyway, and the others are zeroed at the
+            # end, so most chunks never write a zero into their megabytes of vectors.
+            self._vectors = np.empty((self._n, vectors.shape[1]), dtype=np.float32)
         r = self._results
         first, count = int(rows[0]), len(rows)
+        self._filled += count
         r.prompt_tokens[rows] = prompt_tokens
         r.total_tokens[rows] = total_tokens
         r.attempts[rows] = attempts
@@ -150,6 +154,8 @@ class ChunkAssembly:
     def results(self, dims: int | None) -> EmbedResults:
         """The finished results; ``dims`` sizes the zero vectors when no row is ok."""
         if self._vectors is not None:
+            if self._filled < self._n:  # rows that are not ok get zero vectors
+                self._vectors[[status != "ok" for status in self._results.status]] = 0
             self._results.vectors = self._vectors
         elif dims:
             self._results.vectors = np.zeros((self._n, dims), dtype=np.float32)

@@ -29,6 +29,7 @@ from sparkembed.errors import (
     TransportError,
 )
 from sparkembed.metrics import Metrics
+from sparkembed.streaming import ChunkAssembly
 from sparkembed.tokens import estimate_tokens
 
 DIMS = 8
@@ -189,6 +190,21 @@ def test_blank_rows_are_skipped_never_sent_and_non_text_fails() -> None:
     assert rig.backend.calls == [["real text"]]
     assert not results.vectors[[0, 1, 2, 3, 5]].any()
     np.testing.assert_array_equal(results.vectors[4], vector_for("real text"))
+
+
+def test_rows_that_are_not_ok_get_zero_vectors_whatever_the_memory_held() -> None:
+    stale = np.full((4, 8), 7.0, dtype=np.float32)
+    del stale  # numpy hands small freed buffers out again: the chunk's vectors start as 7s
+    chunk = ChunkAssembly(4)
+    ones = np.ones((2, 8), dtype=np.float32)
+    tokens = np.zeros(2, dtype=np.int64)
+    chunk.fill(np.array([0, 2]), ones, tokens, tokens, attempts=1, request_id="r", model="m")
+    chunk.fail(np.array([1]), "boom", attempts=3)
+    chunk.finish_rows([3], "skipped", "skipped: empty text")
+    results = chunk.results(8)
+    assert results.status == ["ok", "failed", "ok", "skipped"]
+    np.testing.assert_array_equal(results.vectors[[0, 2]], ones)
+    assert not results.vectors[[1, 3]].any()
 
 
 def test_an_all_blank_chunk_sends_nothing() -> None:
