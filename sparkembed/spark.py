@@ -91,7 +91,7 @@ class PartitionJob:
     def _to_arrow(self, batch: pa.RecordBatch, out: Combined) -> pa.RecordBatch:
         n = len(out.status)
         rows = pa.array(out.row)
-        hashes = pa.array([text_hash(t) for t in batch.column(self.text_col).to_pylist()], pa.string())
+        hashes = text_hashes(batch.column(self.text_col))
         status = pa.array(out.status, pa.string())
         ok = pc.equal(status, "ok").to_numpy(zero_copy_only=False)
         whole = out.chunk_start == NO_OFFSET
@@ -128,11 +128,19 @@ def _repeat(value: object, type_: pa.DataType, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(value, type_), n)
 
 
-def text_hash(text: str | None) -> str | None:
-    """Hex sha256 of the UTF-8 text; None for a null text."""
-    if text is None:
-        return None
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+def text_hashes(texts: pa.Array) -> pa.Array:
+    """Hex sha256 of each text's UTF-8, as Spark's ``sha2(text, 256)``; null for a null text.
+
+    Read from the Arrow buffers, so no Python string is built for it.
+    """
+    wide = pa.types.is_large_string(texts.type)
+    bounds = np.frombuffer(texts.buffers()[1], dtype=np.int64 if wide else np.int32)
+    offsets = bounds[texts.offset : texts.offset + len(texts) + 1].tolist()
+    data = memoryview(texts.buffers()[2] or b"")
+    spans = zip(offsets[:-1], offsets[1:], strict=True)
+    hexes = [hashlib.sha256(data[start:end]).hexdigest() for start, end in spans]
+    nulls = texts.is_null().to_numpy(zero_copy_only=False) if texts.null_count else None
+    return pa.array(hexes, pa.string(), mask=nulls)
 
 
 def vectors_to_arrow(vectors: np.ndarray, ok: np.ndarray) -> pa.Array:
