@@ -77,6 +77,26 @@ def test_a_special_token_split_across_two_texts_counts_each_text_alone() -> None
     assert WordLlamaPieceCounter().count(texts) == wordllama_local.count_tokens(texts)
 
 
+def test_only_pieces_seen_twice_are_cached() -> None:
+    counter = WordLlamaPieceCounter()
+    calls: list[str] = []
+    bpe = counter._bpe
+
+    class Spy:
+        def tokenize(self, piece: str) -> list[object]:
+            calls.append(piece)
+            return bpe.tokenize(piece)
+
+    counter._bpe = Spy()
+    want = wordllama_local.count_tokens(["common words here [1]", "common words here [2]", "common [3]"])
+    assert counter.count(["common words here [1]"]) == want[:1]  # all new: counted, not cached
+    assert counter.count(["common words here [2]"]) == want[1:2]  # seen again: cached now
+    assert counter.count(["common [3]"]) == want[2:]
+    # "common words here" went to the tokenizer twice, then came from the cache; ids once each.
+    words = ["▁common", "▁words", "▁here"]
+    assert sorted(calls) == sorted([*words, "▁[1]", *words, "▁[2]", "▁[3]"])
+
+
 def test_the_hash_model_bills_wordllama_tokens_and_keeps_no_encodings() -> None:
     texts = ["hello world", "a  b ", "<s>x", "日本語 text"]
     prepared = HashModel(16).prepare(texts)

@@ -172,19 +172,22 @@ class WordLlamaPieceCounter:
     that follows a character other than a space or "▁". Cut there, each piece is tokenized with
     its own prepended marker exactly as inside the whole text, and the counts add up. Pieces are
     mostly words, which repeat, so their counts are cached (up to ``max_pieces``, pieces of at
-    most ``max_piece_chars``). A text holding ``<s>``, ``</s>`` or ``<unk>`` (matched in the raw
-    text, before normalisation) is counted whole. tests/test_server_token_counts.py checks the
-    counts against the tokenizer on hostile texts.
+    most ``max_piece_chars``). Only pieces seen a second time are cached: ids, numbers and typos
+    that never come back would grow the cache tenfold, and lookups in a cache that no longer
+    fits the CPU's caches cost several times more. A text holding ``<s>``, ``</s>`` or
+    ``<unk>`` (matched in the raw text, before normalisation) is counted whole.
+    tests/test_server_token_counts.py checks the counts against the tokenizer on hostile texts.
 
         counter = WordLlamaPieceCounter()
         counter.count(["hello world", "hello"])   # [2, 1], as wordllama_local.count_tokens
     """
 
-    __slots__ = ("_bpe", "_counts", "_max_pieces", "_max_piece_chars")
+    __slots__ = ("_bpe", "_counts", "_seen_once", "_max_pieces", "_max_piece_chars")
 
     def __init__(self, max_pieces: int = 200_000, max_piece_chars: int = 64) -> None:
         self._bpe = wordllama_local.load_tokenizer().model
         self._counts: dict[str, int] = {}
+        self._seen_once: set[str] = set()  # counted once, cached if seen again
         self._max_pieces = max_pieces
         self._max_piece_chars = max_piece_chars
 
@@ -214,10 +217,18 @@ class WordLlamaPieceCounter:
         if missing:
             new = {piece: self._count_piece(piece) for piece in {pieces[i] for i in missing}}
             tokens[missing] = [new[pieces[i]] for i in missing]
-            if len(counts) > self._max_pieces:
-                counts.clear()
-            counts.update((piece, n) for piece, n in new.items() if len(piece) <= self._max_piece_chars)
+            self._remember(new)
         return tokens
+
+    def _remember(self, new: dict[str, int]) -> None:
+        """Cache the pieces seen before; note the others as seen once."""
+        seen, counts = self._seen_once, self._counts
+        again = {piece: n for piece, n in new.items() if piece in seen}
+        for table in (seen, counts):
+            if len(table) > self._max_pieces:
+                table.clear()
+        counts.update(again)
+        seen.update(piece for piece in new if len(piece) <= self._max_piece_chars)
 
     def _count_piece(self, piece: str) -> int:
         if _has_special_token(piece):  # a whole text: special tokens are matched before BPE
