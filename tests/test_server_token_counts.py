@@ -51,11 +51,12 @@ def test_counts_equal_the_whole_text_tokenizer_on_hostile_texts(seed: int) -> No
     assert counted == wordllama_local.count_tokens(texts)
 
 
-def test_counts_equal_the_tokenizer_on_prose_whether_a_request_is_plain_or_not() -> None:
+@pytest.mark.parametrize("max_pieces", [200_000, 30])  # 30: the cache fills up and restarts
+def test_counts_equal_the_tokenizer_on_prose_whether_a_request_is_plain_or_not(max_pieces: int) -> None:
     texts = prose_texts(1200, seed=2)
-    counter = WordLlamaPieceCounter()
+    counter = WordLlamaPieceCounter(max_pieces=max_pieces)
     want = wordllama_local.count_tokens(texts)
-    for start in range(0, len(texts), 200):
+    for start in [*range(0, len(texts), 200), *range(0, len(texts), 200)]:  # twice: from the cache
         plain = texts[start : start + 100]  # split as one string
         mixed = [*texts[start + 100 : start + 200], "  odd  spacing ", "", "</s> end"]
         assert counter.count(plain) == want[start : start + 100]
