@@ -98,6 +98,23 @@ def test_only_pieces_seen_twice_are_cached() -> None:
     assert sorted(calls) == sorted([*words, "▁[1]", *words, "▁[2]", "▁[3]"])
 
 
+def test_a_piece_that_comes_back_only_much_later_is_not_cached() -> None:
+    counter = WordLlamaPieceCounter(recent_pieces=3)
+    calls: list[str] = []
+    bpe = counter._bpe
+
+    class Spy:
+        def tokenize(self, piece: str) -> list[object]:
+            calls.append(piece)
+            return bpe.tokenize(piece)
+
+    counter._bpe = Spy()
+    for text in ["x1 x2 x3 x4", "y1 y2 y3 y4", "x1", "x1", "x1"]:
+        assert counter.count([text]) == wordllama_local.count_tokens([text])
+    # x1 came back after four other pieces: counted again, then cached when it came back at once.
+    assert calls.count("▁x1") == 3
+
+
 def test_the_hash_model_bills_wordllama_tokens_and_keeps_no_encodings() -> None:
     texts = ["hello world", "a  b ", "<s>x", "日本語 text"]
     prepared = HashModel(16).prepare(texts)

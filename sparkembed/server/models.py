@@ -172,10 +172,11 @@ class WordLlamaPieceCounter:
     that follows a character other than a space or "▁". Cut there, each piece is tokenized with
     its own prepended marker exactly as inside the whole text, and the counts add up. Pieces are
     mostly words, which repeat, so their counts are cached (up to ``max_pieces``, pieces of at
-    most ``max_piece_chars``). Only pieces seen a second time are cached: ids, numbers and typos
-    that never come back would grow the cache tenfold, and lookups in a cache that no longer
-    fits the CPU's caches cost several times more. Requests of plain texts look their words up
-    in an Arrow copy of the cache, rebuilt when the cache changes. A text holding ``<s>``, ``</s>`` or
+    most ``max_piece_chars``). Requests of plain texts look their words up in an Arrow copy of
+    the cache, rebuilt when the cache changes. A piece is cached only when it comes back within
+    the next ``recent_pieces`` uncached pieces (about 15 requests of prose): ids, numbers and
+    typos that never come back, or only when a corpus is sent again, would grow the cache
+    tenfold, and Arrow hashes the whole cache for every lookup. A text holding ``<s>``, ``</s>`` or
     ``<unk>`` (matched in the raw text, before normalisation) is counted whole.
     tests/test_server_token_counts.py checks the counts against the tokenizer on hostile texts.
 
@@ -183,13 +184,24 @@ class WordLlamaPieceCounter:
         counter.count(["hello world", "hello"])   # [2, 1], as wordllama_local.count_tokens
     """
 
-    __slots__ = ("_bpe", "_counts", "_in_arrow", "_seen_once", "_max_pieces", "_max_piece_chars")
+    __slots__ = (
+        "_bpe",
+        "_counts",
+        "_in_arrow",
+        "_seen_once",
+        "_recent_pieces",
+        "_max_pieces",
+        "_max_piece_chars",
+    )
 
-    def __init__(self, max_pieces: int = 200_000, max_piece_chars: int = 64) -> None:
+    def __init__(
+        self, max_pieces: int = 50_000, max_piece_chars: int = 64, recent_pieces: int = 16_384
+    ) -> None:
         self._bpe = wordllama_local.load_tokenizer().model
         self._counts: dict[str, int] = {}
         self._in_arrow: tuple[pc.SetLookupOptions, np.ndarray] | None = None  # _counts for Arrow
-        self._seen_once: set[str] = set()  # counted once, cached if seen again
+        self._seen_once: set[str] = set()  # counted lately, cached if seen again soon
+        self._recent_pieces = recent_pieces
         self._max_pieces = max_pieces
         self._max_piece_chars = max_piece_chars
 
@@ -240,10 +252,10 @@ class WordLlamaPieceCounter:
         return tokens
 
     def _remember(self, new: dict[str, int]) -> None:
-        """Cache the pieces seen before; note the others as seen once."""
+        """Cache the pieces seen lately; note the others as seen."""
         seen, counts = self._seen_once, self._counts
         again = {piece: n for piece, n in new.items() if piece in seen}
-        if len(seen) > self._max_pieces:
+        if len(seen) > self._recent_pieces:
             seen.clear()
         if again:
             if len(counts) > self._max_pieces:
