@@ -78,8 +78,8 @@ def test_a_special_token_split_across_two_texts_counts_each_text_alone() -> None
     assert WordLlamaPieceCounter().count(texts) == wordllama_local.count_tokens(texts)
 
 
-def test_only_pieces_seen_twice_are_cached() -> None:
-    counter = WordLlamaPieceCounter()
+def spy_on_tokenizer(counter: WordLlamaPieceCounter) -> list[str]:
+    """The pieces ``counter`` hands its BPE model from now on, in order."""
     calls: list[str] = []
     bpe = counter._bpe
 
@@ -89,6 +89,12 @@ def test_only_pieces_seen_twice_are_cached() -> None:
             return bpe.tokenize(piece)
 
     counter._bpe = Spy()
+    return calls
+
+
+def test_only_pieces_seen_twice_are_cached() -> None:
+    counter = WordLlamaPieceCounter()
+    calls = spy_on_tokenizer(counter)
     want = wordllama_local.count_tokens(["common words here [1]", "common words here [2]", "common [3]"])
     assert counter.count(["common words here [1]"]) == want[:1]  # all new: counted, not cached
     assert counter.count(["common words here [2]"]) == want[1:2]  # seen again: cached now
@@ -100,15 +106,7 @@ def test_only_pieces_seen_twice_are_cached() -> None:
 
 def test_a_piece_that_comes_back_only_much_later_is_not_cached() -> None:
     counter = WordLlamaPieceCounter(recent_pieces=3)
-    calls: list[str] = []
-    bpe = counter._bpe
-
-    class Spy:
-        def tokenize(self, piece: str) -> list[object]:
-            calls.append(piece)
-            return bpe.tokenize(piece)
-
-    counter._bpe = Spy()
+    calls = spy_on_tokenizer(counter)
     for text in ["x1 x2 x3 x4", "y1 y2 y3 y4", "x1", "x1", "x1"]:
         assert counter.count([text]) == wordllama_local.count_tokens([text])
     # x1 came back after four other pieces: counted again, then cached when it came back at once.
