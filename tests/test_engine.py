@@ -13,6 +13,7 @@ import itertools
 import json
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -192,9 +193,17 @@ def test_blank_rows_are_skipped_never_sent_and_non_text_fails() -> None:
     np.testing.assert_array_equal(results.vectors[4], vector_for("real text"))
 
 
-def test_rows_that_are_not_ok_get_zero_vectors_whatever_the_memory_held() -> None:
-    stale = np.full((4, 8), 7.0, dtype=np.float32)
-    del stale  # numpy hands small freed buffers out again: the chunk's vectors start as 7s
+def test_rows_that_are_not_ok_get_zero_vectors_whatever_the_memory_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_empty = np.empty
+
+    def stale_empty(*args: Any, **kwargs: Any) -> np.ndarray:
+        array = real_empty(*args, **kwargs)
+        array.fill(7)  # what freed memory may hold
+        return array
+
+    monkeypatch.setattr(np, "empty", stale_empty)
     chunk = ChunkAssembly(4)
     ones = np.ones((2, 8), dtype=np.float32)
     tokens = np.zeros(2, dtype=np.int64)

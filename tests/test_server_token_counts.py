@@ -8,7 +8,8 @@ from pydoc_data.topics import topics
 import pytest
 
 from sparkembed import wordllama_local
-from sparkembed.server.models import HashModel, WordLlamaPieceCounter
+from sparkembed.server.models import HashModel
+from sparkembed.server.token_counts import WordLlamaPieceCounter
 
 # Every way a text can make the piece-wise count differ from the whole-text one: runs of
 # spaces, spaces at either end, the word marker itself, special tokens in the raw text,
@@ -75,6 +76,11 @@ def test_one_text_that_is_not_plain_sends_its_request_the_exact_way(odd: str) ->
 
 def test_a_special_token_split_across_two_texts_counts_each_text_alone() -> None:
     texts = ["ends in <", "s> starts", "<", "/s>", "a <un", "k> b", *["<x>"] * 300]
+    assert WordLlamaPieceCounter().count(texts) == wordllama_local.count_tokens(texts)
+
+
+def test_a_special_token_among_much_markup_is_found() -> None:
+    texts = [*["<x>"] * 300, "c </s>"]  # over 256 "<": searched for token by token
     assert WordLlamaPieceCounter().count(texts) == wordllama_local.count_tokens(texts)
 
 
