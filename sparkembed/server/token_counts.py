@@ -26,12 +26,12 @@ class WordLlamaPieceCounter:
     that follows a character other than a space or "▁". Cut there, each piece is tokenized with
     its own prepended marker exactly as inside the whole text, and the counts add up. Pieces are
     mostly words, which repeat, so their counts are cached (up to ``max_pieces``, pieces of at
-    most ``max_piece_chars``). Requests of plain texts look their words up in an Arrow copy of
-    the cache, rebuilt when the cache changes. A piece is cached only when it comes back within
-    the next ``recent_pieces`` uncached pieces (about 15 requests of prose): ids, numbers and
-    typos that never come back, or only when a corpus is sent again, would grow the cache
-    tenfold, and Arrow hashes the whole cache for every lookup. A text holding ``<s>``, ``</s>`` or
-    ``<unk>`` (matched in the raw text, before normalisation) is counted whole.
+    most ``max_piece_chars``), and looked up in an Arrow copy of the cache, rebuilt when the
+    cache changes. A piece is cached only when it comes back within the next ``recent_pieces``
+    uncached pieces (about 15 requests of prose): ids, numbers and typos that never come back,
+    or only when a corpus is sent again, would grow the cache tenfold, and Arrow hashes the
+    whole cache for every lookup. A text holding ``<s>``, ``</s>`` or ``<unk>`` (matched in the
+    raw text, before normalisation) is counted whole.
     tests/test_server_token_counts.py checks the counts against the tokenizer on hostile texts.
 
         counter = WordLlamaPieceCounter()
@@ -68,40 +68,35 @@ class WordLlamaPieceCounter:
             # Arrow splits the texts and looks their words up in the cache, in C++: only the
             # uncached ones become Python strings.
             pieces = pc.split_pattern(array, " ")
-            tokens = self._word_tokens(pieces.flatten())
+            tokens = self._piece_tokens(pieces.flatten(), plain=True)
             starts = pieces.offsets.to_numpy()[:-1]  # no text is empty, so none has no piece
         else:
             split = [_pieces(text) for text in texts]
-            tokens = self._piece_tokens(list(itertools.chain.from_iterable(split)))
+            pieces = pa.array(itertools.chain.from_iterable(split), pa.string())
+            tokens = self._piece_tokens(pieces, plain=False)
             sizes = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
             starts = np.cumsum(sizes) - sizes
         return np.add.reduceat(tokens, starts).tolist()
 
-    def _word_tokens(self, words: pa.StringArray) -> np.ndarray:
-        """Tokens of pieces with no space and no special token."""
+    def _piece_tokens(self, pieces: pa.StringArray, *, plain: bool) -> np.ndarray:
+        """Tokens of each piece: cached ones found by Arrow, the others counted here (``plain``:
+        no piece holds a space or a special token, so each goes straight to the BPE model)."""
         if self._in_arrow is None:
             keys = pa.array(list(self._counts), pa.string())
             values = np.fromiter(self._counts.values(), dtype=np.int64, count=len(self._counts))
             self._in_arrow = pc.SetLookupOptions(keys), values
         lookup, cached = self._in_arrow
-        found = pc.index_in(words, options=lookup).fill_null(-1).to_numpy()
-        tokens = cached[found] if len(cached) else np.zeros(len(words), dtype=np.int64)
+        found = pc.index_in(pieces, options=lookup).fill_null(-1).to_numpy()
+        tokens = cached[found] if len(cached) else np.zeros(len(pieces), dtype=np.int64)
         missing = np.flatnonzero(found < 0)
         if missing.size:
-            uncached = words.take(pa.array(missing)).to_pylist()
-            tokenize = self._bpe.tokenize
-            new = {word: len(tokenize(_MARKER + word)) for word in set(uncached)}
-            tokens[missing] = [new[word] for word in uncached]
-            self._remember(new)
-        return tokens
-
-    def _piece_tokens(self, pieces: list[str]) -> np.ndarray:
-        counts = self._counts
-        tokens = np.fromiter(map(counts.get, pieces, itertools.repeat(-1)), dtype=np.int64, count=len(pieces))
-        missing = np.flatnonzero(tokens < 0).tolist()
-        if missing:
-            new = {piece: self._count_piece(piece) for piece in {pieces[i] for i in missing}}
-            tokens[missing] = [new[pieces[i]] for i in missing]
+            uncached = pieces.take(pa.array(missing)).to_pylist()
+            if plain:
+                tokenize = self._bpe.tokenize
+                new = {piece: len(tokenize(_MARKER + piece)) for piece in set(uncached)}
+            else:
+                new = {piece: self._count_piece(piece) for piece in set(uncached)}
+            tokens[missing] = [new[piece] for piece in uncached]
             self._remember(new)
         return tokens
 
