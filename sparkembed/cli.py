@@ -52,6 +52,12 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
         default=None,
         help="replace a target made with another model, dimensions or input_type",
     )
+    p.add_argument(
+        "--fail-on-existing-failures",
+        action="store_true",
+        default=None,
+        help="exit 1 while rows that failed in earlier runs remain (without --retry-failed)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set limits.concurrency=8")  # fmt: skip
     return p
@@ -65,7 +71,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         "source": "source.path", "target": "target.path", "endpoint": "endpoint.url",
         "model": "endpoint.model", "id_col": "source.id_col", "text_col": "source.text_col",
         "mode": "target.mode", "prune": "run.prune", "retry_failed": "run.retry_failed",
-        "reembed_all": "run.reembed_all",
+        "reembed_all": "run.reembed_all", "fail_on_existing_failures": "run.fail_on_existing_failures",
     }  # fmt: skip
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
@@ -111,10 +117,12 @@ def _executor_error(exc: Exception) -> tuple[str, str] | None:
     return (found[-1].group(1), found[-1].group(2).strip()) if found else None
 
 
-def _fail(kind: str, message: str) -> int:
-    """Exit 2 with the error on stderr and as the JSON last line."""
+def _fail(kind: str, message: str, exc: BaseException | None = None) -> int:
+    """Exit 2 with the error on stderr and as the JSON last line, with what the run spent."""
     print(f"sparkembed: error: {message}", file=sys.stderr)
-    print(json.dumps({"error": message, "error_type": kind}), flush=True)
+    summary = getattr(exc, "run_summary", None)
+    spent = summary.to_json() if summary is not None else {}
+    print(json.dumps(spent | {"error": message, "error_type": kind}), flush=True)
     return 2
 
 
@@ -138,14 +146,30 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
                 if ours:  # a session we built: stop it, so event logs and executors close cleanly
                     spark.stop()
     except SparkEmbedError as exc:
-        return _fail(type(exc).__name__, str(exc))
+        return _fail(type(exc).__name__, str(exc), exc)
     except Exception as exc:  # a task raised: Spark wraps our error in its own
         found = _executor_error(exc)
         if found is None:
             raise
-        return _fail(*found)
+        return _fail(*found, exc)
+    if summary.stop_signal is not None:
+        done = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
+        print(
+            f"sparkembed: interrupted after wave {summary.waves}: {done:,} rows committed; "
+            "rerun the same command to continue",
+            file=sys.stderr,
+        )
+        print(json.dumps(summary.to_json()), flush=True)
+        return 128 + summary.stop_signal
     print(json.dumps(summary.to_json()), flush=True)
     if summary.failed_fraction > config.run.max_failed_fraction:
+        return 1
+    if config.run.fail_on_existing_failures and summary.failed_before:
+        print(
+            f"sparkembed: {summary.failed_before} ids still have failed rows from earlier runs "
+            "(--fail-on-existing-failures); rerun with --retry-failed to embed them again",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -188,6 +212,11 @@ def cache_tokenizer_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # Other libraries' INFO is noise here: azure-core dumps every request's headers, py4j
+        # announces its shutdown after the run's last line. At DEBUG they stay as asked.
+        for noisy in ("azure", "py4j"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in {"-h", "--help"}:
         print(
             "usage: sparkembed {run,estimate,serve,report,cache-tokenizer} ...  (sparkembed COMMAND --help)"

@@ -145,11 +145,20 @@ class TargetConfig(_Frozen):
 
 class RunConfig(_Frozen):
     commit_every_rows: int = Field(default=50_000, ge=1)
+    """A wave commits at most this many rows..."""
+    commit_every_tokens: int = Field(default=5_000_000, ge=1)
+    """...and about this many estimated tokens (money at risk in one wave)..."""
+    commit_every_seconds: float = Field(default=300.0, gt=0)
+    """...and about this many seconds of work (from the quota, then from measured speed)."""
+    fail_on_existing_failures: bool = False
+    """Exit 1 while failed rows from earlier runs remain (they are left alone without retry_failed)."""
     max_failed_fraction: float = Field(default=0.0, ge=0, le=1)
     partitions: int | None = Field(default=None, ge=1)
     spark_master: str | None = None
     """Used only when sparkembed builds the session itself (CLI, local mode)."""
     log_dir: str = "runs"
+    """Run logs, and the folder tasks write their spend to: on a cluster, a path every node
+    sees (e.g. ``/dbfs/...``) gives live progress, full spend and a prompt stop."""
     prune: bool = False
     retry_failed: bool = False
     reembed_all: bool = False

@@ -53,6 +53,10 @@ REQUESTS_PER_QUOTA_MINUTE = 10
 pacing stays smooth and workers' first requests together fit in the service's bucket."""
 
 
+def _never() -> bool:
+    return False
+
+
 class Embedder:
     """Embeds streams of texts through one backend, limiter and retry policy.
 
@@ -93,7 +97,10 @@ class Embedder:
         return self._dims
 
     def embed_stream(
-        self, chunks: Iterable[Any], metrics: Metrics | None = None
+        self,
+        chunks: Iterable[Any],
+        metrics: Metrics | None = None,
+        stop: Callable[[], bool] = _never,
     ) -> Generator[EmbedResults, None, None]:
         """Embed chunks of texts lazily; yield one :class:`EmbedResults` per chunk, in order.
 
@@ -103,18 +110,22 @@ class Embedder:
         Requests are packed across chunk boundaries. Input is read only as far as
         the in-flight requests allow, so memory stays bounded on endless input.
 
+        Once ``stop()`` is true, no request is sent or retried any more: rows not yet
+        answered end with status ``unsent``. The caller stops feeding chunks.
+
         Raises:
             EndpointConfigError: the service refused the setup (401/403/404/422).
             QuotaExhaustedError: with ``retry.on_quota_exhausted: stop``.
         """
         metrics = metrics if metrics is not None else Metrics()
         stream = RowStream(
-            lambda texts, estimates: self._loop.submit(self._embed_batch(texts, estimates, metrics)),
+            lambda texts, estimates: self._loop.submit(self._embed_batch(texts, estimates, metrics, stop)),
             max_inputs=self.config.batching.max_inputs,
             max_request_tokens=request_token_cap(self.config),
             concurrency=self.config.limits.concurrency,
             dimensions=lambda: self._dims,
             metrics=metrics,
+            stop=stop,
         )
         try:
             for chunk in chunks:
@@ -156,27 +167,38 @@ class Embedder:
 
     # -- async core: runs on the process loop -------------------------------------------
 
-    async def _embed_batch(self, texts: list[str], estimates: np.ndarray, metrics: Metrics) -> list[Segment]:
+    async def _embed_batch(
+        self, texts: list[str], estimates: np.ndarray, metrics: Metrics, stop: Callable[[], bool]
+    ) -> list[Segment]:
         """Embed one packed batch; on a 400, bisect until the bad inputs stand alone."""
-        segment = await self._send(texts, estimates, metrics)
+        segment = await self._send(texts, estimates, metrics, stop)
         failure = segment.failure
         if len(texts) == 1 or not (isinstance(failure, ServiceError) and failure.status in BISECT_STATUSES):
             return [segment]
         mid = len(texts) // 2
-        left = await self._embed_batch(texts[:mid], estimates[:mid], metrics)
-        right = await self._embed_batch(texts[mid:], estimates[mid:], metrics)
+        left = await self._embed_batch(texts[:mid], estimates[:mid], metrics, stop)
+        right = await self._embed_batch(texts[mid:], estimates[mid:], metrics, stop)
         return left + [replace(s, start=s.start + mid, stop=s.stop + mid) for s in right]
 
-    async def _send(self, texts: list[str], estimates: np.ndarray, metrics: Metrics) -> Segment:
-        """One request with retries: a response, or why its rows failed."""
+    async def _send(
+        self, texts: list[str], estimates: np.ndarray, metrics: Metrics, stop: Callable[[], bool] = _never
+    ) -> Segment:
+        """One request with retries: a response, why its rows failed, or unsent when stopping."""
         if self._exhausted and self._clock() < self._exhausted[0]:
             reason = self._exhausted[1]
             return Segment(0, len(texts), 0, error=reason, failure=QuotaExhaustedError(reason))
         tokens = int(estimates.sum())
         started, waited, attempt = self._clock(), 0.0, 0
         while True:
+            if stop():
+                metrics.limiter_wait_s += waited
+                return Segment(0, len(texts), attempt, unsent=True)
             attempt += 1
             waited += await self._limiter.acquire(tokens)
+            if stop():  # the wait for quota may have been long: hand the quota back
+                self._limiter.settle(tokens, 0)
+                metrics.limiter_wait_s += waited
+                return Segment(0, len(texts), attempt - 1, unsent=True)
             try:
                 response = await self._attempt(texts, attempt, metrics)
             except (ServiceError, TransportError) as error:

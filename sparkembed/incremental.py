@@ -146,5 +146,5 @@ def _check_columns(target: DataFrame, source: DataFrame, config: EmbedConfig) ->
         diff = sorted({f"{k} {v}" for k, v in have.items() ^ wanted.items()})
         raise ConfigError(
             f"target {config.target.path} has other columns than this run writes ({', '.join(diff)}): "
-            "check source.id_col's type and source.passthrough, or use --mode overwrite or a new --target"
+            "check source.id_col's type and source.passthrough, or give a new --target"
         )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +24,17 @@ from sparkembed.config import EmbedConfig
 from sparkembed.engine import Embedder
 from sparkembed.errors import ConfigError
 from sparkembed.incremental import other_fingerprint_ids, plan_work, read_target
+from sparkembed.runlog import read_spend, request_stop
 from sparkembed.sources import check_ids, read_source, select_input
+from sparkembed.tokens import BYTES_PER_TOKEN
 from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
+from sparkembed.waves_plan import BUCKETS, WaveLimits, WavePlanner
 
 log = logging.getLogger(__name__)
 
 COUNTERS = ("ok_rows", "skipped_rows", "failed_rows", "requests", "retries", "throttled",
-            "prompt_tokens", "total_tokens")  # fmt: skip
+            "prompt_tokens", "total_tokens", "dropped_tokens")  # fmt: skip
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclass
@@ -42,7 +49,17 @@ class RunSummary:
     tokens_per_minute: int | None = None
     requests_per_minute: int | None = None
     error_reasons: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    tokens_billed: int = 0
+    """Every successful response's usage, task attempts that failed or never committed included."""
+    failed_before: int = 0
+    """Ids with failed rows from earlier runs, left as they are."""
+    waves: int = 0
+    stopped: str | None = None
+    """``signal`` when SIGINT/SIGTERM stopped the run after committing what was done."""
+    stop_signal: int | None = None
+    error: str | None = None
 
     def add(self, metrics: dict[str, Any]) -> None:
         for key in COUNTERS:
@@ -52,7 +69,12 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         done = sum(self.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
-        extra = {"top_errors": self.error_reasons} if self.error_reasons else {}
+        extra: dict[str, Any] = {"top_errors": self.error_reasons} if self.error_reasons else {}
+        if self.stopped:
+            extra["stopped"] = self.stopped
+        if self.error:
+            extra["error"] = self.error
+        in_table = self.counts["prompt_tokens"] - self.counts["dropped_tokens"]
         return extra | {
             "run_id": self.run_id,
             "rows_ok": self.counts["ok_rows"],
@@ -62,12 +84,16 @@ class RunSummary:
             "retries": self.counts["retries"],
             "throttled_429": self.counts["throttled"],
             "prompt_tokens": self.counts["prompt_tokens"],
+            "tokens_in_table": in_table,
+            "tokens_billed": max(self.tokens_billed, self.counts["prompt_tokens"]),
+            "failed_before": self.failed_before,
+            "waves": self.waves,
             "limiter_wait_s": round(self.limiter_wait_s, 3),
             "pruned_ids": self.pruned,
             "seconds": round(self.seconds, 3),
             "rows_per_s": round(done / self.seconds, 1) if self.seconds else 0.0,
             "estimated_cost_usd": round(
-                self.counts["prompt_tokens"] * self.price_per_million_tokens / 1e6, 6
+                max(self.tokens_billed, self.counts["prompt_tokens"]) * self.price_per_million_tokens / 1e6, 6
             ),
         }
 
@@ -101,6 +127,7 @@ def prepare(
     if not config.target.path:
         raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
     config = _absolute_target(config)
+    check_target_location(config)
     if source is None:
         source = read_source(spark, config.source)
     df = select_input(source, config.source)
@@ -116,6 +143,42 @@ def prepare(
     workers = min(config.run.partitions or parallelism, parallelism)
     limits = config.limits.model_copy(update={"workers": max(1, workers)})
     return df, config.model_copy(update={"limits": limits, "endpoint": endpoint}), rows
+
+
+def check_target_location(config: EmbedConfig) -> None:
+    """Refuse, before anything is paid for, a target that would mean writing among others' files.
+
+    Raises:
+        ConfigError: the target is the source, a file, or a folder that is neither empty, nor
+            a Delta table, nor holding only sparkembed's own files of a first wave that crashed.
+    """
+    from sparkembed.sinks.files import foreign_entries
+
+    target = str(config.target.path)
+    source = config.source.path
+    if source and _same_location(source, target):
+        raise ConfigError(f"the target {target} is the source table: give another --target")
+    if not ("/" in target or "\\" in target):
+        return  # a catalog table: the catalog says what it is
+    try:
+        found = foreign_entries(target)
+    except Exception as exc:  # a store this driver cannot list (no credentials here): the sink checks
+        log.warning("could not list target %s before the run (%s)", target, exc)
+        return
+    if not found:
+        return
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise ConfigError(
+        f"target {target} exists and is not a Delta table ({shown}): sparkembed never writes "
+        "among other files. Give a new or empty folder, or an existing Delta table"
+    )
+
+
+def _same_location(a: str, b: str) -> bool:
+    def norm(p: str) -> str:
+        return p.rstrip("/") if "://" in p else os.path.realpath(p)
+
+    return norm(a) == norm(b)
 
 
 def _materialize(todo: DataFrame) -> DataFrame:
@@ -159,8 +222,14 @@ def run(
 ) -> RunSummary:
     """Embed ``source`` (default: read ``config.source``) into ``config.target``.
 
-    Only rows the target lacks are embedded (see :mod:`sparkembed.incremental`).
-    Commits every ``run.commit_every_rows`` rows, so a crash loses one wave at most.
+    Only rows the target lacks are embedded (see :mod:`sparkembed.incremental`). Waves
+    commit on their own and are bounded by rows, tokens and time (``run.commit_every_*``),
+    so a crash loses one short wave at most. On SIGINT or SIGTERM (main thread only) tasks
+    stop sending, what is done is committed, and the summary says ``stopped``.
+
+    Raises:
+        SparkEmbedError: and any other error; the exception then carries the run's
+            summary so far as ``run_summary`` (what was committed and what was billed).
     """
     started = time.monotonic()
     summary = RunSummary(
@@ -169,41 +238,168 @@ def run(
         tokens_per_minute=config.limits.tokens_per_minute,
         requests_per_minute=config.limits.requests_per_minute,
     )
-    df, config, source_rows = prepare(spark, config, source)
+    run_dir = str(Path(config.run.log_dir).absolute() / summary.run_id)
+    try:
+        with _stop_on_signals(run_dir, progress) as stop:
+            _run_waves(spark, config, source, summary, run_dir, stop, progress)
+    except BaseException as exc:
+        summary.error = f"{type(exc).__name__}: {exc}"
+        _finish_summary(summary, run_dir, started, config)
+        exc.run_summary = summary  # type: ignore[attr-defined]
+        raise
+    summary.stopped = "signal" if stop.signum else None
+    summary.stop_signal = stop.signum
+    _finish_summary(summary, run_dir, started, config)
+    return summary
+
+
+def _run_waves(
+    spark: SparkSession,
+    config: EmbedConfig,
+    source: DataFrame | None,
+    summary: RunSummary,
+    run_dir: str,
+    stop: _Stop,
+    progress: Callable[[str], None],
+) -> None:
+    started = time.monotonic()
+    df, config, _ = prepare(spark, config, source)
     plan = plan_work(spark, df, config)
+    summary.failed_before = plan.failed_left
     if plan.failed_left:
         progress(
             f"{plan.failed_left} ids have failed rows from earlier runs; left as they are "
             "(rerun with --retry-failed to embed them again)"
         )
     todo = _materialize(plan.todo)
-    total = source_rows if plan.whole_source else todo.count()
+    text = F.col(config.source.text_col)
+    sizes = todo.agg(
+        F.count("*").alias("rows"),
+        F.sum(F.when(text.isNotNull(), F.ceil(F.octet_length(text) / BYTES_PER_TOKEN) + 1)).alias("tokens"),
+    ).first()
+    total, tokens = (int(sizes["rows"]), int(sizes["tokens"] or 0)) if sizes else (0, 0)
     summary.rows_total = total
-    waves = math.ceil(total / config.run.commit_every_rows)
-    progress(f"{total} source rows to embed in {waves} wave(s)")
+    run_limits = config.run
+    planner = WavePlanner(total, tokens, WaveLimits(
+        rows=run_limits.commit_every_rows, tokens=run_limits.commit_every_tokens,
+        seconds=run_limits.commit_every_seconds, tokens_per_minute=config.limits.tokens_per_minute,
+    ))  # fmt: skip
+    progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s)")
     partitions = config.run.partitions or default_parallelism(spark, config)
-    sink = wave_sinks.choose_sink(spark, config)
-    id_col = config.source.id_col
-    for wave in range(waves):
-        part = todo
-        if waves > 1:
-            part = todo.filter(F.expr(f"pmod(xxhash64(`{id_col}`), {waves})") == wave)
-        metrics = sink.write_wave(part.repartition(partitions), config, summary.run_id, wave)
+    sink = wave_sinks.choose_sink(spark, config, run_dir)
+    bucket = F.expr(f"pmod(xxhash64(`{config.source.id_col}`), {BUCKETS})")
+    while not stop.signum and (buckets := planner.next_wave()) is not None:
+        wave = planner.waves_done - 1
+        part = todo if planner.whole else todo.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
+        wave_started = time.monotonic()
+        with _Ticker(progress, run_dir, wave, planner, summary, config, started):
+            metrics = sink.write_wave(part.repartition(partitions), config, summary.run_id, wave)
         summary.add(metrics)
-        _report_progress(progress, summary, wave, waves, time.monotonic() - started)
+        planner.record(seconds=time.monotonic() - wave_started, tokens=int(metrics.get("prompt_tokens", 0)))
+        _report_progress(progress, summary, wave, planner.waves_planned, time.monotonic() - started)
+    summary.waves = planner.waves_done
+    if stop.signum:
+        # Prune and retiring old vectors assume every wave ran: both wait for the rerun.
+        sink.finish(config, summary.run_id)
+        return
     if plan.prune is not None:
-        summary.pruned = sink.prune(plan.prune, config, summary.run_id, version=waves)
+        summary.pruned = sink.prune(plan.prune, config, summary.run_id, version=summary.waves)
         progress(f"pruned {summary.pruned} ids that are gone from the source")
     stale = other_fingerprint_ids(spark, config) if plan.retire_other_fingerprints else None
     if stale is not None:
-        retired = sink.prune(stale, config, summary.run_id, version=waves + 1)
+        retired = sink.prune(stale, config, summary.run_id, version=summary.waves + 1)
         progress(f"deleted {retired} ids left with vectors of the old fingerprint")
     sink.finish(config, summary.run_id)
     if summary.counts["failed_rows"]:
-        summary.error_reasons = top_errors(spark, config, summary.run_id)
+        summary.error_reasons, summary.error_examples = top_errors(spark, config, summary.run_id)
+
+
+def _finish_summary(summary: RunSummary, run_dir: str, started: float, config: EmbedConfig) -> None:
+    """What was billed (every task attempt, committed or not), the time, and the run log."""
+    spend = read_spend(run_dir)
+    summary.tokens_billed = max(spend.tokens_billed, summary.counts["prompt_tokens"])
     summary.seconds = time.monotonic() - started
-    save_run_log(config, summary)
-    return summary
+    try:
+        save_run_log(config, summary)
+    except OSError as exc:  # a run log that cannot be written must not hide the run's outcome
+        log.warning("could not write the run log: %s", exc)
+
+
+@dataclass
+class _Stop:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run_dir: str, progress: Callable[[str], None]) -> Iterator[_Stop]:
+    """First SIGINT/SIGTERM: ask tasks to stop sending (see :mod:`sparkembed.runlog`); second: exit."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals reach only the main thread (a notebook's cell runs there)
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.signum is not None:
+            os._exit(128 + signum)  # asked twice: at once, uncommitted work lost
+        stop.signum = signum
+        request_stop(run_dir)
+        # Not print(): the main thread may be inside a write to stdout right now.
+        os.write(2, (
+            f"sparkembed: {signal.Signals(signum).name}: no new requests; finishing those in flight "
+            "and committing what is done (press Ctrl-C again to exit at once)\n"
+        ).encode())  # fmt: skip
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _Ticker:
+    """Prints progress inside a wave at least every :data:`PROGRESS_EVERY_S` seconds."""
+
+    def __init__(
+        self,
+        progress: Callable[[str], None],
+        run_dir: str,
+        wave: int,
+        planner: WavePlanner,
+        summary: RunSummary,
+        config: EmbedConfig,
+        started: float,
+    ) -> None:
+        self._args = (progress, run_dir, wave, planner, summary, config, started)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sparkembed-progress", daemon=True)
+        self._wave_started = time.monotonic()
+
+    def __enter__(self) -> _Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        progress, run_dir, wave, planner, summary, config, started = self._args
+        while not self._done.wait(PROGRESS_EVERY_S):
+            spend = read_spend(run_dir, wave=wave)
+            elapsed = time.monotonic() - self._wave_started
+            rate = spend.tokens_billed / elapsed * 60 if elapsed else 0.0
+            quota = config.limits.tokens_per_minute
+            of_quota = f" ({100 * rate / quota:.0f} % of quota)" if quota else ""
+            committed = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
+            done = committed + spend.rows_done
+            run_elapsed = time.monotonic() - started
+            eta = (summary.rows_total - done) * run_elapsed / done if done else float("nan")
+            progress(
+                f"wave {wave + 1}/{planner.waves_planned} running: {spend.rows_done:,} rows, "
+                f"{spend.tokens_billed:,} tokens, {rate:,.0f} tokens/min{of_quota}, "
+                f"{spend.throttled} answered 429, ETA {_duration(eta)}"
+            )
 
 
 def _report_progress(
@@ -214,24 +410,49 @@ def _report_progress(
     progress(
         f"wave {wave + 1}/{waves} committed: {done} output rows (chunks included) from "
         f"{summary.rows_total} source rows, {summary.counts['prompt_tokens']} tokens, "
-        f"{done / elapsed if elapsed else 0:.0f} rows/s, ETA {eta:.0f} s"
+        f"{done / elapsed if elapsed else 0:.0f} rows/s, ETA {_duration(eta)}"
     )
 
 
-def top_errors(spark: SparkSession, config: EmbedConfig, run_id: str, limit: int = 10) -> dict[str, int]:
-    """The most common reasons this run's rows failed, read back from the target."""
+def _duration(seconds: float) -> str:
+    if math.isnan(seconds) or seconds < 0:
+        return "unknown"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def top_errors(
+    spark: SparkSession, config: EmbedConfig, run_id: str, limit: int = 10
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The most common reasons this run's rows failed, read back from the target.
+
+    Returns:
+        Rows per reason, and one full example message per reason.
+    """
     table = read_target(spark, config)
     if table is None:
-        return {}
+        return {}, {}
+    failed = table.filter((F.col("run_id") == run_id) & (F.col("status") == "failed"))
+    return error_groups(failed, limit)
+
+
+def error_groups(failed: DataFrame, limit: int = 10) -> tuple[dict[str, int], dict[str, str]]:
+    """Group error messages by cause: numbers (waits, sizes, positions) do not split a group.
+
+    A leading HTTP status stays: ``429 … retry after 167.478 s`` and ``… 167.829 s`` are one
+    reason, ``429 … retry after N s``; a 400 and a 429 are two.
+    """
+    error = F.coalesce(F.col("error"), F.lit(""))
+    status = F.regexp_extract(error, r"^\d{3}\b", 0)
+    rest = F.substring(error, F.length(status) + 1, 1_000_000)
+    key = F.concat(status, F.regexp_replace(rest, r"\d+(\.\d+)?", "N"))
     rows = (
-        table.filter((F.col("run_id") == run_id) & (F.col("status") == "failed"))
-        .groupBy("error")
-        .count()
-        .orderBy(F.desc("count"))
+        failed.groupBy(key.alias("reason"))
+        .agg(F.count("*").alias("rows"), F.min(error).alias("example"))
+        .orderBy(F.desc("rows"), "reason")
         .limit(limit)
         .collect()
     )
-    return {str(r["error"]): int(r["count"]) for r in rows}
+    return {r["reason"]: int(r["rows"]) for r in rows}, {r["reason"]: r["example"] for r in rows}
 
 
 def save_run_log(config: EmbedConfig, summary: RunSummary) -> Path:
@@ -244,6 +465,7 @@ def save_run_log(config: EmbedConfig, summary: RunSummary) -> Path:
         "total_tokens": summary.counts["total_tokens"],
         "price_per_million_tokens": summary.price_per_million_tokens,
         "error_reasons": summary.error_reasons,
+        "error_examples": summary.error_examples,
     }
     (folder / "summary.json").write_text(json.dumps(summary.to_json() | details, indent=2))
     (folder / "timeline.json").write_text(json.dumps(summary.timeline))

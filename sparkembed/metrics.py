@@ -6,6 +6,7 @@ read after it ends. Executors' metrics are combined with :meth:`Metrics.merge`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +44,9 @@ class Metrics:
         total_tokens: reported ``usage.total_tokens``, likewise.
         ok_rows, failed_rows, skipped_rows: rows by final status.
         limiter_wait_s: seconds requests spent waiting on the rate limiter (summed over requests).
+        dropped_tokens: billed tokens of rows a stopping run left out (texts it did not finish).
         timeline: one :class:`RequestRecord` per attempt.
+        on_record: called after each attempt is counted (on the engine's loop: keep it quick).
     """
 
     requests: int = 0
@@ -55,7 +58,9 @@ class Metrics:
     failed_rows: int = 0
     skipped_rows: int = 0
     limiter_wait_s: float = 0.0
+    dropped_tokens: int = 0
     timeline: list[RequestRecord] = field(default_factory=list)
+    on_record: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def record(self, record: RequestRecord, *, total_tokens: int = 0) -> None:
         """Count one finished attempt."""
@@ -65,6 +70,8 @@ class Metrics:
         self.prompt_tokens += record.prompt_tokens
         self.total_tokens += total_tokens
         self.timeline.append(record)
+        if self.on_record is not None:
+            self.on_record()
 
     def count_rows(self, status: list[str], sign: int = 1) -> None:
         """Count final row statuses of one finished chunk (``sign=-1`` takes them back)."""
@@ -106,4 +113,5 @@ _COUNTERS = (
     "failed_rows",
     "skipped_rows",
     "limiter_wait_s",
+    "dropped_tokens",
 )

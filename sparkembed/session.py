@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from pyspark.sql import SparkSession
@@ -10,6 +11,9 @@ from pyspark.sql import SparkSession
 from sparkembed.config import EmbedConfig
 
 LOCAL_MASTER = "local[2]"
+TASK_ATTEMPTS = 4
+"""As on a cluster (``spark.task.maxFailures``): a crashed Python worker's task runs again."""
+_LOCAL_WITHOUT_RETRIES = re.compile(r"^local(?:\[(\d+|\*)\])?$")
 
 # Our own sessions only. On Databricks/Synapse the platform owns the session.
 _LOCAL_CONF = {
@@ -20,6 +24,18 @@ _LOCAL_CONF = {
     "spark.sql.shuffle.partitions": "8",
     "spark.driver.memory": "2g",
 }
+
+
+def with_task_retries(master: str) -> str:
+    """``local[N]`` lets a task fail once only: one killed worker would end the run.
+
+    ``local[N]`` becomes ``local[N,4]``; a master that names its retries, or a cluster's
+    (``spark.task.maxFailures``, default 4), is kept.
+    """
+    found = _LOCAL_WITHOUT_RETRIES.match(master.strip())
+    if found is None:
+        return master
+    return f"local[{found.group(1) or 1},{TASK_ATTEMPTS}]"
 
 
 def get_spark(config: EmbedConfig, *, local_default: bool) -> SparkSession:
@@ -35,7 +51,7 @@ def get_spark(config: EmbedConfig, *, local_default: bool) -> SparkSession:
     builder = SparkSession.builder.appName("sparkembed")
     master = config.run.spark_master or (LOCAL_MASTER if local_default else None)
     if master:
-        builder = builder.master(master)
+        builder = builder.master(with_task_retries(master))
     for key, value in _LOCAL_CONF.items():
         builder = builder.config(key, value)
     # Python workers must run the interpreter that has sparkembed installed.

@@ -93,7 +93,7 @@ def select_input(df: DataFrame, source: SourceConfig) -> DataFrame:
                 f"text column {source.text_col!r} is {text_type.simpleString()}, not string; "
                 "cast it or set source.cast_text: true"
             )
-        log.warning("casting text column %r from %s to string", source.text_col, text_type)
+        log.warning("casting text column %r from %s to string", source.text_col, text_type.simpleString())
         text = text.cast("string")
     return df.select(F.col(source.id_col), text.alias(source.text_col), *source.passthrough)
 

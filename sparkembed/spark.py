@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyspark import TaskContext
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
@@ -24,6 +25,8 @@ from sparkembed.config import EmbedConfig
 from sparkembed.engine import get_embedder
 from sparkembed.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.metrics import Metrics
+from sparkembed.runlog import TaskLog
+from sparkembed.streaming import UNSENT, EmbedResults
 from sparkembed.transport import hide_bridge_traffic
 
 OUTPUT_FIELDS = (
@@ -65,28 +68,52 @@ class PartitionJob:
     text_col: str
     passthrough: tuple[str, ...]
     arrow_schema: pa.Schema
+    run_dir: str | None = None
+    """The run's shared folder (:mod:`sparkembed.runlog`); None: no spend files, no stop."""
+    wave: int = 0
 
     def embed_batches(
         self, batches: Iterator[pa.RecordBatch], metrics: Metrics | None = None
     ) -> Iterator[pa.RecordBatch]:
-        """Output record batches for a partition's input batches, in input order."""
+        """Output record batches for a partition's input batches, in input order.
+
+        When the driver asks the run to stop, rows not yet sent leave no output row
+        (nor do the other chunks of their text): the next run embeds them.
+        """
+        metrics = metrics if metrics is not None else Metrics()
+        if self.run_dir is None:
+            yield from self._embed(batches, metrics, lambda: False)
+            return
+        with TaskLog(self.run_dir, _attempt_name(self.wave), metrics) as task_log:
+            yield from self._embed(batches, metrics, task_log.stop_requested)
+
+    def _embed(
+        self, batches: Iterator[pa.RecordBatch], metrics: Metrics, stop: Callable[[], bool]
+    ) -> Iterator[pa.RecordBatch]:
         planner = LongTextPlanner(self.config)
         pending: deque[tuple[pa.RecordBatch, Plan]] = deque()
 
         def plans() -> Iterator[Plan]:
             for batch in batches:
+                if stop():
+                    continue  # read the rest of the input, embed none of it
                 plan = planner.plan(batch.column(self.text_col).to_pylist())
                 pending.append((batch, plan))
                 yield plan
 
         embedder = get_embedder(self.config)
-        for results in embedder.embed_stream(plans(), metrics):
+        for results in embedder.embed_stream(plans(), metrics, stop=stop):
             batch, plan = pending.popleft()
             out = combine(plan, results)
-            if metrics is not None:  # count output rows, not the units the engine saw
-                metrics.count_rows(results.status, sign=-1)
-                metrics.count_rows(out.status)
-            yield self._to_arrow(batch, out)
+            metrics.count_rows(results.status, sign=-1)  # count output rows, not the engine's units
+            rows, status = self._to_arrow(batch, out), out.status
+            if UNSENT in results.status:
+                keep = _sent_rows(plan, results, out)
+                metrics.dropped_tokens += int(out.prompt_tokens[~keep].sum())
+                rows = rows.filter(pa.array(keep))
+                status = [s for s, k in zip(status, keep, strict=True) if k]
+            metrics.count_rows(status)
+            yield rows
 
     def _to_arrow(self, batch: pa.RecordBatch, out: Combined) -> pa.RecordBatch:
         n = len(out.status)
@@ -121,6 +148,20 @@ class PartitionJob:
             columns[name] = batch.column(name).take(rows)
         arrays = [columns[f.name].cast(f.type) for f in self.arrow_schema]
         return pa.RecordBatch.from_arrays(arrays, schema=self.arrow_schema)
+
+
+def _sent_rows(plan: Plan, results: EmbedResults, out: Combined) -> np.ndarray:
+    """Which output rows to keep: those of texts with no unsent unit."""
+    unsent = [u.row for u, status in zip(plan.units, results.status, strict=True) if status == UNSENT]
+    return ~np.isin(out.row, unsent)
+
+
+def _attempt_name(wave: int) -> str:
+    """Names a task attempt's spend file: wave, partition, attempt, and Spark's task attempt id."""
+    ctx = TaskContext.get()
+    if ctx is None:
+        return f"w{wave:05d}-driver"
+    return f"w{wave:05d}-p{ctx.partitionId():05d}-a{ctx.attemptNumber()}-t{ctx.taskAttemptId()}"
 
 
 def _repeat(value: object, type_: pa.DataType, n: int) -> pa.Array:
@@ -168,7 +209,9 @@ def to_arrow_schema(schema: T.StructType) -> pa.Schema:
         return convert(schema)
 
 
-def make_job(df: DataFrame, config: EmbedConfig, run_id: str) -> tuple[PartitionJob, T.StructType]:
+def make_job(
+    df: DataFrame, config: EmbedConfig, run_id: str, *, run_dir: str | None = None, wave: int = 0
+) -> tuple[PartitionJob, T.StructType]:
     hide_bridge_traffic()  # the closure below carries the key: keep py4j's DEBUG dump of it out of logs
     src = config.source
     schema = output_schema(df.schema, src.id_col, src.passthrough)
@@ -179,5 +222,7 @@ def make_job(df: DataFrame, config: EmbedConfig, run_id: str) -> tuple[Partition
         text_col=src.text_col,
         passthrough=src.passthrough,
         arrow_schema=to_arrow_schema(schema),
+        run_dir=run_dir,
+        wave=wave,
     )
     return job, schema

@@ -33,6 +33,7 @@ class Segment:
         response: the answer, when ok.
         error: why the rows failed, when not.
         failure: the last error, for bisection and for preflight to raise.
+        unsent: the run is stopping and the rows were not sent (they are neither ok nor failed).
     """
 
     start: int
@@ -41,6 +42,11 @@ class Segment:
     response: BackendResponse | None = None
     error: str | None = None
     failure: SparkEmbedError | None = None
+    unsent: bool = False
+
+
+UNSENT = "unsent"
+"""Status of rows a stopping run did not send: they leave no output row, so a rerun does them."""
 
 
 Send = Callable[[list[str], np.ndarray], "concurrent.futures.Future[list[Segment]]"]
@@ -53,7 +59,7 @@ class EmbedResults:
 
     Attributes:
         vectors: float32 ``(n, d)``; rows that are not ok are zeros; ``d`` is 0 when unknown.
-        status: ``ok``, ``skipped`` or ``failed`` per row.
+        status: ``ok``, ``skipped`` or ``failed`` per row; :data:`UNSENT` when the run stopped.
         error: None when ok, else the reason (``400 context_length_exceeded: ...``).
         prompt_tokens: int64 share of the request's reported usage (shares sum exactly).
         total_tokens: int64, likewise.
@@ -176,6 +182,7 @@ class RowStream:
         concurrency: requests in flight at most.
         dimensions: the vector size, if known, for chunks with no ok row.
         metrics: row counts go here.
+        stop: true once the run is stopping: rows not yet sent end :data:`UNSENT`.
     """
 
     def __init__(
@@ -187,8 +194,10 @@ class RowStream:
         concurrency: int,
         dimensions: Callable[[], int | None],
         metrics: Metrics,
+        stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self._send = send
+        self._stop = stop
         self._packer: Packer[_Row] = Packer(max_inputs=max_inputs, max_request_tokens=max_request_tokens)
         self._concurrency = concurrency
         self._dimensions = dimensions
@@ -245,6 +254,10 @@ class RowStream:
     def _submit(self, batch: list[_Row]) -> None:
         while len(self._inflight) >= self._concurrency:
             self._wait_one()
+        if self._stop():
+            for chunk, positions in _runs_by_chunk(batch):
+                chunk.finish_rows(positions.tolist(), UNSENT, None)
+            return
         texts = [row[2] for row in batch]
         estimates = np.fromiter((row[3] for row in batch), dtype=np.int64, count=len(batch))
         self._inflight[self._send(texts, estimates)] = batch
@@ -268,6 +281,9 @@ def _scatter(rows: list[_Row], segment: Segment) -> None:
     for chunk, positions in _runs_by_chunk(rows):
         part = slice(offset, offset + len(positions))
         offset += len(positions)
+        if segment.unsent:
+            chunk.finish_rows(positions.tolist(), UNSENT, None)
+            continue
         if response is None:
             chunk.fail(positions, segment.error or "failed", segment.attempts)
             continue

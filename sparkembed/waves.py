@@ -36,19 +36,20 @@ class WaveSink(Protocol):
     def finish(self, config: EmbedConfig, run_id: str) -> None: ...
 
 
-def choose_sink(spark: SparkSession, config: EmbedConfig) -> WaveSink:
+def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = None) -> WaveSink:
+    """The sink for this session; ``run_dir`` is where tasks log their spend (:mod:`sparkembed.runlog`)."""
     kind = config.target.sink
     if kind == "auto":
         kind = "native" if sinks.native_available(spark) else "delta-rs"
     if kind == "native":
-        return NativeSink()
+        return NativeSink(run_dir)
     target = str(config.target.path)
     if not ("/" in target or "\\" in target):
         raise ConfigError(
             f"target {target!r} looks like a catalog table, but this session has no Delta "
             "(the delta-rs sink writes paths only): give a path, or run where Delta is installed"
         )
-    return DeltaRsSink(target)
+    return DeltaRsSink(target, run_dir)
 
 
 def _write_partition(
@@ -96,13 +97,14 @@ class DeltaRsSink:
     target makes one of them fail cleanly with ConcurrentWriteError.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, run_dir: str | None = None) -> None:
         # The version the run planned against: any other writer's commit since then
         # makes our next commit fail instead of mixing two runs' rows.
         self._expected = sinks.table_version(target)
+        self._run_dir = run_dir
 
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
-        job, _ = make_job(df.drop(REPLACES), config, run_id)
+        job, _ = make_job(df.drop(REPLACES), config, run_id, run_dir=self._run_dir, wave=wave)
         replacing: pa.Array | None = None
         if REPLACES in df.columns:
             if config.target.mode == "upsert":
@@ -147,14 +149,8 @@ class DeltaRsSink:
         return len(gone)
 
     def finish(self, config: EmbedConfig, run_id: str) -> None:
-        """Delete files of failed task attempts that no commit references.
-
-        This run's leftovers go now; a crashed run's after a day, since a
-        concurrent run may still be about to commit its files.
-        """
-        target = str(config.target.path)
-        sinks.vacuum_orphans(target, prefix=f"part-{run_id}-")
-        sinks.vacuum_orphans(target, prefix="part-", older_than_s=86_400)
+        """Delete files sparkembed wrote that no commit references; never anyone else's."""
+        sinks.vacuum_after_run(str(config.target.path), run_id)
 
 
 class _MetricsParam(AccumulatorParam):  # type: ignore[type-arg]
@@ -169,12 +165,14 @@ class _MetricsParam(AccumulatorParam):  # type: ignore[type-arg]
         return total.to_dict(timeline=True)
 
 
-def embed_with_metrics(df: DataFrame, config: EmbedConfig, run_id: str) -> tuple[DataFrame, Any]:
+def embed_with_metrics(
+    df: DataFrame, config: EmbedConfig, run_id: str, *, run_dir: str | None = None, wave: int = 0
+) -> tuple[DataFrame, Any]:
     """The embedded rows, lazily, and an accumulator its tasks add their metrics to.
 
     The accumulator is None where the session has no SparkContext (Spark Connect).
     """
-    job, schema = make_job(df, config, run_id)
+    job, schema = make_job(df, config, run_id, run_dir=run_dir, wave=wave)
     try:
         accumulator = df.sparkSession.sparkContext.accumulator({}, _MetricsParam())
     except Exception:
@@ -192,11 +190,14 @@ def embed_with_metrics(df: DataFrame, config: EmbedConfig, run_id: str) -> tuple
 class NativeSink:
     """Spark's own Delta (Databricks, Synapse, Fabric, spark-submit with the Delta package)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | None = None) -> None:
         self._reported: dict[str, int] = {}
+        self._run_dir = run_dir
 
     def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
-        out, accumulator = embed_with_metrics(df.drop(REPLACES), config, run_id)
+        out, accumulator = embed_with_metrics(
+            df.drop(REPLACES), config, run_id, run_dir=self._run_dir, wave=wave
+        )
         mode = config.target.mode
         if mode == "overwrite" and wave > 0:
             mode = "append"

@@ -295,6 +295,7 @@ def test_metrics_merge_and_round_trip() -> None:
         "failed_rows": 0,
         "skipped_rows": 1,
         "limiter_wait_s": 0.5,
+        "dropped_tokens": 0,
     }
     again = Metrics.from_dict(first.to_dict(timeline=True))
     assert again.to_dict(timeline=True) == first.to_dict(timeline=True)
@@ -572,3 +573,42 @@ def test_the_backend_falls_back_to_float_for_good_when_base64_is_refused() -> No
     assert second.vectors.tolist() == [[0.0, 1.0]]
     assert client.formats == ["base64", "float", "float"]
     assert backend.encoding_format == "float"
+
+
+# -- stopping: no new request once the run is asked to stop -------------------------
+
+
+def test_after_stop_no_request_is_sent_and_unanswered_rows_are_unsent() -> None:
+    rig = Rig(batching={"max_inputs": 10}, limits={"concurrency": 1})
+
+    def stopping() -> bool:  # the stop comes once two requests are answered
+        return len(rig.backend.ok_calls) >= 2
+
+    out = list(rig.embedder.embed_stream([texts(25, "a"), texts(5, "b")], stop=stopping))
+
+    sent = [t for call in rig.backend.calls for t in call]
+    assert sent == texts(20, "a")  # two full requests went before the stop; nothing after it
+    assert out[0].status == ["ok"] * 20 + ["unsent"] * 5
+    assert_ok_vectors_prefix(out[0], texts(20, "a"))
+    assert out[1].status == ["unsent"] * 5
+
+
+def test_a_request_waiting_to_retry_is_not_retried_after_stop() -> None:
+    stop_now = False
+
+    def fail_then_stop(batch: list[str], call: int) -> Exception | None:
+        nonlocal stop_now
+        stop_now = True
+        return ServiceError(503, "busy", "try later")
+
+    rig = Rig(fail_then_stop)
+    results = rig.embedder.embed_stream([texts(3)], stop=lambda: stop_now)
+    [only] = list(results)
+    assert len(rig.backend.calls) == 1
+    assert only.status == ["unsent"] * 3
+
+
+def assert_ok_vectors_prefix(results, inputs: list[str]) -> None:
+    n = len(inputs)
+    np.testing.assert_array_equal(results.vectors[:n], np.stack([vector_for(t) for t in inputs]))
+    assert not results.vectors[n:].any()

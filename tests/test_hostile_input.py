@@ -142,7 +142,7 @@ def test_non_string_text_column_is_cast_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="sparkembed"):
         summary = job.run(spark, config, progress=lambda line: None)
 
-    assert "casting text column 'text' from LongType() to string" in caplog.text
+    assert "casting text column 'text' from bigint to string" in caplog.text
     rows = {r["id"]: r for r in read_table(str(tmp_path / "out")).to_pylist()}
     assert {i: r["status"] for i, r in rows.items()} == {1: "ok", 2: "ok", 3: "ok", 4: "skipped"}
     want = hash_vectors(["0", "-7", str(2**62)])

@@ -24,10 +24,12 @@ from sparkembed.sinks import (
     read_table,
     table_version,
     upsert_files,
+    vacuum_after_run,
     vacuum_orphans,
     write_native,
     write_part,
 )
+from sparkembed.sinks.files import foreign_entries
 from sparkembed.sinks.native import merge_source
 
 DIMS = 4
@@ -420,3 +422,62 @@ def _spark_type(t: pa.DataType) -> str:
     if pa.types.is_timestamp(t):
         return "timestamp"
     return names[t]
+
+
+RUN = "20261203T101500Z-0a1b2c3d"
+OTHER_RUN = "20261101T080000Z-9f8e7d6c"
+DAY = 86_400
+
+
+def age(path: Path, days: float) -> None:
+    then = dt.datetime.now().timestamp() - days * DAY
+    os.utime(path, (then, then))
+
+
+def foreign_files(folder: Path) -> dict[str, bytes]:
+    """Files someone else put there: Spark-style parts and notes, of every age."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for days in (0, 3, 8, 400):
+        for name in (f"part-0000{days % 10}-{days}d-c000.snappy.parquet", f"notes-{days}d.txt"):
+            (folder / name).write_bytes(f"theirs {name}".encode())
+            age(folder / name, days)
+            made[name] = (folder / name).read_bytes()
+    return made
+
+
+def test_a_run_vacuums_only_files_sparkembed_wrote_and_never_foreign_ones(uri: str) -> None:
+    committed = write(uri, rows([(1, 0)]), f"part-{RUN}-w00000-p00000-a0")
+    commit_files(uri, committed, schema=SCHEMA, mode="append", app_id=RUN, version=0)
+    failed_attempt = write(uri, rows([(1, 0)]), f"part-{RUN}-w00000-p00000-a1")
+    crashed_old = write(uri, rows([(2, 0)]), f"part-{OTHER_RUN}-w00003-p00001-a0")
+    crashed_recent = write(uri, rows([(3, 0)]), f"part-{OTHER_RUN}-w00004-p00001-a0")
+    age(Path(uri) / crashed_old[0].path, 8)
+    age(Path(uri) / crashed_recent[0].path, 6)  # may be a concurrent run about to commit
+    theirs = foreign_files(Path(uri))
+
+    removed = vacuum_after_run(uri, RUN)
+
+    assert removed == sorted([failed_attempt[0].path, crashed_old[0].path])
+    assert {name: (Path(uri) / name).read_bytes() for name in theirs} == theirs
+    assert (Path(uri) / crashed_recent[0].path).exists() and (Path(uri) / committed[0].path).exists()
+    assert keys_of(uri) == [(1, 0, "v1-1")]
+
+
+def test_a_folder_that_is_not_a_delta_table_is_foreign_unless_empty_or_only_ours(tmp_path: Path) -> None:
+    assert foreign_entries(str(tmp_path / "new")) == []
+    (tmp_path / "empty").mkdir()
+    assert foreign_entries(str(tmp_path / "empty")) == []
+    ours = write(str(tmp_path / "crashed"), rows([(1, 0)]), f"part-{RUN}-w00000-p00000-a0")
+    assert foreign_entries(str(tmp_path / "crashed")) == []  # a first wave that never committed
+    (tmp_path / "file.parquet").write_bytes(b"x")
+    assert foreign_entries(str(tmp_path / "file.parquet")) == ["file.parquet"]
+    theirs = foreign_files(tmp_path / "crashed")
+    assert foreign_entries(str(tmp_path / "crashed")) == sorted(theirs)
+    assert ours[0].path not in foreign_entries(str(tmp_path / "crashed"))
+
+
+def test_a_delta_table_holding_foreign_files_is_still_a_delta_table(uri: str) -> None:
+    commit(uri, [(1, 0)], RUN, 0)
+    foreign_files(Path(uri))
+    assert foreign_entries(uri) == []

@@ -315,3 +315,37 @@ def test_new_rows_are_added_without_rewriting_the_table(
     assert not [a for a in actions if "remove" in a]  # nothing rewritten
     assert sum(1 for a in actions if "add" in a) >= 1
     assert set(read_table(str(target)).column("id").to_pylist()) == set(grown["id"])
+
+
+def test_error_reasons_group_by_cause_not_by_the_numbers_in_them(spark) -> None:
+    errors = [
+        "429 quota exhausted: retry-after 167.478 s",
+        "429 quota exhausted: retry-after 167.829 s",
+        "429 quota exhausted: retry-after 3 s",
+        "400 context_length_exceeded: input 0 has 9000 tokens, the maximum is 8191",
+        "400 context_length_exceeded: input 3 has 8200 tokens, the maximum is 8191",
+        "503 busy",
+    ]
+    failed = spark.createDataFrame([(e,) for e in errors], "error string")
+    counts, examples = job.error_groups(failed)
+    assert counts == {
+        "429 quota exhausted: retry-after N s": 3,
+        "400 context_length_exceeded: input N has N tokens, the maximum is N": 2,
+        "503 busy": 1,
+    }
+    assert examples["429 quota exhausted: retry-after N s"] == "429 quota exhausted: retry-after 167.478 s"
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [("local", "local[1,4]"), ("local[2]", "local[2,4]"), ("local[*]", "local[*,4]"),
+     ("local[2,1]", "local[2,1]"), ("spark://host:7077", "spark://host:7077")],
+)  # fmt: skip
+def test_a_local_master_retries_tasks_unless_told_otherwise(given: str, used: str) -> None:
+    from sparkembed.session import with_task_retries
+
+    assert with_task_retries(given) == used
+
+
+def test_the_test_session_itself_retries_tasks(spark) -> None:
+    assert spark.sparkContext.master == "local[2,4]"

@@ -6,7 +6,7 @@ Driver flow per wave, for the delta-rs sink::
     version = commit_files(uri, files, schema=schema, mode="append", app_id=app_id,
                            version=wave, expected_version=version)   # or upsert_files
     ...
-    vacuum_orphans(uri, prefix=app_id)   # at the end of the run
+    vacuum_after_run(uri, run_id)   # at the end of the run: only sparkembed's own orphans
 
 where ``write_fn`` calls :func:`write_part` with a ``file_prefix`` starting with
 ``app_id`` and naming the wave, partition and task attempt. This package imports no
@@ -26,6 +26,7 @@ _HOMES = {
     "read_table": "deltars",
     "table_version": "deltars",
     "vacuum_orphans": "vacuum",
+    "vacuum_after_run": "vacuum",
     "upsert_files": "upsert",
     "delete_ids": "upsert",
     "delete_native": "native",
@@ -51,6 +52,7 @@ __all__ = [
     "read_table",
     "table_version",
     "upsert_files",
+    "vacuum_after_run",
     "vacuum_orphans",
     "write_native",
     "write_part",

@@ -29,6 +29,9 @@ DEFAULT_MAX_ROWS_PER_FILE = 25_000
 """About 150 MB of 1536-d float32 vectors, which do not compress."""
 DEFAULT_ROW_GROUP_ROWS = 8_192
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._=-]+$")
+OWN_FILE_RE = re.compile(r"^part-\d{8}T\d{6}Z-[0-9a-f]{8}-[A-Za-z0-9-]+-\d{5}-[0-9a-f]{12}\.parquet$")
+"""Names of the files sparkembed's runs write: ``part-<run id>-<wave, task...>-<n>-<random>``.
+Anything else in a target folder was not written by sparkembed."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,27 @@ def resolve_root(table_uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(table_uri)
     fs, root = pafs.FileSystem.from_uri(table_uri)
     return fs, root.rstrip("/")
+
+
+def foreign_entries(table_uri: str) -> list[str]:
+    """Why writing a Delta table at ``table_uri`` would touch what is not ours.
+
+    Returns:
+        ``[]`` when nothing is there, when it is a Delta table (it holds ``_delta_log``), or
+        when the folder holds only files sparkembed's own runs wrote (a first wave that
+        crashed before its commit). Otherwise the names found: a file where the folder
+        should be, or the folder's other entries, sorted.
+    """
+    fs, root = resolve_root(table_uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type != pafs.FileType.Directory:
+        return [info.base_name]
+    entries = fs.get_file_info(pafs.FileSelector(root))
+    if any(e.base_name == "_delta_log" and e.type == pafs.FileType.Directory for e in entries):
+        return []
+    return sorted(e.base_name for e in entries if not OWN_FILE_RE.match(e.base_name))
 
 
 def conform(batch: pa.RecordBatch, schema: pa.Schema, *, fill_missing: bool = False) -> pa.RecordBatch:

@@ -1,8 +1,15 @@
-"""Delete parquet files that no Delta commit references (orphans of failed attempts)."""
+"""Delete parquet files that sparkembed wrote and no Delta commit references.
+
+They come from failed task attempts, from commits that lost a race, and from runs that
+crashed. A file is deleted only when its name says a sparkembed run wrote it: this run's
+id, or for older runs the full name pattern :data:`sparkembed.sinks.files.OWN_FILE_RE`
+and an age past Delta's own 7-day VACUUM retention. Any other file is never touched.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from urllib.parse import unquote
@@ -11,21 +18,45 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sparkembed.sinks.deltars import load
-from sparkembed.sinks.files import resolve_root
+from sparkembed.sinks.files import OWN_FILE_RE, resolve_root
+
+DELTA_RETENTION_S = 7 * 86_400
+"""Delta's default ``delta.deletedFileRetentionDuration``: a writer's files younger than this
+may still be about to be committed."""
+
+
+def vacuum_after_run(table_uri: str, run_id: str) -> list[str]:
+    """What a run deletes when it ends: uncommitted files that sparkembed runs wrote.
+
+    This run's leftovers (failed task attempts, a lost race) go now. Another run's go
+    once older than :data:`DELTA_RETENTION_S`, since a concurrent run may still be about
+    to commit them. A file whose name is not sparkembed's is never touched, whatever its age.
+
+    Returns:
+        The relative paths deleted.
+    """
+    mine = vacuum_orphans(table_uri, prefix=f"part-{run_id}-", name=OWN_FILE_RE)
+    older = vacuum_orphans(table_uri, prefix="part-", name=OWN_FILE_RE, older_than_s=DELTA_RETENTION_S)
+    return sorted(mine + older)
 
 
 def vacuum_orphans(
-    table_uri: str, *, prefix: str, keep: Iterable[str] = (), older_than_s: float = 0.0
+    table_uri: str,
+    *,
+    prefix: str,
+    name: re.Pattern[str] | None = None,
+    keep: Iterable[str] = (),
+    older_than_s: float = 0.0,
 ) -> list[str]:
-    """Delete files named ``prefix*`` under the table root that no commit references.
+    """Delete files named ``prefix*`` (and matching ``name``) that no commit references.
 
-    They come from failed or speculative task attempts and from commits that failed.
     Files of the current snapshot, and files named by any add or remove in the JSON
     commit log, are kept, so time travel still works.
 
     Args:
         prefix: the file prefix of one run, e.g. its ``app_id``; never a prefix that a
             run still writing could use, unless ``older_than_s`` spares its files.
+        name: the whole file name must match this too.
         keep: more relative paths to spare.
         older_than_s: only delete files last modified more than this many seconds ago.
 
@@ -37,13 +68,15 @@ def vacuum_orphans(
     cutoff = time.time() - older_than_s
     removed = []
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        name = info.base_name
-        if info.type != pafs.FileType.File or not name.startswith(prefix) or name in spared:
+        base = info.base_name
+        if info.type != pafs.FileType.File or not base.startswith(prefix) or base in spared:
+            continue
+        if name is not None and not name.match(base):
             continue
         if info.mtime is not None and info.mtime.timestamp() > cutoff:
             continue
         fs.delete_file(info.path)
-        removed.append(name)
+        removed.append(base)
     return sorted(removed)
 
 

@@ -1,0 +1,174 @@
+"""A run's shared folder: what every task attempt has spent, and the driver's stop request.
+
+::
+
+    <run.log_dir>/<run_id>/tasks/w00003-p00001-a0-t42-1f2e3d4c.json   one per task attempt
+    <run.log_dir>/<run_id>/STOP                                       the driver asks tasks to stop
+
+Each task attempt rewrites its file as soon as a response is counted (and at least every
+:data:`WRITE_EVERY_S` seconds, and once more when it ends), so the files count what was
+billed even for attempts that crashed, lost a race or were never committed: a killed
+attempt leaves out at most the answers that were on the wire when it died. The driver
+reads them for live progress and for the run's spend, and writes ``STOP`` on Ctrl-C or
+SIGTERM: tasks then send no new request, let the ones in flight finish, and end with
+what is done.
+
+The folder must be one the driver and the executors both see (local mode, a standalone
+worker on the same host, ``/dbfs/...`` on Databricks). Where it is not, tasks write their
+files locally and nothing fails: the driver then counts only what committed tasks report,
+and a stop waits for the wave in flight. Pure stdlib: no Spark here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sparkembed.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WRITE_EVERY_S = 1.0
+"""How often, at least, a task attempt rewrites its spend file and looks for ``STOP``."""
+STOP_FILE = "STOP"
+TASKS_DIR = "tasks"
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What task attempts reported, summed.
+
+    Attributes:
+        attempts: task attempt files read.
+        requests: HTTP attempts sent.
+        throttled: attempts answered 429.
+        tokens_billed: ``usage.prompt_tokens`` of every successful response, whether
+            its task attempt committed or not.
+        rows_done: output rows the attempts finished (ok, skipped or failed).
+    """
+
+    attempts: int = 0
+    requests: int = 0
+    throttled: int = 0
+    tokens_billed: int = 0
+    rows_done: int = 0
+
+
+def request_stop(run_dir: str | Path) -> None:
+    """Driver side: ask every task of the run to stop sending."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STOP_FILE).touch()
+
+
+def read_spend(run_dir: str | Path, *, wave: int | None = None) -> Spend:
+    """Driver side: the sum over task attempt files (of one wave, if given); unreadable ones count 0."""
+    pattern = "*.json" if wave is None else f"w{wave:05d}-*.json"
+    totals = dict.fromkeys(("attempts", "requests", "throttled", "tokens_billed", "rows_done"), 0)
+    for path in (Path(run_dir) / TASKS_DIR).glob(pattern):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a file being replaced right now is read at the next look
+        totals["attempts"] += 1
+        for key in ("requests", "throttled", "tokens_billed", "rows_done"):
+            totals[key] += int(data.get(key, 0))
+    return Spend(**totals)
+
+
+class TaskLog:
+    """Executor side: keeps one task attempt's spend file current; tells whether to stop.
+
+    Never fails the task: a folder that cannot be written only leaves the driver less
+    to read.
+
+    Example::
+
+        with TaskLog(run_dir, "w00003-p00001-a0-t42", metrics) as task_log:
+            for results in embedder.embed_stream(chunks, metrics, stop=task_log.stop_requested):
+                ...
+
+    Args:
+        run_dir: the run's folder.
+        name: names the wave, partition and task attempt.
+        metrics: the attempt's live counters, read every ``interval_s`` seconds.
+        interval_s: seconds between writes.
+    """
+
+    __slots__ = ("_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint")
+
+    def __init__(self, run_dir: str | Path, name: str, metrics: Metrics, interval_s: float = WRITE_EVERY_S):
+        self._dir = Path(run_dir)
+        self._path = self._dir / TASKS_DIR / f"{name}-{uuid.uuid4().hex[:8]}.json"
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sparkembed-task-log", daemon=True)
+        self._sigint: Any = None
+
+    def stop_requested(self) -> bool:
+        """Whether the driver asked the run to stop (seen within ``interval_s``)."""
+        return self._stop.is_set()
+
+    def __enter__(self) -> TaskLog:
+        # A Ctrl-C in the terminal reaches Spark's Python workers too (same process group):
+        # the task must not die with its paid work. The driver's STOP file stops it instead.
+        with contextlib.suppress(ValueError):  # not the main thread: signals are not ours
+            self._sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._look()
+        self._metrics.on_record = self._wake.set  # an answer was counted: write it down now
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._done.set()
+        self._wake.set()
+        self._thread.join(timeout=self._interval_s + 5)
+        self._metrics.on_record = None
+        self._write(final=True)
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._done.is_set():
+                return
+            self._look()
+
+    def _look(self) -> None:
+        self._write(final=False)
+        if not self._stop.is_set() and (self._dir / STOP_FILE).exists():
+            self._stop.set()
+
+    def _write(self, *, final: bool) -> None:
+        m = self._metrics
+        data = {
+            "requests": m.requests,
+            "throttled": m.throttled,
+            "tokens_billed": m.prompt_tokens,
+            "rows_done": m.ok_rows + m.skipped_rows + m.failed_rows,
+            "final": final,
+        }
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self._path.with_suffix(".tmp")
+            partial.write_text(json.dumps(data))
+            os.replace(partial, self._path)  # readers never see half a file
+        except OSError as exc:
+            log.debug("cannot write %s: %s", self._path, exc)
+

@@ -1,0 +1,57 @@
+"""A run's shared folder: task attempts' spend files and the driver's stop request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from sparkembed.metrics import Metrics
+from sparkembed.runlog import TaskLog, read_spend, request_stop
+
+
+def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) -> None:
+    crashed, retried = Metrics(prompt_tokens=700, requests=3, ok_rows=70), Metrics(prompt_tokens=1_000)
+    with TaskLog(tmp_path, "w00000-p00001-a0-t7", crashed):
+        pass  # a crash after its last write leaves the same file as a clean end
+    with TaskLog(tmp_path, "w00000-p00001-a1-t9", retried):
+        retried.requests, retried.throttled, retried.ok_rows = 4, 1, 100
+    with TaskLog(tmp_path, "w00001-p00000-a0-t12", Metrics(prompt_tokens=5)):
+        pass
+
+    spend = read_spend(tmp_path)
+    assert (spend.attempts, spend.tokens_billed, spend.requests, spend.throttled) == (3, 1_705, 7, 1)
+    assert spend.rows_done == 170
+    assert read_spend(tmp_path, wave=0).tokens_billed == 1_700
+    files = sorted(p.name for p in (tmp_path / "tasks").iterdir())
+    assert len(files) == 3 and all(name.endswith(".json") for name in files)
+    assert json.loads((tmp_path / "tasks" / files[0]).read_text())["final"] is True
+
+
+def test_a_live_attempt_rewrites_its_file_and_sees_the_stop(tmp_path: Path) -> None:
+    metrics = Metrics()
+    with TaskLog(tmp_path, "w00000-p00000-a0-t1", metrics, interval_s=0.05) as task_log:
+        assert not task_log.stop_requested()
+        metrics.prompt_tokens = 42
+        request_stop(tmp_path)
+        deadline = time.monotonic() + 5
+        while not task_log.stop_requested():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert read_spend(tmp_path).tokens_billed == 42  # written before the task ended
+
+
+def test_a_task_ignores_the_terminals_ctrl_c_and_restores_the_handler(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with TaskLog(tmp_path, "w00000-p00000-a0-t1", Metrics()):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_unwritable_folder_never_fails_the_task(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with TaskLog(blocker, "w00000-p00000-a0-t1", Metrics(prompt_tokens=1)) as task_log:
+        assert not task_log.stop_requested()
+    assert read_spend(blocker).attempts == 0
