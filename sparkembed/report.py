@@ -407,6 +407,15 @@ def _requests_table(s: dict[str, Any], records: list[RequestRecord], tpm: int | 
 
 def _cost_table(s: dict[str, Any]) -> str:
     rows = [("prompt tokens", f"{int(s.get('prompt_tokens', 0)):,}")]
+    if "tokens_billed" in s:
+        billed, kept = int(s["tokens_billed"]), int(s.get("tokens_in_table", s.get("prompt_tokens", 0)))
+        waste = billed - kept
+        share = f" ({100 * waste / billed:.1f} %)" if billed else ""
+        rows += [
+            ("tokens billed (every answered request)", f"{billed:,}"),
+            ("tokens in the table", f"{kept:,}"),
+            ("waste: billed, not in the table (retried task attempts, lost races)", f"{waste:,}{share}"),
+        ]
     if "total_tokens" in s:
         rows.append(("total tokens", f"{int(s['total_tokens']):,}"))
     if "price_per_million_tokens" in s:

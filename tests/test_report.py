@@ -134,3 +134,10 @@ def _is_color(rgba: tuple[float, ...], hex_color: str) -> bool:
     from matplotlib.colors import to_rgb
 
     return np.allclose(rgba[:3], to_rgb(hex_color))
+
+
+def test_tokens_billed_but_not_in_the_table_show_as_waste() -> None:
+    summary = {"rows_ok": 3, "prompt_tokens": 900, "tokens_in_table": 900, "tokens_billed": 1_000}
+    page = render_html(RunLog("r1", summary, []), [], None)
+    assert "<td>tokens billed (every answered request)</td><td class=n>1,000</td>" in page
+    assert "retried task attempts, lost races)</td><td class=n>100 (10.0 %)</td>" in page

@@ -7,6 +7,7 @@ accounting: vectors, usage sums, statuses, and how many connections the executor
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +350,27 @@ def test_a_local_master_retries_tasks_unless_told_otherwise(given: str, used: st
 
 def test_the_test_session_itself_retries_tasks(spark) -> None:
     assert spark.sparkContext.master == "local[2,4]"
+
+
+def test_a_long_wave_prints_its_progress_from_the_tasks_spend_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sparkembed.metrics import Metrics
+    from sparkembed.runlog import TaskLog
+    from sparkembed.waves_plan import WaveLimits, WavePlanner
+
+    monkeypatch.setattr(job, "PROGRESS_EVERY_S", 0.05)
+    config = load_config(None, {"limits.tokens_per_minute": 2_000})
+    summary = job.RunSummary(run_id="r", rows_total=100)
+    planner = WavePlanner(100, 5_000, WaveLimits(tokens_per_minute=2_000))
+    planner.next_wave()
+    lines: list[str] = []
+    spent = Metrics(prompt_tokens=1_200, ok_rows=40, throttled=2)
+    ticker = job._Ticker(lines.append, str(tmp_path), 0, planner, summary, config, time.monotonic())
+    with TaskLog(tmp_path, "w00000-p00000-a0-t1", spent), ticker:
+        deadline = time.monotonic() + 5
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert lines, "no progress line inside the wave"
+    assert lines[0].startswith(f"wave 1/{planner.waves_planned} running: 40 rows, 1,200 tokens, ")
+    assert "% of quota), 2 answered 429, ETA " in lines[0]
