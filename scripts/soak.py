@@ -4,16 +4,23 @@ The endpoint (hash model) answers 10% of requests 500/503, resets 2% of connecti
 holds 2% of answers (already billed) past the client's read timeout, shuffles ``data``,
 and enforces a TPM quota tighter than the corpus needs, so the run must wait for refill.
 
+Chaos on top, each at a share of the corpus billed: ``--outage-s S`` drops every request for
+S seconds (at 20 %), ``--kill-workers N`` SIGKILLs a Spark Python worker N times (between
+30 % and 80 %), and ``--interrupt`` sends the driver SIGINT (at 50 %): the run commits what
+was answered and stops, and a second run finishes the job.
+
 Reports rows ok/failed, lost and duplicated rows, vectors that differ from the hash
-model's own (recomputed here), texts billed more than once (from ``/_stats``), and wall
-time. Exit status 1 when any row failed, was lost or duplicated, or got a wrong vector.
-Texts billed twice are reported, not judged: a slow answer abandoned after the server
-billed it is paid for again on retry, as it would be on Azure.
+model's own (recomputed here), texts billed more than once (from ``/_stats``) against the
+one-wave bound, and wall time. Exit status 1 when any row failed, was lost or duplicated,
+or got a wrong vector. Texts billed twice are reported, not judged: a slow answer abandoned
+after the server billed it, or a killed worker's answered requests, are paid for again, as
+they would be on Azure.
 
 Usage::
 
     python scripts/soak.py                    # 20,000 rows
     python scripts/soak.py --rows 2000 --json soak.json
+    python scripts/soak.py --outage-s 120 --kill-workers 2 --interrupt
 """
 
 from __future__ import annotations
@@ -21,11 +28,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import os
 import random
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +54,7 @@ from sparkembed import wordllama_local  # noqa: E402
 from sparkembed.config import EmbedConfig, load_config  # noqa: E402
 from sparkembed.server.launch import LocalEndpoint, start_local_endpoint  # noqa: E402
 from sparkembed.server.models import HashModel  # noqa: E402
+from tests.spark_cluster import python_workers  # noqa: E402
 
 WORDS = [
     "river", "lake", "delta", "stone", "quota", "token", "batch", "retry", "vector", "spark",
@@ -71,6 +83,9 @@ class SoakOptions:
     dims: int = 64
     max_inputs: int = 32
     commit_every_rows: int = 5_000
+    outage_s: float = 0.0
+    kill_workers: int = 0
+    interrupt: bool = False
     workdir: str | None = None
     keep: bool = False
 
@@ -96,6 +111,14 @@ class SoakReport:
     limiter_wait_s: float = 0.0
     server_responses: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    one_wave_rows: int = 0
+    """The bound on texts billed twice that a crash or a kill may cost."""
+    outage_s: float = 0.0
+    workers_killed: int = 0
+    interrupted: bool = False
+    runs: int = 1
+    tokens_billed_reported: int = 0
+    """What the runs' summaries say was billed, to set beside the server's count."""
     failed_errors: list[str] = field(default_factory=list)
 
     @property
@@ -138,7 +161,8 @@ def soak_config(
             "limits.concurrency": 4,
             "retry.read_timeout_s": options.read_timeout_s,
             "retry.connect_timeout_s": 5.0,
-            "retry.max_attempts": 12,
+            # Retries must outlast an outage: backoff waits up to 2 s.
+            "retry.max_attempts": 12 + 2 * math.ceil(options.outage_s),
             "retry.backoff_initial_s": 0.1,
             "retry.backoff_max_s": 2.0,
             "run.commit_every_rows": options.commit_every_rows,
@@ -164,29 +188,98 @@ def run_soak(options: SoakOptions) -> SoakReport:
     try:
         config = soak_config(options, endpoint.url, key, workdir, tpm)
         spark = get_spark(config, local_default=True)
+        chaos = Chaos(options, endpoint)
         started = time.monotonic()
-        summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
+        with chaos:
+            summaries = [job.run(spark, config, progress=lambda line: print(line, flush=True))]
+            if summaries[0].stopped:  # the interrupt: a second run finishes the job
+                summaries.append(job.run(spark, config, progress=lambda line: print(line, flush=True)))
         wall_s = time.monotonic() - started
         stats = endpoint.stats()
     finally:
         endpoint.stop()
+    preflights = len(summaries) * _preflight_tokens()
     report = SoakReport(
         rows=options.rows,
         tokens_per_minute=tpm,
         corpus_tokens=corpus_tokens,
-        server_prompt_tokens=stats["prompt_tokens"],
-        requests=summary.counts["requests"],
-        retries=summary.counts["retries"],
-        throttled_429=summary.counts["throttled"],
-        limiter_wait_s=round(summary.limiter_wait_s, 1),
+        server_prompt_tokens=stats["prompt_tokens"] - preflights,
+        requests=sum(s.counts["requests"] for s in summaries),
+        retries=sum(s.counts["retries"] for s in summaries),
+        throttled_429=sum(s.counts["throttled"] for s in summaries),
+        limiter_wait_s=round(sum(s.limiter_wait_s for s in summaries), 1),
         server_responses=stats["responses"],
         wall_s=round(wall_s, 1),
+        one_wave_rows=options.commit_every_rows,
+        outage_s=options.outage_s,
+        workers_killed=chaos.killed,
+        interrupted=chaos.interrupted,
+        runs=len(summaries),
+        tokens_billed_reported=sum(s.to_json()["tokens_billed"] for s in summaries),
     )
     check_output(report, workdir / "target", ids, texts, options.dims)
     count_billings(report, stats["billed"], texts)
     if not options.keep and options.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def _preflight_tokens() -> int:
+    """What one preflight bills on the hash model: its text's tokens, counted as the server does."""
+    from sparkembed.engine import PREFLIGHT_TEXT
+
+    return wordllama_local.count_tokens([PREFLIGHT_TEXT])[0]
+
+
+class Chaos:
+    """Faults beyond the endpoint's own, each when a share of the corpus has been billed."""
+
+    def __init__(self, options: SoakOptions, endpoint: LocalEndpoint) -> None:
+        self._endpoint = endpoint
+        self._rows = options.rows
+        steps: list[tuple[float, str]] = []
+        if options.outage_s:
+            steps.append((0.2, "outage"))
+        for k in range(options.kill_workers):
+            steps.append((0.3 + 0.5 * k / max(1, options.kill_workers - 1), "kill"))
+        if options.interrupt:
+            steps.append((0.5, "interrupt"))
+        self._steps = sorted(steps)
+        self._outage_s = options.outage_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="soak-chaos", daemon=True)
+        self.killed = 0
+        self.interrupted = False
+
+    def __enter__(self) -> Chaos:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        steps = list(self._steps)
+        while steps and not self._done.wait(0.2):
+            billed = self._endpoint.stats(billed=False)["texts_billed"]
+            while steps and billed >= steps[0][0] * self._rows:
+                self._act(steps.pop(0)[1])
+
+    def _act(self, step: str) -> None:
+        if step == "outage":
+            print(f"chaos: endpoint outage for {self._outage_s:g} s", flush=True)
+            self._endpoint.outage(self._outage_s)
+        elif step == "kill":
+            workers = python_workers(os.getsid(0))
+            if workers:
+                print(f"chaos: SIGKILL Python worker {workers[0]}", flush=True)
+                os.kill(workers[0], signal.SIGKILL)
+                self.killed += 1
+        elif step == "interrupt":
+            print("chaos: SIGINT to the driver", flush=True)
+            self.interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def check_output(report: SoakReport, target: Path, ids: list[str], texts: list[str], dims: int) -> None:
@@ -236,6 +329,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SoakOptions, str | None]:
     p.add_argument("--dims", type=int, default=defaults.dims)
     p.add_argument("--max-inputs", type=int, default=defaults.max_inputs)
     p.add_argument("--commit-every", type=int, default=defaults.commit_every_rows)
+    p.add_argument("--outage-s", type=float, default=0.0, help="drop every request this long, at 20 %%")
+    p.add_argument("--kill-workers", type=int, default=0, help="SIGKILL a Python worker this often")
+    p.add_argument("--interrupt", action="store_true", help="SIGINT the driver at 50 %%, then rerun")
     p.add_argument("--workdir", default=None, help="keep source, table and run log here")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
@@ -245,6 +341,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SoakOptions, str | None]:
         tokens_per_minute=args.tpm, quota_factor=args.quota_factor,
         client_quota_factor=args.client_quota_factor, dims=args.dims,
         max_inputs=args.max_inputs, commit_every_rows=args.commit_every, workdir=args.workdir,
+        outage_s=args.outage_s, kill_workers=args.kill_workers, interrupt=args.interrupt,
     )  # fmt: skip
     return options, args.json
 
@@ -257,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"soak: {report.rows} rows in {report.wall_s:.1f} s: {report.ok} ok, {report.failed} failed, "
         f"{report.lost} lost, {report.duplicated} duplicated, {report.mismatched} wrong vectors; "
         f"{report.texts_billed_more_than_once} texts billed more than once "
-        f"({report.extra_billings} extra billings); {report.requests} requests, "
+        f"({report.extra_billings} extra billings; one wave is {report.one_wave_rows} rows) after "
+        f"a {report.outage_s:g} s outage, {report.workers_killed} worker kills and "
+        f"{'an' if report.interrupted else 'no'} interrupt ({report.runs} runs); "
+        f"tokens billed {report.server_prompt_tokens} by the server, {report.tokens_billed_reported} "
+        f"by the summaries; {report.requests} requests, "
         f"{report.retries} retries, {report.throttled_429} throttled, "
         f"{report.limiter_wait_s:.0f} s waited in the limiter; server answered "
         f"{report.server_responses}; TPM {report.tokens_per_minute} for {report.corpus_tokens} tokens"

@@ -18,6 +18,22 @@ from pathlib import Path
 import pyspark
 
 
+def python_workers(session: int) -> list[int]:
+    """Spark's forked Python workers (children of a pyspark.daemon) in one process session."""
+    found: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"pyspark.daemon" in cmdline and int(fields[3]) == session:
+            found[int(entry.name)] = int(fields[1])  # pid -> parent pid
+    return [pid for pid, parent in found.items() if parent in found]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

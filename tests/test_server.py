@@ -372,6 +372,24 @@ def test_reset_fault_drops_the_connection_before_billing(start_endpoint: Any, en
 
 
 @pytest.mark.integration
+def test_an_outage_drops_every_request_until_it_ends_or_a_reset(
+    start_endpoint: Any, endpoint_key: str
+) -> None:
+    endpoint = start_endpoint("--model", "hash")
+    assert _post_status_headers(endpoint.url, endpoint_key, ["x"])[0] == 200
+    endpoint.outage(0.5)
+    for _ in range(2):
+        with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+            _post_status_headers(endpoint.url, endpoint_key, ["x"])
+    time.sleep(0.6)
+    assert _post_status_headers(endpoint.url, endpoint_key, ["x"])[0] == 200
+    endpoint.outage(60)
+    endpoint.reset()
+    assert _post_status_headers(endpoint.url, endpoint_key, ["x"])[0] == 200
+    assert endpoint.stats()["texts_billed"] == 1
+
+
+@pytest.mark.integration
 def test_error_faults_alternate_500_and_503(start_endpoint: Any, endpoint_key: str) -> None:
     endpoint = start_endpoint("--model", "hash", "--error-rate", "1")
     statuses = [_post_status_headers(endpoint.url, endpoint_key, ["x"])[0] for _ in range(3)]

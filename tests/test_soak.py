@@ -1,4 +1,5 @@
-"""The fault soak (scripts/soak.py) at CI size: 2,000 rows through the whole job under faults."""
+"""The fault soak (scripts/soak.py) at CI size: 2,000 rows through the whole job under faults,
+an endpoint outage, a killed Python worker, and a Ctrl-C mid-wave followed by a rerun."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_soak_ci_size_loses_fails_and_corrupts_nothing(spark: SparkSession, tmp_
 
     status = soak.main(
         ["--rows", "2000", "--commit-every", "1000", "--workdir", str(tmp_path / "work"),
-         "--json", str(report_path)]
+         "--json", str(report_path), "--outage-s", "5", "--kill-workers", "1", "--interrupt"]
     )  # fmt: skip
 
     report = json.loads(report_path.read_text())
@@ -45,3 +46,11 @@ def test_soak_ci_size_loses_fails_and_corrupts_nothing(spark: SparkSession, tmp_
     responses = report["server_responses"]
     assert responses.get("500", 0) + responses.get("503", 0) > 0
     assert report["retries"] > 0
+    assert (report["workers_killed"], report["interrupted"], report["runs"]) == (1, True, 2)
+    # Paid twice: at most the killed task's part of one wave, plus answers held past the
+    # client's timeout (2 % of requests, 32 inputs each, billed by the server regardless).
+    slow_bound = int(0.02 * report["requests"] * 32) + 32
+    assert report["texts_billed_more_than_once"] <= report["one_wave_rows"] + slow_bound
+    # The summaries count what the server billed, short only of those abandoned slow answers.
+    assert report["tokens_billed_reported"] <= report["server_prompt_tokens"]
+    assert report["tokens_billed_reported"] >= report["table_prompt_tokens"]

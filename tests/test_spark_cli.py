@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from spark_cluster import standalone_cluster
+from spark_cluster import python_workers, standalone_cluster
 
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import read_table
@@ -201,22 +201,6 @@ def wait_for_billed(endpoint: LocalEndpoint, driver: subprocess.Popen[str], text
 def billed_twice(endpoint: LocalEndpoint) -> int:
     """Texts the endpoint billed more than once, the preflight's text left out."""
     return sum(1 for n in endpoint.stats()["billed"].values() if n > 1) - 1
-
-
-def python_workers(session: int) -> list[int]:
-    """Spark's forked Python workers (children of a pyspark.daemon) in one process session."""
-    found: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if b"pyspark.daemon" in cmdline and int(fields[3]) == session:
-            found[int(entry.name)] = int(fields[1])  # pid -> parent pid
-    return [pid for pid, parent in found.items() if parent in found]
 
 
 SLOW = ("--model", "hash", "--dims", str(DIMS), "--latency-ms", "400")

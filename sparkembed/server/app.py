@@ -97,6 +97,7 @@ def create_app(
         app.router.add_post(path, handle_embeddings)
     app.router.add_get("/_stats", handle_stats)
     app.router.add_post("/_reset", handle_reset)
+    app.router.add_post("/_outage", handle_outage)
     return app
 
 
@@ -148,6 +149,8 @@ async def _send_in_chunks(
 
 async def _answer(state: EndpointState, request: web.Request, request_id: str) -> web.Response:
     settings = state.settings
+    if state.faults.in_outage():
+        return _drop_connection(request)
     _authorize(state, request)
     _check_deployment(settings, request)
     if state.faults.drop_connection():
@@ -285,8 +288,20 @@ async def handle_stats(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 
+async def handle_outage(request: web.Request) -> web.Response:
+    """``POST /_outage?seconds=S``: for S seconds every embeddings request loses its connection."""
+    _require_loopback(request)
+    try:
+        seconds = float(request.query["seconds"])
+    except (KeyError, ValueError):
+        raise web.HTTPBadRequest(text="give ?seconds=S") from None
+    request.app[STATE].faults.start_outage(seconds)
+    return web.json_response({"outage_s": seconds})
+
+
 async def handle_reset(request: web.Request) -> web.Response:
-    """``POST /_reset``: zero the stats, refill the quota and restart the fault streams."""
+    """``POST /_reset``: zero the stats, refill the quota and restart the fault streams (and
+    end an outage)."""
     _require_loopback(request)
     state = request.app[STATE]
     state.stats.reset()

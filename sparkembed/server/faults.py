@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import TypeVar
 
 from sparkembed.server.settings import ServerSettings
@@ -31,6 +32,14 @@ class Faults:
         self._slow = random.Random(f"slow:{seed}")
         self._order = random.Random(f"order:{seed}")
         self._errors_injected = 0
+        self._outage_until = 0.0
+
+    def start_outage(self, seconds: float) -> None:
+        """For the next ``seconds``, every embeddings request loses its connection unanswered."""
+        self._outage_until = time.monotonic() + seconds
+
+    def in_outage(self) -> bool:
+        return time.monotonic() < self._outage_until
 
     def drop_connection(self) -> bool:
         """Whether to drop this request's connection without answering."""

@@ -58,6 +58,12 @@ class LocalEndpoint:
         with urllib.request.urlopen(request, timeout=30) as response:
             response.read()
 
+    def outage(self, seconds: float) -> None:
+        """Start an outage: for ``seconds``, every embeddings request loses its connection."""
+        request = urllib.request.Request(f"{self.url}/_outage?seconds={seconds}", data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
     def stderr(self) -> str:
         """The last lines the server wrote to stderr."""
         return "".join(self._stderr_tail)
