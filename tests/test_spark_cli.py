@@ -143,7 +143,10 @@ def test_concurrent_runs_on_one_target_fail_cleanly(
     codes = sorted(code for code, _ in outcomes)
     assert codes == [0, 2], outcomes
     loser = next(out for code, out in outcomes if code == 2)
-    assert "ConcurrentWriteError" in loser.strip().splitlines()[-1]
+    last = json.loads(loser.strip().splitlines()[-1])
+    assert last["error_type"] == "ConcurrentWriteError"
+    # The loser says what it spent, the wave it could not commit included.
+    assert last["tokens_billed"] > last["tokens_in_table"]
 
     rows = read_table(str(target)).to_pandas()
     assert not rows.duplicated(["id", "chunk_index"]).any()

@@ -374,3 +374,31 @@ def test_a_long_wave_prints_its_progress_from_the_tasks_spend_files(
     assert lines, "no progress line inside the wave"
     assert lines[0].startswith(f"wave 1/{planner.waves_planned} running: 40 rows, 1,200 tokens, ")
     assert "% of quota), 2 answered 429, ETA " in lines[0]
+
+
+def test_the_source_as_target_is_refused_without_suggesting_overwrite(tmp_path: Path) -> None:
+    source = str(tmp_path / "docs")
+    config = load_config(None, {"source.path": source, "target.path": source + "/"})
+    with pytest.raises(ConfigError, match="is the source table: give another --target") as refused:
+        job.check_target_location(config)
+    assert "overwrite" not in str(refused.value)
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal
+from sparkembed import job
+with job._stop_on_signals({str(tmp_path)!r}, print) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.signum == signal.SIGTERM and os.path.exists({str(tmp_path / "STOP")!r})
+    print("first signal: still running", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    print("not reached", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stdout == "first signal: still running\n"
+    assert "SIGTERM: no new requests" in proc.stderr
