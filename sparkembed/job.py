@@ -392,11 +392,11 @@ class _Ticker:
             quota = config.limits.tokens_per_minute
             of_quota = f" ({100 * rate / quota:.0f} % of quota)" if quota else ""
             committed = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
-            done = committed + spend.rows_done
+            done = committed + spend.texts_answered
             run_elapsed = time.monotonic() - started
             eta = (summary.rows_total - done) * run_elapsed / done if done else float("nan")
             progress(
-                f"wave {wave + 1}/{planner.waves_planned} running: {spend.rows_done:,} rows, "
+                f"wave {wave + 1}/{planner.waves_planned} running: {spend.texts_answered:,} texts answered, "
                 f"{spend.tokens_billed:,} tokens, {rate:,.0f} tokens/min{of_quota}, "
                 f"{spend.throttled} answered 429, ETA {_duration(eta)}"
             )

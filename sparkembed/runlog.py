@@ -53,6 +53,7 @@ class Spend:
         throttled: attempts answered 429.
         tokens_billed: ``usage.prompt_tokens`` of every successful response, whether
             its task attempt committed or not.
+        texts_answered: inputs of those responses (a chunk of a long text counts as one).
         rows_done: output rows the attempts finished (ok, skipped or failed).
     """
 
@@ -60,6 +61,7 @@ class Spend:
     requests: int = 0
     throttled: int = 0
     tokens_billed: int = 0
+    texts_answered: int = 0
     rows_done: int = 0
 
 
@@ -73,14 +75,15 @@ def request_stop(run_dir: str | Path) -> None:
 def read_spend(run_dir: str | Path, *, wave: int | None = None) -> Spend:
     """Driver side: the sum over task attempt files (of one wave, if given); unreadable ones count 0."""
     pattern = "*.json" if wave is None else f"w{wave:05d}-*.json"
-    totals = dict.fromkeys(("attempts", "requests", "throttled", "tokens_billed", "rows_done"), 0)
+    keys = ("requests", "throttled", "tokens_billed", "texts_answered", "rows_done")
+    totals = dict.fromkeys(("attempts", *keys), 0)
     for path in (Path(run_dir) / TASKS_DIR).glob(pattern):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # a file being replaced right now is read at the next look
         totals["attempts"] += 1
-        for key in ("requests", "throttled", "tokens_billed", "rows_done"):
+        for key in keys:
             totals[key] += int(data.get(key, 0))
     return Spend(**totals)
 
@@ -104,7 +107,10 @@ class TaskLog:
         interval_s: seconds between writes.
     """
 
-    __slots__ = ("_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint")
+    __slots__ = (
+        "_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint",
+        "_seen", "_answered",
+    )  # fmt: skip
 
     def __init__(self, run_dir: str | Path, name: str, metrics: Metrics, interval_s: float = WRITE_EVERY_S):
         self._dir = Path(run_dir)
@@ -116,6 +122,8 @@ class TaskLog:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sparkembed-task-log", daemon=True)
         self._sigint: Any = None
+        self._seen = 0  # timeline records already summed into _answered
+        self._answered = 0
 
     def stop_requested(self) -> bool:
         """Whether the driver asked the run to stop (seen within ``interval_s``)."""
@@ -157,10 +165,14 @@ class TaskLog:
 
     def _write(self, *, final: bool) -> None:
         m = self._metrics
+        records = m.timeline[self._seen :]  # the loop thread only appends
+        self._seen += len(records)
+        self._answered += sum(r.n_inputs for r in records if r.status == 200)
         data = {
             "requests": m.requests,
             "throttled": m.throttled,
             "tokens_billed": m.prompt_tokens,
+            "texts_answered": self._answered,
             "rows_done": m.ok_rows + m.skipped_rows + m.failed_rows,
             "final": final,
         }

@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from sparkembed.metrics import Metrics
+from sparkembed.metrics import Metrics, RequestRecord
 from sparkembed.runlog import TaskLog, read_spend, request_stop
 
 
@@ -17,12 +17,13 @@ def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) 
         pass  # a crash after its last write leaves the same file as a clean end
     with TaskLog(tmp_path, "w00000-p00001-a1-t9", retried):
         retried.requests, retried.throttled, retried.ok_rows = 4, 1, 100
+        retried.timeline += [RequestRecord(0, 1, 60, 600, 200, 1), RequestRecord(0, 1, 40, 0, 429, 1)]
     with TaskLog(tmp_path, "w00001-p00000-a0-t12", Metrics(prompt_tokens=5)):
         pass
 
     spend = read_spend(tmp_path)
     assert (spend.attempts, spend.tokens_billed, spend.requests, spend.throttled) == (3, 1_705, 7, 1)
-    assert spend.rows_done == 170
+    assert (spend.rows_done, spend.texts_answered) == (170, 60)
     assert read_spend(tmp_path, wave=0).tokens_billed == 1_700
     files = sorted(p.name for p in (tmp_path / "tasks").iterdir())
     assert len(files) == 3 and all(name.endswith(".json") for name in files)

@@ -355,7 +355,7 @@ def test_the_test_session_itself_retries_tasks(spark) -> None:
 def test_a_long_wave_prints_its_progress_from_the_tasks_spend_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sparkembed.metrics import Metrics
+    from sparkembed.metrics import Metrics, RequestRecord
     from sparkembed.runlog import TaskLog
     from sparkembed.waves_plan import WaveLimits, WavePlanner
 
@@ -365,15 +365,17 @@ def test_a_long_wave_prints_its_progress_from_the_tasks_spend_files(
     planner = WavePlanner(100, 5_000, WaveLimits(tokens_per_minute=2_000))
     planner.next_wave()
     lines: list[str] = []
-    spent = Metrics(prompt_tokens=1_200, ok_rows=40, throttled=2)
+    spent = Metrics()
+    for status in (200, 429, 200):
+        spent.record(RequestRecord(0.0, 1.0, 20, 600 if status == 200 else 0, status, 1))
     ticker = job._Ticker(lines.append, str(tmp_path), 0, planner, summary, config, time.monotonic())
     with TaskLog(tmp_path, "w00000-p00000-a0-t1", spent), ticker:
         deadline = time.monotonic() + 5
         while not lines and time.monotonic() < deadline:
             time.sleep(0.01)
     assert lines, "no progress line inside the wave"
-    assert lines[0].startswith(f"wave 1/{planner.waves_planned} running: 40 rows, 1,200 tokens, ")
-    assert "% of quota), 2 answered 429, ETA " in lines[0]
+    assert lines[0].startswith(f"wave 1/{planner.waves_planned} running: 40 texts answered, 1,200 tokens, ")
+    assert "% of quota), 1 answered 429, ETA " in lines[0]
 
 
 def test_the_source_as_target_is_refused_without_suggesting_overwrite(tmp_path: Path) -> None:
