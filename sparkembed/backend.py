@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -543,6 +544,8 @@ def map_error(exc: BaseException, *, secret: str | None = None) -> ServiceError 
         return TransportError("timed out waiting for the service")
     if isinstance(exc, (AzureError, aiohttp.ClientError, OSError)):
         inner = getattr(exc, "inner_exception", None) or exc
+        if isinstance(inner, aiohttp.ClientConnectorError):
+            return unreachable(inner)
         return TransportError(_clean(f"{type(inner).__name__}: {inner}", secret))
     return TransportError(_clean(f"unexpected {type(exc).__name__}: {exc}", secret))
 
@@ -558,8 +561,18 @@ def _service_error_detail(exc: HttpResponseError) -> tuple[str | None, str]:
         return None, str(exc.reason or "no error message")
 
 
+def unreachable(error: aiohttp.ClientConnectorError) -> TransportError:
+    """No connection to the host at all: the words a user needs, and no retry in the preflight."""
+    why = "not found (DNS)" if isinstance(error.os_error, socket.gaierror) else "refused or unreachable"
+    return TransportError(f"cannot connect to host {error.host} port {error.port}: {why}", unreachable=True)
+
+
+MIN_MASKED_SECRET = 8
+"""A shorter "secret" is no real key, and masking it would mangle any word holding it."""
+
+
 def _clean(message: str, secret: str | None) -> str:
-    if secret:
+    if secret and len(secret) >= MIN_MASKED_SECRET:
         message = message.replace(secret, "***")
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS] + "…"

@@ -182,6 +182,9 @@ def map_openai_error(exc: BaseException, *, secret: str | None = None) -> Servic
     if isinstance(exc, openai.APIConnectionError):
         # The SDK's own message is a bare "Connection error."; the cause says which.
         inner = exc.__cause__ or exc
+        if type(inner).__name__ == "ConnectError":  # httpx: no connection at all
+            host = getattr(getattr(exc.request, "url", None), "host", "?")
+            return TransportError(f"cannot connect to host {host}: {inner}", unreachable=True)
         return TransportError(_clean(f"{type(inner).__name__}: {inner}", secret))
     return map_error(exc, secret=secret)
 

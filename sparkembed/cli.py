@@ -1,8 +1,8 @@
-"""``sparkembed`` command line: run, serve, estimate.
+"""``sparkembed`` command line: run, estimate, serve, report, cache-tokenizer.
 
-The last line ``run`` prints is a one-line JSON summary. Exit codes: 0 when every
-row ended ok or skipped (or failures stay under ``run.max_failed_fraction``),
-1 when too many rows failed, 2 for a config, input or preflight error.
+The last line ``run`` prints is a one-line JSON summary. Errors a user can cause end in one
+line, ``sparkembed: error: …`` naming the fix, and the exit code of :data:`EXIT_CODES`; a
+traceback only with ``--debug`` or ``SPARKEMBED_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -23,16 +22,33 @@ from sparkembed.errors import ConfigError, SparkEmbedError
 
 log = logging.getLogger("sparkembed")
 
+COMMANDS = {
+    "run": "embed a table's texts into a Delta table (only what the target lacks yet)",
+    "estimate": "rows, tokens, cost of the next run: one preflight request, nothing embedded",
+    "serve": "start the local Azure-like embeddings endpoint (demos, tests, benchmarks)",
+    "report": "write a run's HTML report: throughput against quota, 429s, failures, cost",
+    "cache-tokenizer": "copy cl100k_base.tiktoken where offline executors can read it",
+}
+EXIT_CODES = """exit codes:
+  0    every row ended ok or skipped
+  1    failed rows exceed run.max_failed_fraction (or remain, with --fail-on-existing-failures)
+  2    a config, input, endpoint (preflight) or concurrent-write error: the message names the fix
+  130  stopped by Ctrl-C (143: SIGTERM) after committing what was answered: rerun to continue"""
 
-def _run_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Embed a table into Delta.")
+
+def _run_parser(prog: str, description: str = COMMANDS["run"]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     p.add_argument("--config", help="YAML config file (see conf/)")
     p.add_argument("--source", help="path (Delta folder, .parquet, .csv, .jsonl) or table name")
-    p.add_argument("--target", help="Delta path or table name")
+    p.add_argument("--target", help="Delta path (./out, /lake/t, abfss://…) or catalog table name")
     p.add_argument("--endpoint", help="endpoint URL, or 'local' (env AZURE_INFERENCE_ENDPOINT)")
     p.add_argument("--model", help="model or deployment name")
     p.add_argument("--id-col", help="id column (default id)")
     p.add_argument("--text-col", help="text column (default text)")
+    p.add_argument("--passthrough", help="source columns copied to the output: a,b")
     p.add_argument("--mode", choices=["append", "overwrite", "upsert"], help="target write mode")
     p.add_argument(
         "--prune",
@@ -59,7 +75,9 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
         help="exit 1 while rows that failed in earlier runs remain (without --retry-failed)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set limits.concurrency=8")  # fmt: skip
+                   help="override any config key, e.g. --set limits.concurrency=8 "
+                        "(list keys take a,b)")  # fmt: skip
+    p.add_argument("--debug", action="store_true", help="DEBUG logs and tracebacks (or SPARKEMBED_DEBUG=1)")
     return p
 
 
@@ -77,6 +95,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         value = getattr(args, attr, None)
         if value is not None:
             overrides[key] = value
+    if getattr(args, "passthrough", None) is not None:
+        overrides.update([parse_override(f"source.passthrough={args.passthrough}")])
     overrides.update(parse_override(item) for item in args.set)
     return resolve_endpoint(load_config(args.config, overrides), env)
 
@@ -107,51 +127,104 @@ def local_endpoint(config: EmbedConfig) -> Iterator[EmbedConfig]:
         yield config.model_copy(update={"endpoint": endpoint, "auth": auth, "long_text": long_text})
 
 
-_EXECUTOR_ERROR = re.compile(r"^(?:sparkembed\.errors\.)?(\w+(?:Error|Exhausted\w*)): (.+)$", re.M)
-_OURS = {"ConfigError", "EndpointConfigError", "QuotaExhaustedError", "ServiceError", "TransportError"}
-
-
-def _executor_error(exc: Exception) -> tuple[str, str] | None:
-    """Our error class and message, from a Spark task failure that carries one."""
-    found = [m for m in _EXECUTOR_ERROR.finditer(str(exc)) if m.group(1) in _OURS]
-    return (found[-1].group(1), found[-1].group(2).strip()) if found else None
-
-
-def _fail(kind: str, message: str, exc: BaseException | None = None) -> int:
-    """Exit 2 with the error on stderr and as the JSON last line, with what the run spent."""
+def _fail(kind: str, message: str, exc: BaseException | None = None, code: int = 2) -> int:
+    """One line on stderr, and the JSON last line with what the run spent."""
     print(f"sparkembed: error: {message}", file=sys.stderr)
     summary = getattr(exc, "run_summary", None)
     spent = summary.to_json() if summary is not None else {}
     print(json.dumps(spent | {"error": message, "error_type": kind}), flush=True)
-    return 2
+    return code
+
+
+def _debugging(args: argparse.Namespace) -> bool:
+    return bool(args.debug) or os.environ.get("SPARKEMBED_DEBUG", "") not in ("", "0")
+
+
+def check_before_spark(config: EmbedConfig, *, local_session: bool) -> None:
+    """What can be checked of the source and target without Spark, before the preflight.
+
+    Raises:
+        ConfigError: no source or target, a source path that does not exist or has no known
+            format, a target folder that is not ours to write, or a catalog table target
+            where a local session has no catalog to hold it.
+    """
+    from sparkembed.errors import InputError
+    from sparkembed.job import check_target_location
+    from sparkembed.sinks.files import is_path
+    from sparkembed.sources import detect_format
+
+    source, target = config.source.path, config.target.path
+    if not source:
+        raise ConfigError("no source given: pass --source PATH|TABLE or set source.path")
+    if not target:
+        raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
+    if is_path(source) and "://" not in source and not os.path.exists(source.removeprefix("file:")):
+        raise InputError(f"source {source} does not exist")
+    if config.source.format is None:
+        detect_format(source)  # raises when a path's format cannot be told
+    if not is_path(target) and local_session and config.target.sink != "native":
+        raise ConfigError(
+            f"target {target!r} names a catalog table, but a local Spark session has no Delta "
+            f"catalog: give a path, e.g. --target ./{target}"
+        )
+    check_target_location(config)
 
 
 def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: bool = True) -> int:
     args = _run_parser(prog).parse_args(argv)
+    debug = _debugging(args)
     try:
-        config = config_from_args(args)
-        with local_endpoint(config) as config:
-            from pyspark.sql import SparkSession
-
-            from sparkembed import job
-            from sparkembed.secrets import apply_secret
-            from sparkembed.session import get_spark
-
-            ours = SparkSession.getActiveSession() is None
-            spark = get_spark(config, local_default=local_master)
-            try:
-                config = apply_secret(config, spark=spark)
-                summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
-            finally:
-                if ours:  # a session we built: stop it, so event logs and executors close cleanly
-                    spark.stop()
-    except SparkEmbedError as exc:
-        return _fail(type(exc).__name__, str(exc), exc)
-    except Exception as exc:  # a task raised: Spark wraps our error in its own
-        found = _executor_error(exc)
-        if found is None:
+        return _run(args, local_master)
+    except KeyboardInterrupt as exc:  # before the first wave, or while Spark started
+        if debug:
             raise
-        return _fail(*found, exc)
+        summary = getattr(exc, "run_summary", None)
+        print("sparkembed: interrupted before any row was committed; rerun the same command", file=sys.stderr)
+        print(json.dumps((summary.to_json() if summary else {}) | {"stopped": "signal"}), flush=True)
+        return 130
+    except SparkEmbedError as exc:
+        if debug:
+            log.exception("failed")
+        return _fail(type(exc).__name__, str(exc), exc)
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return _fail(
+            type(exc).__name__, f"unexpected {type(exc).__name__}: {first} (rerun with --debug for details)",
+            exc, code=1,
+        )  # fmt: skip
+
+
+def _run(args: argparse.Namespace, local_master: bool) -> int:
+    import signal
+
+    from sparkembed.secrets import apply_secret
+
+    config = config_from_args(args)
+    with local_endpoint(config) as config:
+        from pyspark.sql import SparkSession
+
+        from sparkembed import job
+        from sparkembed.session import get_spark
+
+        ours = SparkSession.getActiveSession() is None
+        master = config.run.spark_master or ""
+        check_before_spark(config, local_session=ours and (local_master or master.startswith("local")))
+        if config.auth.mode != "key" or config.auth.key_source == "env":
+            # Fail fast: a wrong key, route or deployment is known before Spark starts.
+            config = job.preflight(apply_secret(config))
+        spark = get_spark(config, local_default=local_master)
+        # pyspark's own Ctrl-C handler calls into the JVM from inside a JVM call; a plain
+        # KeyboardInterrupt is enough (the run installs its own handler for the waves).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            config = apply_secret(config, spark=spark)
+            summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
+        finally:
+            if ours:  # a session we built: stop it, so event logs and executors close cleanly
+                with contextlib.suppress(Exception):
+                    spark.stop()
     if summary.stop_signal is not None:
         done = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
         print(
@@ -175,8 +248,8 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
 
 
 def estimate_command(argv: list[str]) -> int:
-    """Rows, tokens and cost of the next run; nothing is sent to the endpoint."""
-    args = _run_parser("sparkembed estimate").parse_args(argv)
+    """Rows, tokens and cost of the next run: one preflight request, nothing embedded."""
+    args = _run_parser("sparkembed estimate", COMMANDS["estimate"]).parse_args(argv)
     try:
         with local_endpoint(config_from_args(args)) as config:
             from sparkembed.estimate import estimate
@@ -186,6 +259,8 @@ def estimate_command(argv: list[str]) -> int:
             spark = get_spark(config, local_default="DATABRICKS_RUNTIME_VERSION" not in os.environ)
             result = estimate(spark, apply_secret(config, spark=spark))
     except SparkEmbedError as exc:
+        if _debugging(args):
+            raise
         print(f"sparkembed: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result), flush=True)
@@ -211,16 +286,18 @@ def cache_tokenizer_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = "--debug" in argv or os.environ.get("SPARKEMBED_DEBUG", "") not in ("", "0")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # Other libraries' INFO is noise here: azure-core dumps every request's headers, py4j
         # announces its shutdown after the run's last line. At DEBUG they stay as asked.
         for noisy in ("azure", "py4j"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in {"-h", "--help"}:
-        print(
-            "usage: sparkembed {run,estimate,serve,report,cache-tokenizer} ...  (sparkembed COMMAND --help)"
-        )
+        print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "run":
@@ -238,8 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         from sparkembed.server.__main__ import main as serve_main
 
         return serve_main(rest)
-    print(f"sparkembed: unknown command {command!r}", file=sys.stderr)
+    print(f"sparkembed: error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    return "\n".join(
+        ["usage: sparkembed COMMAND [options]   (sparkembed COMMAND --help for its options)", "",
+         "Embed lakehouse text with Azure embeddings, from Spark, into Delta tables.", "",
+         "commands:", *lines, "", EXIT_CODES]
+    )  # fmt: skip
 
 
 def console() -> None:

@@ -8,6 +8,7 @@ turns the configured secret into a :class:`pydantic.SecretStr`, which never show
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -15,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sparkembed.errors import ConfigError
 
@@ -221,11 +230,61 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``limits.concurrency=8`` -> ("limits.concurrency", 8); the value is parsed as YAML."""
+    """``limits.concurrency=8`` -> ("limits.concurrency", 8): the value means what was typed.
+
+    A text key keeps the text as typed (``api_version=2024-10-21`` stays a string, not a
+    YAML date); a list key takes ``a,b`` or YAML ``[a, b]``; anything else is read as YAML.
+
+    Raises:
+        ConfigError: no ``=``, or a key that does not exist (with the closest one named).
+    """
     if "=" not in item:
         raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw else None
+    key, raw = (part.strip() for part in item.split("=", 1))
+    kind = _key_kind(key)
+    if not raw:
+        return key, None
+    if kind == "text":
+        parsed = yaml.safe_load(raw) if raw[0] in "'\"" else raw
+        return key, parsed
+    if kind == "list" and not raw.startswith("["):
+        return key, tuple(part.strip() for part in raw.split(",") if part.strip())
+    return key, yaml.safe_load(raw)
+
+
+def _key_kind(dotted: str) -> str:
+    """``text``, ``list`` or ``other`` for a dotted key of :class:`EmbedConfig`."""
+    section, _, name = dotted.partition(".")
+    fields = EmbedConfig.model_fields
+    if section not in fields or not name:
+        raise ConfigError(f"unknown config key {dotted!r}{_did_you_mean(dotted)}")
+    model = fields[section].annotation
+    model_fields = getattr(model, "model_fields", {})
+    if name not in model_fields:
+        raise ConfigError(f"unknown config key {dotted!r}{_did_you_mean(dotted)}")
+    annotation = str(model_fields[name].annotation)
+    if "tuple" in annotation:
+        return "list"
+    if annotation in ("<class 'str'>", "str | None", "typing.Optional[str]") or "Literal" in annotation:
+        return "text"
+    return "other"
+
+
+def config_keys() -> list[str]:
+    """Every dotted key a user can set, e.g. ``limits.tokens_per_minute``."""
+    return [
+        f"{section}.{name}"
+        for section, field in EmbedConfig.model_fields.items()
+        for name in getattr(field.annotation, "model_fields", {})
+    ]
+
+
+def _did_you_mean(dotted: str) -> str:
+    close = difflib.get_close_matches(dotted, config_keys(), n=1, cutoff=0.6)
+    if not close:  # a right name under a wrong section, or a section's name alone
+        leaf = dotted.rpartition(".")[2]
+        close = [k for k in config_keys() if k.endswith("." + leaf)][:1]
+    return f": did you mean {close[0]!r}?" if close else ""
 
 
 def load_config(
@@ -253,10 +312,22 @@ def load_config(
 
 
 def validate_config(tree: dict[str, Any]) -> EmbedConfig:
+    """Validate a tree of sections; errors name each key, and the closest key for a typo."""
     try:
         return EmbedConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError("invalid config: " + "; ".join(_describe(e) for e in exc.errors())) from None
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as ``key: what is wrong``."""
+    key = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}{_did_you_mean(key)}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{key}: {message} (got {error['input']!r})" if "input" in error else f"{key}: {message}"
 
 
 def resolve_endpoint(config: EmbedConfig, environ: Mapping[str, str]) -> EmbedConfig:

@@ -30,6 +30,7 @@ import numpy as np
 from sparkembed.backend import Backend, BackendResponse, make_backend
 from sparkembed.config import EmbedConfig, LimitsConfig
 from sparkembed.errors import (
+    EndpointConfigError,
     QuotaExhaustedError,
     ServiceError,
     TransportError,
@@ -150,7 +151,7 @@ class Embedder:
             ServiceError, TransportError, QuotaExhaustedError: the request failed otherwise.
         """
         estimates = np.array([estimate_tokens(PREFLIGHT_TEXT)])
-        segment = self._run(self._send([PREFLIGHT_TEXT], estimates, Metrics()))
+        segment = self._run(self._send([PREFLIGHT_TEXT], estimates, Metrics(), fail_fast=True))
         if segment.response is None:
             assert segment.failure is not None
             raise segment.failure
@@ -181,9 +182,19 @@ class Embedder:
         return left + [replace(s, start=s.start + mid, stop=s.stop + mid) for s in right]
 
     async def _send(
-        self, texts: list[str], estimates: np.ndarray, metrics: Metrics, stop: Callable[[], bool] = _never
+        self,
+        texts: list[str],
+        estimates: np.ndarray,
+        metrics: Metrics,
+        stop: Callable[[], bool] = _never,
+        *,
+        fail_fast: bool = False,
     ) -> Segment:
-        """One request with retries: a response, why its rows failed, or unsent when stopping."""
+        """One request with retries: a response, why its rows failed, or unsent when stopping.
+
+        ``fail_fast`` (the preflight): a host that cannot be reached at all is a wrong
+        ``endpoint.url``, raised at once instead of retried.
+        """
         if self._exhausted and self._clock() < self._exhausted[0]:
             reason = self._exhausted[1]
             return Segment(0, len(texts), 0, error=reason, failure=QuotaExhaustedError(reason))
@@ -202,6 +213,8 @@ class Embedder:
             try:
                 response = await self._attempt(texts, attempt, metrics)
             except (ServiceError, TransportError) as error:
+                if fail_fast and isinstance(error, TransportError) and error.unreachable:
+                    raise EndpointConfigError(f"{error}: check endpoint.url") from None
                 # Time in the limiter is pacing, not hanging: the total timeout leaves it out.
                 elapsed_s = self._clock() - started - waited
                 decision = self._after_failure(error, tokens, attempt, elapsed_s)

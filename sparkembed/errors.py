@@ -64,4 +64,14 @@ class ServiceError(SparkEmbedError):
 
 
 class TransportError(SparkEmbedError):
-    """No HTTP answer: timeout, reset or refused connection."""
+    """No HTTP answer: timeout, reset or refused connection.
+
+    Attributes:
+        unreachable: no connection could be made at all (host not found, connection
+            refused): a wrong ``endpoint.url`` is the likely cause, so the preflight does not
+            retry it.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable

@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 
 from sparkembed.config import EmbedConfig
 from sparkembed.errors import ConfigError
+from sparkembed.sinks.files import is_path
 
 REPLACES = "_sparkembed_replaces"
 """Column of ``WorkPlan.todo``: the id already has rows in the target (sinks drop it)."""
@@ -49,8 +50,7 @@ def read_target(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
     from sparkembed.sources import read_delta
 
     target = str(config.target.path)
-    is_path = "/" in target or "\\" in target
-    if is_path:
+    if is_path(target):
         from deltalake import DeltaTable
 
         if not DeltaTable.is_deltatable(target):

@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import os
+import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -22,7 +24,14 @@ from pyspark.sql import functions as F
 from sparkembed import waves as wave_sinks
 from sparkembed.config import EmbedConfig
 from sparkembed.engine import Embedder
-from sparkembed.errors import ConfigError
+from sparkembed.errors import (
+    ConfigError,
+    EndpointConfigError,
+    InputError,
+    QuotaExhaustedError,
+    SparkEmbedError,
+    TransportError,
+)
 from sparkembed.incremental import other_fingerprint_ids, plan_work, read_target
 from sparkembed.runlog import read_spend, request_stop
 from sparkembed.sources import check_ids, read_source, select_input
@@ -132,13 +141,9 @@ def prepare(
         source = read_source(spark, config.source)
     df = select_input(source, config.source)
     rows = check_ids(df, config.source.id_col)
-    preflight = Embedder(config)
-    try:
-        dims, model = preflight.preflight()
-    finally:
-        preflight.close()
-    log.info("preflight ok: model %s, %d dimensions", model, dims)
-    endpoint = config.endpoint.model_copy(update={"served_model": model, "served_dimensions": dims})
+    if config.endpoint.served_dimensions is None:  # the CLI preflights before Spark starts
+        config = preflight(config)
+    endpoint = config.endpoint
     parallelism = default_parallelism(spark, config)
     workers = min(config.run.partitions or parallelism, parallelism)
     limits = config.limits.model_copy(update={"workers": max(1, workers)})
@@ -152,13 +157,13 @@ def check_target_location(config: EmbedConfig) -> None:
         ConfigError: the target is the source, a file, or a folder that is neither empty, nor
             a Delta table, nor holding only sparkembed's own files of a first wave that crashed.
     """
-    from sparkembed.sinks.files import foreign_entries
+    from sparkembed.sinks.files import foreign_entries, is_path
 
     target = str(config.target.path)
     source = config.source.path
     if source and _same_location(source, target):
         raise ConfigError(f"the target {target} is the source table: give another --target")
-    if not ("/" in target or "\\" in target):
+    if not is_path(target):
         return  # a catalog table: the catalog says what it is
     try:
         found = foreign_entries(target)
@@ -181,6 +186,63 @@ def _same_location(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+_TASK_ERROR = re.compile(r"^(?:sparkembed\.errors\.)?(\w+): (.+)$", re.M)
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
+
+
+def translate_spark_error(exc: BaseException) -> SparkEmbedError | None:
+    """A failure that Spark wrapped, as the one-line sparkembed error it stands for.
+
+    A task that raised one of our errors; Python workers that run another interpreter
+    than the driver's; a source or target Spark cannot resolve. None for anything else,
+    and for our own errors, which need no translating.
+    """
+    if isinstance(exc, SparkEmbedError) or not isinstance(exc, Exception):
+        return None
+    text = str(exc)
+    raised = [m for m in _TASK_ERROR.finditer(text) if m.group(1) in _TASK_ERRORS]
+    if raised:
+        return _TASK_ERRORS[raised[-1].group(1)](raised[-1].group(2).strip())
+    missing = _MISSING_MODULE.search(text)
+    if missing:
+        return ConfigError(
+            f"Spark's Python workers cannot import {missing.group(1)}: they run another Python "
+            f"than this one. Set PYSPARK_PYTHON={sys.executable} before Spark starts"
+        )
+    if type(exc).__name__ in ("AnalysisException", "ParseException"):  # pyspark.errors
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return InputError(f"Spark cannot read the source or target: {first}")
+    return None
+
+
+_TASK_ERRORS: dict[str, type[SparkEmbedError]] = {
+    cls.__name__: cls
+    for cls in (ConfigError, EndpointConfigError, InputError, QuotaExhaustedError, TransportError)
+}
+
+
+def preflight(config: EmbedConfig) -> EmbedConfig:
+    """One tiny request, before any money is spent: it checks the key, route, deployment and
+    options, and learns what the service runs. Needs no Spark.
+
+    Returns:
+        ``config`` with ``endpoint.served_model`` and ``served_dimensions`` set.
+
+    Raises:
+        EndpointConfigError: 401/403/404/422, or a host that cannot be reached; names the fix.
+        ServiceError, TransportError, QuotaExhaustedError: the request failed otherwise.
+    """
+    check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
+    embedder = Embedder(config)
+    try:
+        dims, model = embedder.preflight()
+    finally:
+        embedder.close()
+    log.info("preflight ok: model %s, %d dimensions", model, dims)
+    endpoint = config.endpoint.model_copy(update={"served_model": model, "served_dimensions": dims})
+    return config.model_copy(update={"endpoint": endpoint})
+
+
 def _materialize(todo: DataFrame) -> DataFrame:
     """Compute the rows to do once: waves then slice a fixed set, without re-reading the
     source and redoing the anti-join per wave, and a non-deterministic source cannot
@@ -194,8 +256,10 @@ def _materialize(todo: DataFrame) -> DataFrame:
 
 def _absolute_target(config: EmbedConfig) -> EmbedConfig:
     """Executors may run in other folders: a local target path must be absolute."""
+    from sparkembed.sinks.files import is_path
+
     path = str(config.target.path)
-    if "://" in path or not ("/" in path or os.path.exists(path)) or os.path.isabs(path):
+    if "://" in path or not is_path(path) or os.path.isabs(path):
         return config
     target = config.target.model_copy(update={"path": os.path.abspath(path)})
     return config.model_copy(update={"target": target})
@@ -243,8 +307,12 @@ def run(
         with _stop_on_signals(run_dir, progress) as stop:
             _run_waves(spark, config, source, summary, run_dir, stop, progress)
     except BaseException as exc:
-        summary.error = f"{type(exc).__name__}: {exc}"
+        ours = translate_spark_error(exc)
+        summary.error = f"{type(ours or exc).__name__}: {ours or exc}"
         _finish_summary(summary, run_dir, started, config)
+        if ours is not None:
+            ours.run_summary = summary  # type: ignore[attr-defined]
+            raise ours from exc
         exc.run_summary = summary  # type: ignore[attr-defined]
         raise
     summary.stopped = "signal" if stop.signum else None

@@ -241,4 +241,5 @@ def _label(error: ServiceError) -> str:
     message = error.message
     if len(message) > MAX_SERVICE_MESSAGE_CHARS:
         message = message[:MAX_SERVICE_MESSAGE_CHARS] + "…"
-    return f"{error.status} {error.code or 'error'}: {message}"
+    code = error.code if error.code and error.code != str(error.status) else "error"  # not "401 401:"
+    return f"{error.status} {code}: {message}"

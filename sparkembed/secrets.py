@@ -72,6 +72,10 @@ def resolve_key(
     return _from_env(auth, os.environ if environ is None else environ)
 
 
+SHORT_KEY = 16
+"""Keys shorter than this are warned about: no Azure key is (they have 32 or 84 characters)."""
+
+
 def apply_secret(
     config: EmbedConfig,
     *,
@@ -86,6 +90,12 @@ def apply_secret(
     if config.auth.mode != "key" or config.auth.key is not None:
         return config
     key = resolve_key(config.auth, environ=environ, spark=spark)
+    length = len(key.get_secret_value()) if key is not None else 0
+    if 0 < length < SHORT_KEY:
+        log.warning(
+            "the API key is only %d characters long; Azure keys have 32 or more: check that "
+            "the right value is set", length
+        )  # fmt: skip
     return config.model_copy(update={"auth": config.auth.model_copy(update={"key": key})})
 
 

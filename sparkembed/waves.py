@@ -25,6 +25,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.errors import ConfigError
 from sparkembed.incremental import REPLACES
 from sparkembed.metrics import Metrics
+from sparkembed.sinks.files import is_path
 from sparkembed.spark import PartitionJob, make_job
 
 
@@ -44,7 +45,7 @@ def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = 
     if kind == "native":
         return NativeSink(run_dir)
     target = str(config.target.path)
-    if not ("/" in target or "\\" in target):
+    if not is_path(target):
         raise ConfigError(
             f"target {target!r} looks like a catalog table, but this session has no Delta "
             "(the delta-rs sink writes paths only): give a path, or run where Delta is installed"
@@ -228,7 +229,7 @@ class NativeSink:
 
 def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -> dict[str, int]:
     target = str(config.target.path)
-    table = (spark.read.format("delta").load(target) if "/" in target else spark.table(target)).filter(
+    table = (spark.read.format("delta").load(target) if is_path(target) else spark.table(target)).filter(
         F.col("run_id") == run_id
     )
     rows = table.groupBy("status").agg(F.count("*").alias("n"), F.sum("prompt_tokens").alias("t"))

@@ -19,6 +19,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
+from sparkembed.sinks.files import is_path
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -83,7 +85,7 @@ def write_native(
     )
     if mode == "overwrite":
         writer = writer.option("overwriteSchema", "true")  # as the delta-rs overwrite does
-    if _is_path(target):
+    if is_path(target):
         writer.save(target)
     else:
         writer.saveAsTable(target)
@@ -93,7 +95,7 @@ def _merge(spark: SparkSession, df: DataFrame, target: str, id_col: str, app_id:
     from delta.tables import DeltaTable
     from pyspark import StorageLevel
 
-    table = DeltaTable.forPath(spark, target) if _is_path(target) else DeltaTable.forName(spark, target)
+    table = DeltaTable.forPath(spark, target) if is_path(target) else DeltaTable.forName(spark, target)
     rows = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         rows.count()  # evaluate (embed) once; the stale-chunk join and the MERGE reuse it
@@ -151,15 +153,11 @@ def _txn_confs(spark: SparkSession, app_id: str, version: int) -> Iterator[None]
 
 
 def _exists(spark: SparkSession, target: str) -> bool:
-    if _is_path(target):
+    if is_path(target):
         from delta.tables import DeltaTable
 
         return bool(DeltaTable.isDeltaTable(spark, target))
     return bool(spark.catalog.tableExists(target))
-
-
-def _is_path(target: str) -> bool:
-    return "/" in target or "\\" in target
 
 
 def delete_native(ids: DataFrame, target: str, *, id_col: str, app_id: str, version: int) -> None:
@@ -167,7 +165,7 @@ def delete_native(ids: DataFrame, target: str, *, id_col: str, app_id: str, vers
     from delta.tables import DeltaTable
 
     spark = ids.sparkSession
-    table = DeltaTable.forPath(spark, target) if _is_path(target) else DeltaTable.forName(spark, target)
+    table = DeltaTable.forPath(spark, target) if is_path(target) else DeltaTable.forName(spark, target)
     with _txn_confs(spark, app_id, version):
         (
             table.alias("t")
