@@ -158,10 +158,10 @@ def check_before_spark(config: EmbedConfig, *, local_session: bool) -> None:
         raise ConfigError("no source given: pass --source PATH|TABLE or set source.path")
     if not target:
         raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
-    if is_path(source) and "://" not in source and not os.path.exists(source.removeprefix("file:")):
+    fmt = config.source.format or detect_format(source)  # raises when a path's format is unknown
+    local = source.removeprefix("file://")
+    if fmt != "table" and "://" not in local and not os.path.exists(local):
         raise InputError(f"source {source} does not exist")
-    if config.source.format is None:
-        detect_format(source)  # raises when a path's format cannot be told
     if not is_path(target) and local_session and config.target.sink != "native":
         raise ConfigError(
             f"target {target!r} names a catalog table, but a local Spark session has no Delta "
