@@ -585,8 +585,8 @@ def _refuses_base64(error: ServiceError) -> bool:
 
 
 def make_backend(config: EmbedConfig) -> Backend:
-    """The backend ``config.endpoint.api`` names: azure-ai-inference (default) or OpenAI v1."""
-    if config.endpoint.api == "openai-v1":
+    """The backend for ``config.endpoint.route``: the Azure AI model inference API or OpenAI v1."""
+    if config.endpoint.route == "openai-v1":
         # Imported here: the openai package is an optional dependency.
         from sparkembed.backend_openai import OpenAIV1Backend
 

@@ -70,7 +70,7 @@ class OpenAIV1Backend(HttpBackend):
         hide_bridge_traffic()  # as AzureInferenceBackend: the key may ride in a task closure
         if importlib.util.find_spec("openai") is None:
             raise ConfigError(
-                "endpoint.api 'openai-v1' needs the openai package: pip install 'sparkembed[openai]'"
+                "endpoint.api 'openai-v1' needs the openai package: pip install openai"
             )
         if not endpoint.model:
             raise ConfigError(

@@ -199,18 +199,17 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
 def _run(args: argparse.Namespace, local_master: bool) -> int:
     import signal
 
+    from pyspark.sql import SparkSession
+
+    from sparkembed import job
     from sparkembed.secrets import apply_secret
+    from sparkembed.session import get_spark
 
     config = config_from_args(args)
+    ours = SparkSession.getActiveSession() is None
+    master = config.run.spark_master or ""
+    check_before_spark(config, local_session=ours and (local_master or master.startswith("local")))
     with local_endpoint(config) as config:
-        from pyspark.sql import SparkSession
-
-        from sparkembed import job
-        from sparkembed.session import get_spark
-
-        ours = SparkSession.getActiveSession() is None
-        master = config.run.spark_master or ""
-        check_before_spark(config, local_session=ours and (local_master or master.startswith("local")))
         if config.auth.mode != "key" or config.auth.key_source == "env":
             # Fail fast: a wrong key, route or deployment is known before Spark starts.
             config = job.preflight(apply_secret(config))

@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -41,7 +42,10 @@ class EndpointConfig(_Frozen):
 
     url: str | None = None
     """``local`` starts the bundled endpoint; otherwise an https URL. Unset: $AZURE_INFERENCE_ENDPOINT."""
-    api: Literal["azure-ai-inference", "openai-v1"] = "azure-ai-inference"
+    api: Literal["auto", "azure-ai-inference", "openai-v1"] = "auto"
+    """``auto`` picks by the URL: ``…/openai/v1`` is the OpenAI-compatible v1 route (what Microsoft
+    now recommends), anything else (``…/models``, ``…/openai/deployments/<d>``, self-hosted)
+    the Azure AI model inference API. See :attr:`route`."""
     model: str | None = None
     api_version: str | None = None
     dimensions: int | None = Field(default=None, gt=0)
@@ -57,6 +61,14 @@ class EndpointConfig(_Frozen):
     """Learned by the driver's preflight (the vector size); not for users."""
     price_per_million_tokens: float = Field(default=0.02, ge=0)
     """USD per 1M prompt tokens, for estimates (text-embedding-3-small list price)."""
+
+    @property
+    def route(self) -> Literal["azure-ai-inference", "openai-v1"]:
+        """The API to call: ``api``, or with ``auto`` the one the URL's path names."""
+        if self.api != "auto":
+            return self.api
+        path = urlsplit(self.url or "").path.rstrip("/")
+        return "openai-v1" if path.endswith("/openai/v1") else "azure-ai-inference"
 
 
 class AuthConfig(_Frozen):
@@ -192,10 +204,22 @@ class EmbedConfig(_Frozen):
         return v
 
     def fingerprint(self) -> str:
-        """What the vectors mean: a new value means old vectors must not be mixed in."""
+        """What the vectors mean: a new value means old vectors must not be mixed in.
+
+        The route is not part of it: the same deployment answers the same vectors on the
+        v1 route and the inference API, so moving a table to another route re-embeds nothing.
+        """
+        return self._fingerprint({})
+
+    def equivalent_fingerprints(self) -> tuple[str, ...]:
+        """This fingerprint, then those that releases before 0.2 wrote for the same vectors
+        (they hashed the route in too): rows carrying any of them are done."""
+        legacy = (self._fingerprint({"api": api}) for api in ("azure-ai-inference", "openai-v1"))
+        return (self.fingerprint(), *legacy)
+
+    def _fingerprint(self, extra: dict[str, Any]) -> str:
         endpoint = self.endpoint
-        meaning = {
-            "api": endpoint.api,
+        meaning = extra | {
             # What the service says it ran beats what we asked for: a deployment URL may
             # change model without any config key changing.
             "model": endpoint.served_model

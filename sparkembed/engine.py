@@ -276,6 +276,7 @@ class Embedder:
                 dimensions=endpoint.dimensions,
                 input_type=endpoint.input_type,
                 key_env=self.config.auth.key_env,
+                url=endpoint.url,
             ) from error
         if decision.action == "quota_exhausted":
             reason = f"quota exhausted: {decision.reason}"

@@ -76,10 +76,9 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
         todo = source.withColumn(REPLACES, F.lit(False))
         return WorkPlan(todo=todo, whole_source=True, overwrite=config.target.mode == "overwrite")
     _check_columns(target, source, config)
-    current = config.fingerprint()
     retire = _other_fingerprints(target, config)
     id_col, text_col = config.source.id_col, config.source.text_col
-    mine = target.filter(F.col("embedding_fingerprint") == current)
+    mine = target.filter(F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints())))
     per_text = mine.groupBy(id_col, "text_hash").agg(
         F.max((F.col("status") == "failed").cast("int")).alias("_failed")
     )
@@ -112,15 +111,16 @@ def other_fingerprint_ids(spark: SparkSession, config: EmbedConfig) -> DataFrame
     target = read_target(spark, config)
     if target is None:
         return None
-    stale = target.filter(F.col("embedding_fingerprint") != config.fingerprint())
+    stale = target.filter(~F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints())))
     return stale.select(config.source.id_col).distinct()
 
 
 def _other_fingerprints(target: DataFrame, config: EmbedConfig) -> bool:
     """True when the target holds other fingerprints and ``--reembed-all`` allows replacing them."""
     current = config.fingerprint()
+    same = config.equivalent_fingerprints()
     found = [r[0] for r in target.select("embedding_fingerprint").distinct().limit(5).collect()]
-    other = [fp for fp in found if fp != current]
+    other = [fp for fp in found if fp not in same]
     if not other:
         return False
     if not config.run.reembed_all:

@@ -238,7 +238,8 @@ def preflight(config: EmbedConfig) -> EmbedConfig:
         dims, model = embedder.preflight()
     finally:
         embedder.close()
-    log.info("preflight ok: model %s, %d dimensions", model, dims)
+    route = config.endpoint.route + (" (endpoint.api: auto)" if config.endpoint.api == "auto" else "")
+    log.info("preflight ok: model %s, %d dimensions, the %s route", model, dims, route)
     endpoint = config.endpoint.model_copy(update={"served_model": model, "served_dimensions": dims})
     return config.model_copy(update={"endpoint": endpoint})
 

@@ -178,6 +178,7 @@ def config_error_for(
     dimensions: int | None,
     input_type: str | None,
     key_env: str = "AZURE_INFERENCE_CREDENTIAL",
+    url: str | None = None,
 ) -> EndpointConfigError:
     """The error to raise for a 401/403/404/422: the service's words, then the fix.
 
@@ -187,10 +188,29 @@ def config_error_for(
         dimensions: ``endpoint.dimensions`` as sent, if any.
         input_type: ``endpoint.input_type`` as sent, if any.
         key_env: the env var holding the API key (``auth.key_env``).
+        url: ``endpoint.url``, to tell a retired route from a wrong one.
     """
+    if _route_retired(error, url):
+        said = _label(error).rstrip(". ")
+        return EndpointConfigError(f"{said}. Fix: {RETIRED_ROUTE_FIX}.", status=error.status)
     fix = _fix_for(error, model=model, dimensions=dimensions, input_type=input_type, key_env=key_env)
     said = _label(error).rstrip(". ")
     return EndpointConfigError(f"{said}. Fix: {fix}.", status=error.status)
+
+
+RETIRED_ROUTE_FIX = (
+    "Azure retired the /models inference route (and the azure-ai-inference SDK) on 2026-08-26: "
+    "use the OpenAI-compatible v1 route, endpoint.url https://<resource>.openai.azure.com/openai/v1 "
+    "with endpoint.model the deployment name. Tables made on the old route keep their rows"
+)
+
+
+def _route_retired(error: ServiceError, url: str | None) -> bool:
+    """A 404 on a ``/models`` URL, or any refusal that says the route or API is retired."""
+    said = f"{error.code or ''} {error.message}".lower()
+    if "retired" in said or "retirement" in said:
+        return True
+    return error.status == 404 and (url or "").rstrip("/").endswith("/models")
 
 
 def _fix_for(
@@ -210,7 +230,7 @@ def _fix_for(
     if error.status == 404:
         name = f"endpoint.model: {model}" if model else "endpoint.model is unset"
         return (
-            "check endpoint.url (Foundry: https://<resource>.services.ai.azure.com/models) "
+            "check endpoint.url (the v1 route: https://<resource>.openai.azure.com/openai/v1) "
             f"and the deployment or model name ({name})"
         )
     if error.status == 422:

@@ -18,7 +18,7 @@ spark = SparkSession.builder.getOrCreate()  # the notebook's own session
 
 CONFIG = {
     "endpoint": {
-        "url": "https://my-resource.services.ai.azure.com/models",
+        "url": "https://my-resource.openai.azure.com/openai/v1",
         "model": "text-embedding-3-small",
     },
     "auth": {

@@ -3,6 +3,7 @@ notebook snippet runs as written."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -84,3 +85,33 @@ def test_the_readme_notebook_snippet_runs_as_a_plain_script(
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("sparkembed.errors.ConfigError: Spark's Python workers cannot import"), last
         assert f"Set PYSPARK_PYTHON={sys.executable}" in last
+
+
+@pytest.mark.spark
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_readme_quickstart_and_spark_submit_run_as_written(tmp_path: Path) -> None:
+    """``./scripts/demo.sh`` twice (the second sends nothing but the preflight), then the
+    README's spark-submit line after its venv line, on the local config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_HOME", "VIRTUAL_ENV"))}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # a fresh shell: the venv is not active
+
+    def bash(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
+
+    first = bash("./scripts/demo.sh")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = bash("./scripts/demo.sh")
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (summary["requests"], summary["rows_ok"]) == (0, 0)  # nothing left to embed
+
+    readme = (ROOT / "README.md").read_text()
+    activate = next(line for line in readme.splitlines() if line.startswith(". .venv/bin/activate"))
+    submit = f"spark-submit jobs/embed_table.py --config conf/local.yaml --target {tmp_path / 'submitted'}"
+    proc = bash(f"{activate.split('#')[0]} && {submit} --set run.log_dir={tmp_path / 'runs'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    submitted = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert submitted["rows_failed"] == 0 and submitted["rows_ok"] > 0

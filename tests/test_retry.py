@@ -271,10 +271,33 @@ def test_404_names_the_url_and_the_deployment() -> None:
     err = config_error(404, "DeploymentNotFound", "no such deployment", model="embed-small")
     assert err.status == 404
     assert str(err) == (
-        "404 DeploymentNotFound: no such deployment. Fix: check endpoint.url (Foundry: "
-        "https://<resource>.services.ai.azure.com/models) and the deployment or model name "
+        "404 DeploymentNotFound: no such deployment. Fix: check endpoint.url (the v1 route: "
+        "https://<resource>.openai.azure.com/openai/v1) and the deployment or model name "
         "(endpoint.model: embed-small)."
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "url"),
+    [
+        (404, "Resource not found", "https://r.services.ai.azure.com/models"),
+        (404, "Resource not found", "https://r.services.ai.azure.com/models/"),
+        (410, "This API version has been retired.", "https://r.openai.azure.com/openai/deployments/e"),
+    ],
+)
+def test_a_retired_route_names_the_v1_url_to_use(status: int, message: str, url: str) -> None:
+    err = config_error(status, "NotFound", message, model="embed-small", url=url)
+    assert str(err).endswith(
+        "Fix: Azure retired the /models inference route (and the azure-ai-inference SDK) on "
+        "2026-08-26: use the OpenAI-compatible v1 route, endpoint.url "
+        "https://<resource>.openai.azure.com/openai/v1 with endpoint.model the deployment name. "
+        "Tables made on the old route keep their rows."
+    )
+
+
+def test_a_404_elsewhere_is_not_called_a_retirement() -> None:
+    err = config_error(404, "DeploymentNotFound", "no such deployment", url="https://r.openai.azure.com/openai/v1")
+    assert "retired" not in str(err)
 
 
 def test_404_without_a_model_says_it_is_unset() -> None:

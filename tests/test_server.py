@@ -300,6 +300,13 @@ def test_deployment_routes_and_the_openai_sdk(hash_endpoint: Any, endpoint_key: 
     expected = HashModel().embed(TEXTS, [], 1536, "text")
     for result in (default_base64, floats):
         np.testing.assert_allclose(np.array(by_index(result)), expected, rtol=1e-6)
+    from openai import AzureOpenAI
+
+    azure = AzureOpenAI(
+        azure_endpoint=hash_endpoint.url, api_key=endpoint_key, api_version="2024-10-21", max_retries=0
+    )
+    deployment = azure.embeddings.create(input=TEXTS, model="emb-small")  # /openai/deployments/emb-small
+    np.testing.assert_allclose(np.array(by_index(deployment)), expected, rtol=1e-6)
     url = f"{hash_endpoint.url}/openai/deployments/emb-small/embeddings?api-version=2024-10-21"
     assert post(url, {"input": "one"}, {"api-key": endpoint_key})[0] == 200
     unknown = url.replace("emb-small", "emb-large")

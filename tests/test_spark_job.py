@@ -404,3 +404,66 @@ with job._stop_on_signals({str(tmp_path)!r}, print) as stop:
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stdout == "first signal: still running\n"
     assert "SIGTERM: no new requests" in proc.stderr
+
+
+def test_moving_a_table_to_the_v1_route_re_embeds_nothing(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = source_rows(300)
+    source, target = write_source(tmp_path, rows), str(tmp_path / "target")
+    on_models = make_config(
+        hash_endpoint, endpoint_key, source, target,
+        **{"endpoint.url": f"{hash_endpoint.url}/models", "endpoint.model": "emb-small"},
+    )  # fmt: skip
+    assert on_models.endpoint.route == "azure-ai-inference"
+    job.run(spark, on_models, progress=lambda _: None)
+    hash_endpoint.reset()
+
+    on_v1 = make_config(
+        hash_endpoint, endpoint_key, source, target,
+        **{"endpoint.url": f"{hash_endpoint.url}/openai/v1", "endpoint.model": "emb-small"},
+    )  # fmt: skip
+    assert on_v1.endpoint.route == "openai-v1"
+    summary = job.run(spark, on_v1, progress=lambda _: None)
+
+    assert billed_besides_preflight(hash_endpoint) == (0, 0)
+    assert summary.rows_total == 0
+
+
+def test_rows_with_the_fingerprint_older_releases_wrote_are_done(
+    spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    from deltalake import write_deltalake
+
+    rows = source_rows(200)
+    source, target = write_source(tmp_path, rows), str(tmp_path / "target")
+    config = make_config(hash_endpoint, endpoint_key, source, target)
+    job.run(spark, config, progress=lambda _: None)
+    # Before 0.2 the route was hashed into the fingerprint: rewrite the table as one of those.
+    served = job.preflight(config)
+    old_fingerprint = served.equivalent_fingerprints()[1]
+    assert old_fingerprint != served.fingerprint()
+    table = read_table(target)
+    column = table.schema.get_field_index("embedding_fingerprint")
+    old = table.set_column(column, "embedding_fingerprint", pa.array([old_fingerprint] * len(table)))
+    write_deltalake(target, old, mode="overwrite")
+    hash_endpoint.reset()
+
+    summary = job.run(spark, config, progress=lambda _: None)
+
+    assert billed_besides_preflight(hash_endpoint) == (0, 0)
+    assert summary.rows_total == 0
+
+
+def test_pinned_fingerprints_of_tables_written_before_the_route_left_them() -> None:
+    """Values computed by release 0.1: a change here would re-embed every existing table."""
+    cases = {
+        "c17b781e973276ea": {},
+        "2975ea0abf14d208": {"endpoint.model": "text-embedding-3-small", "endpoint.dimensions": 256},
+        "4a49b6e4f13b9114": {"endpoint.api": "openai-v1", "endpoint.model": "text-embedding-3-small"},
+        "f93f46b12471fff7": {"endpoint.url": "local"},
+    }
+    for fingerprint, overrides in cases.items():
+        assert fingerprint in load_config(None, overrides).equivalent_fingerprints(), overrides
+    assert load_config(None, {}).fingerprint() == "23a0449c0cdaf917"
+    assert load_config(None, {"endpoint.api": "openai-v1"}).fingerprint() == "23a0449c0cdaf917"
