@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sparkembed.config import EmbedConfig, load_config, parse_override, resolve_endpoint
@@ -137,7 +138,9 @@ def _fail(kind: str, message: str, exc: BaseException | None = None, code: int =
 
 
 def _debugging(args: argparse.Namespace) -> bool:
-    return bool(args.debug) or os.environ.get("SPARKEMBED_DEBUG", "") not in ("", "0")
+    """``--debug``, ``SPARKEMBED_DEBUG=1``, or logging already set to DEBUG by the caller."""
+    asked = bool(args.debug) or os.environ.get("SPARKEMBED_DEBUG", "") not in ("", "0")
+    return asked or logging.getLogger().getEffectiveLevel() <= logging.DEBUG
 
 
 def check_before_spark(config: EmbedConfig, *, local_session: bool) -> None:
@@ -213,7 +216,10 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
         if config.auth.mode != "key" or config.auth.key_source == "env":
             # Fail fast: a wrong key, route or deployment is known before Spark starts.
             config = job.preflight(apply_secret(config))
-        spark = get_spark(config, local_default=local_master)
+        spark_log = None if _debugging(args) else Path(config.run.log_dir) / "spark.log"
+        if ours and spark_log is not None:
+            print(f"Spark's own log: {spark_log}", flush=True)
+        spark = get_spark(config, local_default=local_master, spark_log=spark_log)
         # pyspark's own Ctrl-C handler calls into the JVM from inside a JVM call; a plain
         # KeyboardInterrupt is enough (the run installs its own handler for the waves).
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -238,8 +238,9 @@ def preflight(config: EmbedConfig) -> EmbedConfig:
         dims, model = embedder.preflight()
     finally:
         embedder.close()
-    route = config.endpoint.route + (" (endpoint.api: auto)" if config.endpoint.api == "auto" else "")
-    log.info("preflight ok: model %s, %d dimensions, the %s route", model, dims, route)
+    auto = config.endpoint.api == "auto"
+    route = config.endpoint.route + (", picked by endpoint.api: auto" if auto else "")
+    log.info("preflight ok: model %s, %d dimensions; route %s", model, dims, route)
     endpoint = config.endpoint.model_copy(update={"served_model": model, "served_dimensions": dims})
     return config.model_copy(update={"endpoint": endpoint})
 

@@ -106,7 +106,7 @@ def _from_env(auth: AuthConfig, environ: Mapping[str, str]) -> SecretStr:
             f"auth.mode is 'key' but ${auth.key_env} is empty; export the key there "
             "(or name another variable in auth.key_env), or use auth.mode: entra"
         )
-    log.info("API key read from $%s", auth.key_env)
+    log.debug("API key read from $%s", auth.key_env)
     return SecretStr(value)
 
 
@@ -245,7 +245,7 @@ def _found(value: object, where: str) -> SecretStr:
     text = _clean(value)
     if text is None:
         raise ConfigError(f"{where} is empty")
-    log.info("API key read from %s", where)
+    log.debug("API key read from %s", where)
     return SecretStr(text)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
 from sparkembed.config import EmbedConfig
+
+log = logging.getLogger(__name__)
 
 LOCAL_MASTER = "local[2]"
 TASK_ATTEMPTS = 4
@@ -26,6 +30,29 @@ _LOCAL_CONF = {
 }
 
 
+def _launch_jvm_logging_to(path: Path, builder: SparkSession.Builder) -> None:
+    """Start the JVM gateway with its stdout and stderr in ``path`` (pyspark's ``popen_kwargs``).
+
+    Only where this process launches the JVM itself; spark-submit and notebooks already have
+    one. Falls back to the usual launch if pyspark's hooks differ.
+    """
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    if "PYSPARK_GATEWAY_PORT" in os.environ or SparkContext._gateway is not None:
+        return
+    try:
+        conf = SparkConf()
+        for key, value in builder._options.items():
+            conf.set(key, value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(path, "ab")  # noqa: SIM115 - the JVM holds it for its whole life
+        gateway = launch_gateway(conf, popen_kwargs={"stdout": out, "stderr": out})
+        SparkContext._ensure_initialized(gateway=gateway, conf=conf)
+    except Exception as exc:  # an older or newer pyspark: launch as usual, logs on stderr
+        log.debug("could not send Spark's log to %s: %s", path, exc)
+
+
 def with_task_retries(master: str) -> str:
     """``local[N]`` lets a task fail once only: one killed worker would end the run.
 
@@ -38,12 +65,15 @@ def with_task_retries(master: str) -> str:
     return f"local[{found.group(1) or 1},{TASK_ATTEMPTS}]"
 
 
-def get_spark(config: EmbedConfig, *, local_default: bool) -> SparkSession:
+def get_spark(config: EmbedConfig, *, local_default: bool, spark_log: Path | None = None) -> SparkSession:
     """The active session if there is one; otherwise build one.
 
     Args:
         local_default: with no ``run.spark_master``, use local[2] (the CLI) rather
             than whatever spark-submit was given (the job entry point).
+        spark_log: where the JVM's own output goes (its startup notices, warnings, task
+            stack traces, and local Python workers' output), so the terminal shows only
+            sparkembed's lines; None leaves it on this process's stderr.
     """
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -57,6 +87,8 @@ def get_spark(config: EmbedConfig, *, local_default: bool) -> SparkSession:
     # Python workers must run the interpreter that has sparkembed installed.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+    if spark_log is not None:
+        _launch_jvm_logging_to(spark_log, builder)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -86,6 +86,18 @@ def test_a_wrong_key_is_reported_by_the_preflight_before_spark_starts(
     assert "SparkContext" not in proc.stderr and "log4j" not in proc.stderr  # Spark never started
 
 
+def test_a_wrong_route_names_the_url_to_check(
+    endpoint: LocalEndpoint, endpoint_key: str, source: Path, tmp_path: Path
+) -> None:
+    proc = sparkembed(
+        tmp_path, endpoint_key, "run", "--source", str(source), "--target", "./t",
+        "--endpoint", f"{endpoint.url}/wrong/route",
+    )  # fmt: skip
+    assert_one_line_error(proc, 2, "404 ")
+    fix = "Fix: check endpoint.url (the v1 route: https://<resource>.openai.azure.com/openai/v1)"
+    assert fix in proc.stderr
+
+
 def test_a_folder_of_other_files_as_target(
     endpoint: LocalEndpoint, endpoint_key: str, source: Path, tmp_path: Path
 ) -> None:
@@ -151,7 +163,7 @@ def test_passthrough_flag_and_a_date_like_api_version_run_and_stay_quiet(
 ) -> None:
     proc = sparkembed(
         tmp_path, endpoint_key, "run", "--source", str(source), "--target", "./t", "--endpoint", endpoint.url,
-        "--passthrough", "category", "--set", "endpoint.api_version=2024-05-01-preview",
+        "--passthrough", "category", "--set", "endpoint.api_version=2024-10-21",
         "--set", f"run.log_dir={tmp_path / 'runs'}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -232,6 +232,9 @@ def test_a_signal_mid_wave_commits_every_answered_row_and_the_rerun_bills_none_a
     assert driver.returncode == 128 + signum, err[-3000:]
     assert "rerun the same command to continue" in err.splitlines()[-1]
     assert "Traceback" not in err and "reentrant call" not in err
+    # Only sparkembed's lines reach the terminal: the preflight, the stop, the result.
+    assert len([line for line in err.splitlines() if line.strip()]) <= 3, err
+    assert "WARN" in (target.parent / "runs" / "spark.log").read_text()  # Spark's own, kept
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped"] == "signal"
     stats = endpoint.stats()
