@@ -1,15 +1,16 @@
-"""sparkembed: embed lakehouse text with Azure AI model inference, from Spark, into Delta.
+"""sparkembed: embed lakehouse text with Azure embeddings, from Spark, into Delta.
 
-The notebook API (``embed``, ``write``) needs pyspark; the config and engine do not.
+The notebook API (``embed``, ``write``, ``embedding_udf``) needs pyspark; the config and
+engine do not.
 """
 
 from sparkembed.config import EmbedConfig, load_config
 
-__all__ = ["EmbedConfig", "embed", "load_config", "write"]
+__all__ = ["EmbedConfig", "embed", "embedding_udf", "load_config", "write"]
 
 
 def __getattr__(name: str):  # lazy: importing sparkembed must not import pyspark
-    if name in {"embed", "write"}:
+    if name in {"embed", "embedding_udf", "write"}:
         from sparkembed import api
 
         return getattr(api, name)

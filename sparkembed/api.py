@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.functions import pandas_udf
 
 from sparkembed.config import EmbedConfig, load_config, resolve_endpoint, validate_config
+from sparkembed.engine import get_embedder
+from sparkembed.errors import ConfigError
 from sparkembed.job import RunSummary, default_parallelism, new_run_id, run
+from sparkembed.longtext import LongTextPlanner, Plan, combine
 from sparkembed.secrets import apply_secret
 from sparkembed.sources import select_input
 from sparkembed.spark import make_job
+
+UDF_RETURN = "embedding array<float>, status string, error string, prompt_tokens int, request_id string"
+"""What :func:`embedding_udf` returns per text."""
 
 
 def _as_config(
@@ -95,3 +106,67 @@ def write(
                    "target.mode": mode}
     )  # fmt: skip
     return run(df.sparkSession, cfg, source=df)
+
+
+def embedding_udf(
+    config: EmbedConfig | dict[str, Any] | str | Path | None = None, *, spark: SparkSession | None = None
+) -> Any:
+    """A pandas UDF embedding a text column: for your own queries, and for SQL.
+
+    Each text becomes a struct of :data:`UDF_RETURN`. Requests are packed across the
+    iterator's Arrow batches (up to ``batching.max_inputs`` texts), through the same
+    per-process client, pacing, retries and bisection as the job. Blank texts are
+    ``skipped``; a refused text is ``failed`` with its reason and never fails its neighbours.
+    A text longer than the model's limit becomes the mean of its chunks' vectors
+    (``long_text.strategy: chunk`` needs a row per chunk: use :func:`write` for that).
+
+    Example::
+
+        emb = sparkembed.embedding_udf(config="conf/azure-key.yaml")
+        df.select("id", emb("body").alias("e")).select("id", "e.embedding", "e.status")
+        spark.udf.register("embed_text", emb)
+        spark.sql("SELECT id, embed_text(body).embedding AS embedding FROM docs")
+
+    Args:
+        config: as for :func:`embed`; the key is read now, on the driver.
+        spark: the session (default: the active one), for secrets and its task slots.
+    """
+    session = spark or SparkSession.getActiveSession()
+    if session is None:
+        raise ConfigError("embedding_udf needs a Spark session: create one first, or pass spark=")
+    cfg = _as_config(session, config)
+    workers = default_parallelism(session, cfg)
+    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"workers": workers})})
+    if cfg.long_text.strategy == "chunk":  # one value per text
+        cfg = cfg.model_copy(update={"long_text": cfg.long_text.model_copy(update={"strategy": "mean"})})
+
+    def embed_text(texts: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        yield from _embed_series(cfg, texts)
+
+    return pandas_udf(embed_text, UDF_RETURN)  # type: ignore[call-overload]
+
+
+def _embed_series(config: EmbedConfig, batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+    """Executor side of :func:`embedding_udf`: one frame per input batch, rows in input order."""
+    planner = LongTextPlanner(config)
+    pending: deque[Plan] = deque()
+
+    def plans() -> Iterator[Plan]:
+        for series in batches:
+            texts = [None if t is None or (isinstance(t, float) and np.isnan(t)) else t for t in series]
+            plan = planner.plan(texts)
+            pending.append(plan)
+            yield plan
+
+    for results in get_embedder(config).embed_stream(plans()):
+        out = combine(pending.popleft(), results)
+        ok = [status == "ok" for status in out.status]
+        yield pd.DataFrame(
+            {
+                "embedding": [out.vectors[i] if good else None for i, good in enumerate(ok)],
+                "status": out.status,
+                "error": out.error,
+                "prompt_tokens": out.prompt_tokens.astype(np.int32),
+                "request_id": out.request_id,
+            }
+        )

@@ -76,3 +76,42 @@ def test_the_native_sinks_metrics_come_back_through_an_accumulator(
     assert metrics["ok_rows"] == 300 and metrics["requests"] == endpoint.stats(billed=False)["requests"]
     assert metrics["prompt_tokens"] == endpoint.stats(billed=False)["prompt_tokens"]
     assert len(metrics["timeline"]) == metrics["requests"]
+
+
+def test_the_udf_embeds_a_column_and_serves_sql_with_the_endpoints_vectors(
+    spark: SparkSession, start_endpoint, endpoint_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from sparkembed.server.models import HashModel
+
+    monkeypatch.setenv("SPARKEMBED_TEST_KEY", endpoint_key)
+    endpoint = start_endpoint("--model", "hash", "--dims", "16", "--fail-text", "POISON")
+    texts = [f"text number {i}" for i in range(100)]
+    texts[5], texts[6] = None, "  "
+    df = spark.createDataFrame(list(enumerate(texts)), "doc long, body string").coalesce(1)
+    emb = sparkembed.embedding_udf(config=config_for(endpoint, tmp_path, batching={"max_inputs": 64}))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "10")
+    try:
+        rows = {r["doc"]: r["e"] for r in df.select("doc", emb("body").alias("e")).collect()}
+        stats = endpoint.stats(billed=False)
+        spark.udf.register("embed_text", emb)
+        df.union(spark.createDataFrame([(100, "a POISON text")], df.schema)).createOrReplaceTempView("docs")
+        query = "SELECT doc, embed_text(body) AS e FROM docs"
+        sql = {r["doc"]: r["e"] for r in spark.sql(query).collect()}
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4096")
+
+    docs = [i for i in range(100) if i not in (5, 6)]
+    want = dict(zip(docs, HashModel(16).embed([texts[i] for i in docs], [], 16, "text"), strict=True))
+    for doc, vector in want.items():
+        assert rows[doc]["status"] == "ok" and rows[doc]["error"] is None
+        np.testing.assert_array_equal(np.array(rows[doc]["embedding"], dtype=np.float32), vector)
+        np.testing.assert_array_equal(np.array(sql[doc]["embedding"], dtype=np.float32), vector)
+    assert [rows[d]["status"] for d in (5, 6)] == ["skipped", "skipped"] and rows[5]["embedding"] is None
+    # Ten Arrow batches of 10 rows went out as requests of up to 64 texts: 98 texts, 2 requests.
+    assert (stats["requests"], stats["texts_billed"]) == (2, 98)
+    assert sum(r["prompt_tokens"] for r in rows.values()) == stats["prompt_tokens"]
+    # A text the service refuses fails alone, with its reason, in SQL too.
+    assert sql[100]["status"] == "failed" and sql[100]["error"].startswith("400 ")
+    assert sql[99]["status"] == "ok"
