@@ -12,7 +12,7 @@ bash scripts/bootstrap.sh
     sparkembed/ratelimit.py sparkembed/retry.py sparkembed/engine.py sparkembed/streaming.py \
     sparkembed/metrics.py sparkembed/longtext.py sparkembed/tokenizers.py sparkembed/backend.py \
     sparkembed/transport.py sparkembed/memory.py \
-    sparkembed/runlog.py sparkembed/waves_plan.py
+    sparkembed/runlog.py sparkembed/waves_plan.py sparkembed/answers.py
 .venv/bin/python -m pytest -q -rs "$@"
 # The built wheel in a venv with pyspark 3.5 preinstalled (Synapse, Databricks LTS): a real run.
 if [ "$#" -eq 0 ]; then

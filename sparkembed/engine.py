@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from sparkembed.answers import AnswerLog
 from sparkembed.backend import Backend, BackendResponse, make_backend
 from sparkembed.config import EmbedConfig, LimitsConfig
 from sparkembed.errors import (
@@ -102,6 +103,7 @@ class Embedder:
         chunks: Iterable[Any],
         metrics: Metrics | None = None,
         stop: Callable[[], bool] = _never,
+        answers: AnswerLog | None = None,
     ) -> Generator[EmbedResults, None, None]:
         """Embed chunks of texts lazily; yield one :class:`EmbedResults` per chunk, in order.
 
@@ -113,6 +115,9 @@ class Embedder:
 
         Once ``stop()`` is true, no request is sent or retried any more: rows not yet
         answered end with status ``unsent``. The caller stops feeding chunks.
+
+        ``answers`` keeps each answered request, and fills texts an earlier attempt of the
+        same task was answered for (see :mod:`sparkembed.answers`).
 
         Raises:
             EndpointConfigError: the service refused the setup (401/403/404/422).
@@ -127,6 +132,7 @@ class Embedder:
             dimensions=lambda: self._dims,
             metrics=metrics,
             stop=stop,
+            answers=answers,
         )
         try:
             for chunk in chunks:

@@ -22,6 +22,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkembed import waves as wave_sinks
+from sparkembed.answers import remove_stale
 from sparkembed.config import EmbedConfig
 from sparkembed.engine import Embedder
 from sparkembed.errors import (
@@ -42,7 +43,7 @@ from sparkembed.waves_plan import BUCKETS, WaveLimits, WavePlanner
 log = logging.getLogger(__name__)
 
 COUNTERS = ("ok_rows", "skipped_rows", "failed_rows", "requests", "retries", "throttled",
-            "prompt_tokens", "total_tokens", "dropped_tokens")  # fmt: skip
+            "prompt_tokens", "total_tokens", "dropped_tokens", "reused_tokens")  # fmt: skip
 PROGRESS_EVERY_S = 30.0
 
 
@@ -83,7 +84,8 @@ class RunSummary:
             extra["stopped"] = self.stopped
         if self.error:
             extra["error"] = self.error
-        in_table = self.counts["prompt_tokens"] - self.counts["dropped_tokens"]
+        counts = self.counts
+        in_table = counts["prompt_tokens"] + counts["reused_tokens"] - counts["dropped_tokens"]
         return extra | {
             "run_id": self.run_id,
             "rows_ok": self.counts["ok_rows"],
@@ -94,6 +96,7 @@ class RunSummary:
             "throttled_429": self.counts["throttled"],
             "prompt_tokens": self.counts["prompt_tokens"],
             "tokens_in_table": in_table,
+            "tokens_reused": counts["reused_tokens"],
             "tokens_billed": max(self.tokens_billed, self.counts["prompt_tokens"]),
             "failed_before": self.failed_before,
             "waves": self.waves,
@@ -388,6 +391,7 @@ def _finish_summary(summary: RunSummary, run_dir: str, started: float, config: E
     """What was billed (every task attempt, committed or not), the time, and the run log."""
     spend = read_spend(run_dir)
     summary.tokens_billed = max(spend.tokens_billed, summary.counts["prompt_tokens"])
+    remove_stale(Path(run_dir).parent)  # answer slabs of processes gone for a day
     summary.seconds = time.monotonic() - started
     try:
         save_run_log(config, summary)

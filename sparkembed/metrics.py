@@ -45,6 +45,7 @@ class Metrics:
         ok_rows, failed_rows, skipped_rows: rows by final status.
         limiter_wait_s: seconds requests spent waiting on the rate limiter (summed over requests).
         dropped_tokens: billed tokens of rows a stopping run left out (texts it did not finish).
+        reused_tokens: tokens of rows filled from an earlier attempt's answers (billed then).
         timeline: one :class:`RequestRecord` per attempt.
         on_record: called after each attempt is counted (on the engine's loop: keep it quick).
     """
@@ -59,6 +60,7 @@ class Metrics:
     skipped_rows: int = 0
     limiter_wait_s: float = 0.0
     dropped_tokens: int = 0
+    reused_tokens: int = 0
     timeline: list[RequestRecord] = field(default_factory=list)
     on_record: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
@@ -114,4 +116,5 @@ _COUNTERS = (
     "skipped_rows",
     "limiter_wait_s",
     "dropped_tokens",
+    "reused_tokens",
 )

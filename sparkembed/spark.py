@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
+from sparkembed.answers import AnswerLog
 from sparkembed.config import EmbedConfig
 from sparkembed.engine import get_embedder
 from sparkembed.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
@@ -78,17 +80,30 @@ class PartitionJob:
         """Output record batches for a partition's input batches, in input order.
 
         When the driver asks the run to stop, rows not yet sent leave no output row
-        (nor do the other chunks of their text): the next run embeds them.
+        (nor do the other chunks of their text): the next run embeds them. When this is the
+        retry of an attempt whose Python worker died, what that attempt was answered is
+        reused (:mod:`sparkembed.answers`).
         """
         metrics = metrics if metrics is not None else Metrics()
         if self.run_dir is None:
             yield from self._embed(batches, metrics, lambda: False)
             return
+        ctx = TaskContext.get()
+        part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
+        answers = AnswerLog(Path(self.run_dir).parent, self.run_id, (self.wave, part, attempt))
         with TaskLog(self.run_dir, _attempt_name(self.wave), metrics) as task_log:
-            yield from self._embed(batches, metrics, task_log.stop_requested)
+            try:
+                yield from self._embed(batches, metrics, task_log.stop_requested, answers)
+            finally:
+                answers.close()
+        answers.finish()  # reached only when every batch was handed on
 
     def _embed(
-        self, batches: Iterator[pa.RecordBatch], metrics: Metrics, stop: Callable[[], bool]
+        self,
+        batches: Iterator[pa.RecordBatch],
+        metrics: Metrics,
+        stop: Callable[[], bool],
+        answers: AnswerLog | None = None,
     ) -> Iterator[pa.RecordBatch]:
         planner = LongTextPlanner(self.config)
         pending: deque[tuple[pa.RecordBatch, Plan]] = deque()
@@ -102,7 +117,7 @@ class PartitionJob:
                 yield plan
 
         embedder = get_embedder(self.config)
-        for results in embedder.embed_stream(plans(), metrics, stop=stop):
+        for results in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers):
             batch, plan = pending.popleft()
             out = combine(plan, results)
             metrics.count_rows(results.status, sign=-1)  # count output rows, not the engine's units

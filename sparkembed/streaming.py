@@ -13,7 +13,7 @@ import concurrent.futures
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from sparkembed.batching import SKIPPED_EMPTY, Packer, apportion, is_blank
 from sparkembed.errors import SparkEmbedError
 from sparkembed.metrics import Metrics
 from sparkembed.tokens import estimate_tokens
+
+if TYPE_CHECKING:
+    from sparkembed.answers import Answer, AnswerLog
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,8 @@ class RowStream:
         dimensions: the vector size, if known, for chunks with no ok row.
         metrics: row counts go here.
         stop: true once the run is stopping: rows not yet sent end :data:`UNSENT`.
+        answers: where answered requests are kept, and earlier attempts' answers looked up
+            (:mod:`sparkembed.answers`); texts found there are filled without being sent.
     """
 
     def __init__(
@@ -195,9 +200,11 @@ class RowStream:
         dimensions: Callable[[], int | None],
         metrics: Metrics,
         stop: Callable[[], bool] = lambda: False,
+        answers: AnswerLog | None = None,
     ) -> None:
         self._send = send
         self._stop = stop
+        self._answers = answers
         self._packer: Packer[_Row] = Packer(max_inputs=max_inputs, max_request_tokens=max_request_tokens)
         self._concurrency = concurrency
         self._dimensions = dimensions
@@ -221,6 +228,9 @@ class RowStream:
                 blank.append(row)
             elif not isinstance(text, str):
                 not_text.append(row)
+            elif self._answers is not None and (known := self._answers.lookup(text)) is not None:
+                _fill_known(chunk, row, known)
+                self._metrics.reused_tokens += known.prompt_tokens
             else:
                 cost = int(costs[row]) if costs is not None else estimate_tokens(text)
                 if batch := self._packer.add((chunk, row, text, cost), cost):
@@ -267,16 +277,34 @@ class RowStream:
         for future in done:
             batch = self._inflight.pop(future)
             for segment in future.result():  # raises config errors and quota "stop"
-                _scatter(batch[segment.start : segment.stop], segment)
+                _scatter(batch[segment.start : segment.stop], segment, self._answers)
 
 
-def _scatter(rows: list[_Row], segment: Segment) -> None:
-    """Store one segment's outcome into the chunks its rows came from."""
+def _fill_known(chunk: ChunkAssembly, row: int, known: Answer) -> None:
+    """A text an earlier attempt of this task was answered for: its row, without a request."""
+    chunk.fill(
+        np.array([row]),
+        known.vector[None, :],
+        np.array([known.prompt_tokens]),
+        np.array([known.total_tokens]),
+        attempts=known.attempts,
+        request_id=known.request_id,
+        model=known.model,
+    )
+
+
+def _scatter(rows: list[_Row], segment: Segment, answers: AnswerLog | None = None) -> None:
+    """Store one segment's outcome into the chunks its rows came from (and keep it, if asked)."""
     response = segment.response
     if response is not None:
         weights = [row[3] for row in rows]
         prompt = apportion(response.prompt_tokens, weights)
         total = apportion(response.total_tokens, weights)
+        if answers is not None:
+            answers.record(
+                [row[2] for row in rows], response.vectors, prompt, total,
+                attempts=segment.attempts, request_id=response.request_id, model=response.model,
+            )  # fmt: skip
     offset = 0
     for chunk, positions in _runs_by_chunk(rows):
         part = slice(offset, offset + len(positions))

@@ -296,6 +296,7 @@ def test_metrics_merge_and_round_trip() -> None:
         "skipped_rows": 1,
         "limiter_wait_s": 0.5,
         "dropped_tokens": 0,
+        "reused_tokens": 0,
     }
     again = Metrics.from_dict(first.to_dict(timeline=True))
     assert again.to_dict(timeline=True) == first.to_dict(timeline=True)
@@ -612,3 +613,27 @@ def assert_ok_vectors_prefix(results, inputs: list[str]) -> None:
     n = len(inputs)
     np.testing.assert_array_equal(results.vectors[:n], np.stack([vector_for(t) for t in inputs]))
     assert not results.vectors[n:].any()
+
+
+# -- a retried task reuses what its crashed attempt was answered ----------------------
+
+
+def test_a_retry_sends_only_what_the_crashed_attempt_was_not_answered(tmp_path) -> None:
+    from sparkembed.answers import AnswerLog
+
+    inputs = texts(30)
+    crashed = AnswerLog(tmp_path, "run-1", (0, 0, 0))
+    vectors = np.stack([vector_for(t) for t in inputs[:20]])
+    shares = np.arange(1, 21, dtype=np.int64)
+    crashed.record(inputs[:20], vectors, shares, shares + 1, attempts=1, request_id="req-old", model="m")
+
+    rig = Rig(batching={"max_inputs": 10})
+    metrics = Metrics()
+    [results] = rig.embedder.embed_stream([inputs], metrics, answers=AnswerLog(tmp_path, "run-1", (0, 0, 1)))
+
+    assert [t for call in rig.backend.calls for t in call] == inputs[20:]
+    assert_ok_vectors(results, inputs)
+    assert results.request_id[:20] == ["req-old"] * 20 and results.request_id[20] == "req-1"
+    assert results.prompt_tokens[:20].tolist() == list(range(1, 21))
+    assert metrics.reused_tokens == sum(range(1, 21))
+    assert metrics.prompt_tokens == sum(len(t.split()) for t in inputs[20:])  # only what was sent now
