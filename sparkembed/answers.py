@@ -58,30 +58,6 @@ class _Slab:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.position = _HEADER_SIZE
 
-    def write_answer(
-        self,
-        texts: list[str],
-        vectors: np.ndarray,
-        prompt_tokens: np.ndarray,
-        total_tokens: np.ndarray,
-        attempts: int,
-        request_id: str | None,
-        model: str | None,
-    ) -> None:
-        """One answer: a fixed head, then digests, vectors and token shares straight from their
-        buffers (no copy in Python), then the request id and model."""
-        n, dims = vectors.shape
-        names = json.dumps([request_id, model]).encode()
-        parts: list[bytes | memoryview] = [
-            _ANSWER.pack(n, dims, attempts, len(names)),
-            b"".join(_digest(t) for t in texts),
-            _raw(vectors, np.float32),
-            _raw(prompt_tokens, np.int64),
-            _raw(total_tokens, np.int64),
-            names,
-        ]
-        self.position += os.pwritev(self.fd, parts, self.position)
-
     def header(self, state: int, run_id: str, task: tuple[int, int, int]) -> None:
         os.pwrite(self.fd, _HEADER.pack(_MAGIC, state, run_id.encode()[:40], *task, self.position), 0)
 
@@ -110,7 +86,6 @@ class AnswerLog:
             log.info("reusing %d answers of a crashed attempt of this task", len(self._known))
         self._slab = _process_slab(folder)
 
-
     def lookup(self, text: str) -> Answer | None:
         """A crashed attempt's answer for this text, if it had one."""
         if not self._known:
@@ -132,16 +107,24 @@ class AnswerLog:
         slab = self._slab
         if slab is None:
             return
+        # A fixed head, then digests, vectors and token shares straight from their buffers
+        # (no copy in Python), then the request id and model.
+        names = json.dumps([request_id, model]).encode()
+        parts: list[bytes | memoryview] = [
+            _ANSWER.pack(*vectors.shape, attempts, len(names)),
+            b"".join(_digest(t) for t in texts),
+            _raw(vectors, np.float32),
+            _raw(prompt_tokens, np.int64),
+            _raw(total_tokens, np.int64),
+            names,
+        ]
         try:
-            slab.write_answer(texts, vectors, prompt_tokens, total_tokens, attempts, request_id, model)
+            slab.position += os.pwritev(slab.fd, parts, slab.position)
             # After the data: a crash never claims a half-written answer.
             slab.header(_RUNNING, self._run_id, self._task)
         except OSError as exc:  # never fail the task for its safety net
             log.debug("cannot keep answers in %s: %s", slab.path, exc)
             self._slab = None
-
-    def close(self) -> None:
-        """This attempt sends nothing more (it may have failed: its answers stay readable)."""
 
     def finish(self) -> None:
         """The task ended well: what the slab holds is no longer needed by anyone."""

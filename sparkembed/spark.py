@@ -92,11 +92,8 @@ class PartitionJob:
         part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
         answers = AnswerLog(Path(self.run_dir).parent, self.run_id, (self.wave, part, attempt))
         with TaskLog(self.run_dir, _attempt_name(self.wave), metrics) as task_log:
-            try:
-                yield from self._embed(batches, metrics, task_log.stop_requested, answers)
-            finally:
-                answers.close()
-        answers.finish()  # reached only when every batch was handed on
+            yield from self._embed(batches, metrics, task_log.stop_requested, answers)
+        answers.finish()  # reached only when every batch was handed on: a failed attempt's stay
 
     def _embed(
         self,
