@@ -33,9 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparkembed.backends import make_backend
 from sparkembed.config import validate_config  # noqa: E402
-from sparkembed.engine import Embedder  # noqa: E402
-from sparkembed.metrics import Metrics  # noqa: E402
+from sparkembed.core.engine import Embedder  # noqa: E402
+from sparkembed.core.metrics import Metrics  # noqa: E402
 from sparkembed.server.launch import start_local_endpoint  # noqa: E402
 
 
@@ -73,7 +74,8 @@ def engine_config(url: str, **limits: Any) -> Any:
 def saturation_worker(url: str, worker: int, n_texts: int, limits: dict[str, Any]) -> dict:
     """One worker process: embed its texts in chunks of 200, return its metrics."""
     texts = corpus(n_texts, seed=worker, words_range=(180, 400))
-    embedder = Embedder(engine_config(url, **limits))
+    cfg = engine_config(url, **limits)
+    embedder = Embedder(cfg, make_backend(cfg))
     metrics = Metrics()
     chunks = (texts[i : i + 200] for i in range(0, len(texts), 200))
     for _ in embedder.embed_stream(chunks, metrics):
@@ -162,7 +164,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         config = config.model_copy(
             update={"batching": config.batching.model_copy(update={"max_inputs": batch})}
         )
-        embedder = Embedder(config)
+        embedder = Embedder(config, make_backend(config))
         embedder.preflight()  # connect and warm up outside the timing
         start = time.perf_counter()
         results = embedder.embed(texts)

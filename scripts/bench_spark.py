@@ -61,15 +61,15 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from sparkembed import sinks  # noqa: E402
 from sparkembed.config import EmbedConfig, validate_config  # noqa: E402
-from sparkembed.job import default_parallelism, run  # noqa: E402
-from sparkembed.memory import keep_freed_memory  # noqa: E402
-from sparkembed.metrics import Metrics  # noqa: E402
+from sparkembed.core.memory import keep_freed_memory  # noqa: E402
+from sparkembed.core.metrics import Metrics  # noqa: E402
 from sparkembed.server.launch import start_local_endpoint  # noqa: E402
-from sparkembed.session import get_spark  # noqa: E402
 from sparkembed.sinks.files import conform  # noqa: E402
-from sparkembed.sources import read_source, select_input  # noqa: E402
-from sparkembed.spark import make_job, vectors_to_arrow  # noqa: E402
-from sparkembed.waves import META_SCHEMA, read_reports, task_report  # noqa: E402
+from sparkembed.spark.driver import default_parallelism, run  # noqa: E402
+from sparkembed.spark.partition import make_job, vectors_to_arrow  # noqa: E402
+from sparkembed.spark.session import get_spark  # noqa: E402
+from sparkembed.spark.sources import read_source, select_input  # noqa: E402
+from sparkembed.spark.writers import META_SCHEMA, read_reports, task_report  # noqa: E402
 
 DIMS = 1536
 POOL_ROWS = 4096

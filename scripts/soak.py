@@ -50,8 +50,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from sparkembed import wordllama_local  # noqa: E402
 from sparkembed.config import EmbedConfig, load_config  # noqa: E402
+from sparkembed.core import wordllama  # noqa: E402
 from sparkembed.server.launch import LocalEndpoint, start_local_endpoint  # noqa: E402
 from sparkembed.server.models import HashModel  # noqa: E402
 from tests.spark_cluster import python_workers  # noqa: E402
@@ -174,14 +174,14 @@ def soak_config(
 
 def run_soak(options: SoakOptions) -> SoakReport:
     """Run the job once under faults and check its output against the endpoint's model."""
-    from sparkembed import job
-    from sparkembed.session import get_spark
+    from sparkembed.spark import driver
+    from sparkembed.spark.session import get_spark
 
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="sparkembed-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ids, texts = make_corpus(options.rows, options.seed)
     pq.write_table(pa.table({"id": ids, "text": texts}), workdir / "source.parquet")
-    corpus_tokens = sum(wordllama_local.count_tokens(texts))
+    corpus_tokens = sum(wordllama.count_tokens(texts))
     tpm = options.tokens_per_minute or max(1000, int(corpus_tokens / options.quota_factor))
     key = "soak-" + secrets.token_hex(12)
     endpoint = start_faulty_endpoint(options, key, tpm)
@@ -191,9 +191,9 @@ def run_soak(options: SoakOptions) -> SoakReport:
         chaos = Chaos(options, endpoint)
         started = time.monotonic()
         with chaos:
-            summaries = [job.run(spark, config, progress=lambda line: print(line, flush=True))]
+            summaries = [driver.run(spark, config, progress=lambda line: print(line, flush=True))]
             if summaries[0].stopped:  # the interrupt: a second run finishes the job
-                summaries.append(job.run(spark, config, progress=lambda line: print(line, flush=True)))
+                summaries.append(driver.run(spark, config, progress=lambda line: print(line, flush=True)))
         wall_s = time.monotonic() - started
         stats = endpoint.stats()
     finally:
@@ -226,9 +226,9 @@ def run_soak(options: SoakOptions) -> SoakReport:
 
 def _preflight_tokens() -> int:
     """What one preflight bills on the hash model: its text's tokens, counted as the server does."""
-    from sparkembed.engine import PREFLIGHT_TEXT
+    from sparkembed.core.engine import PREFLIGHT_TEXT
 
-    return wordllama_local.count_tokens([PREFLIGHT_TEXT])[0]
+    return wordllama.count_tokens([PREFLIGHT_TEXT])[0]
 
 
 class Chaos:

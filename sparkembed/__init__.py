@@ -11,7 +11,7 @@ __all__ = ["EmbedConfig", "embed", "embedding_udf", "load_config", "write"]
 
 def __getattr__(name: str):  # lazy: importing sparkembed must not import pyspark
     if name in {"embed", "embedding_udf", "write"}:
-        from sparkembed import api
+        from sparkembed.spark import api
 
         return getattr(api, name)
     raise AttributeError(name)

@@ -152,9 +152,8 @@ def check_before_spark(config: EmbedConfig, *, local_session: bool) -> None:
             where a local session has no catalog to hold it.
     """
     from sparkembed.errors import InputError
-    from sparkembed.job import check_target_location
-    from sparkembed.sinks.files import is_path
-    from sparkembed.sources import detect_format
+    from sparkembed.spark.sources import detect_format
+    from sparkembed.spark.targets import check_target_location, is_path
 
     source, target = config.source.path, config.target.path
     if not source:
@@ -204,9 +203,9 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
 
     from pyspark.sql import SparkSession
 
-    from sparkembed import job
-    from sparkembed.secrets import apply_secret
-    from sparkembed.session import get_spark
+    from sparkembed.spark import driver
+    from sparkembed.spark.secrets import apply_secret
+    from sparkembed.spark.session import get_spark
 
     config = config_from_args(args)
     ours = SparkSession.getActiveSession() is None
@@ -215,7 +214,7 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
     with local_endpoint(config) as config:
         if config.auth.mode != "key" or config.auth.key_source == "env":
             # Fail fast: a wrong key, route or deployment is known before Spark starts.
-            config = job.preflight(apply_secret(config))
+            config = driver.preflight(apply_secret(config))
         spark_log = None if _debugging(args) else Path(config.run.log_dir) / "spark.log"
         if ours and spark_log is not None:
             print(f"Spark's own log: {spark_log}", flush=True)
@@ -225,7 +224,7 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             config = apply_secret(config, spark=spark)
-            summary = job.run(spark, config, progress=lambda line: print(line, flush=True))
+            summary = driver.run(spark, config, progress=lambda line: print(line, flush=True))
         finally:
             if ours:  # a session we built: stop it, so event logs and executors close cleanly
                 with contextlib.suppress(Exception):
@@ -257,9 +256,9 @@ def estimate_command(argv: list[str]) -> int:
     args = _run_parser("sparkembed estimate", COMMANDS["estimate"]).parse_args(argv)
     try:
         with local_endpoint(config_from_args(args)) as config:
-            from sparkembed.estimate import estimate
-            from sparkembed.secrets import apply_secret
-            from sparkembed.session import get_spark
+            from sparkembed.spark.estimate import estimate
+            from sparkembed.spark.secrets import apply_secret
+            from sparkembed.spark.session import get_spark
 
             spark = get_spark(config, local_default="DATABRICKS_RUNTIME_VERSION" not in os.environ)
             result = estimate(spark, apply_secret(config, spark=spark))
@@ -279,7 +278,7 @@ def cache_tokenizer_command(argv: list[str]) -> int:
     )
     p.add_argument("dest", help="a folder or file path, e.g. /dbfs/sparkembed/ or /lake/cl100k_base.tiktoken")
     args = p.parse_args(argv)
-    from sparkembed.tokenizers import cache_tiktoken
+    from sparkembed.core.tokenizers import cache_tiktoken
 
     try:
         print(cache_tiktoken(args.dest))

@@ -54,9 +54,9 @@ def _module_docs(stdlib: Path, module: str) -> Iterator[tuple[str, str, str]]:
         doc = ast.get_docstring(node)
         if not doc or len(doc) < MIN_DOC_CHARS:
             continue
-        name = dotted if node is tree else f"{dotted}.{node.name}"  # type: ignore[attr-defined]
+        name, line = (dotted, 0) if isinstance(node, ast.Module) else (f"{dotted}.{node.name}", node.lineno)
         everything.append(doc)
-        yield f"doc:{name}:{node.lineno if node is not tree else 0}", name, doc  # type: ignore[attr-defined]
+        yield f"doc:{name}:{line}", name, doc
     if everything:
         yield f"module:{dotted}", f"{dotted} (all docstrings)", "\n\n".join(everything)
 
@@ -80,8 +80,8 @@ def build_corpus() -> pa.Table:
     for module in MODULES:
         for row_id, title, text in _module_docs(stdlib, module):
             rows.setdefault(row_id, (title, f"stdlib:{module}", text))
-    for row_id, title, text in _BLANKS:
-        rows[row_id] = (title, "blank", text)
+    for row_id, title, blank in _BLANKS:
+        rows[row_id] = (title, "blank", blank)
     ids = list(rows)
     return pa.table(
         {

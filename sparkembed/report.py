@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sparkembed.metrics import RequestRecord
+from sparkembed.core.metrics import RequestRecord
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 
 from sparkembed import write
 from sparkembed.config import validate_config
-from sparkembed.secrets import apply_secret
+from sparkembed.spark.secrets import apply_secret
 
 spark = SparkSession.builder.getOrCreate()  # the notebook's own session
 

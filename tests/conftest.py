@@ -50,7 +50,7 @@ def spark() -> Iterator[SparkSession]:
     native-sink test on machines that have the jars.
     """
     from sparkembed.config import EmbedConfig
-    from sparkembed.session import get_spark
+    from sparkembed.spark.session import get_spark
 
     jars = os.environ.get("SPARKEMBED_DELTA_JARS")
     if jars:  # SparkSession.builder is one shared object: get_spark picks these up

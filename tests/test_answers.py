@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkembed.answers import AnswerLog
+from sparkembed.core.answers import AnswerLog
 
 
 def vector_for(text: str) -> np.ndarray:

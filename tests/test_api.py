@@ -61,8 +61,8 @@ def test_the_native_sinks_metrics_come_back_through_an_accumulator(
     spark: SparkSession, start_endpoint, endpoint_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The native sink writes with Spark's Delta (not here), so metrics can't ride on collected rows."""
-    from sparkembed.api import _as_config
-    from sparkembed.waves import embed_with_metrics
+    from sparkembed.spark.api import _as_config
+    from sparkembed.spark.writers import embed_with_metrics
 
     monkeypatch.setenv("SPARKEMBED_TEST_KEY", endpoint_key)
     endpoint = start_endpoint("--model", "hash", "--dims", "16")

@@ -23,9 +23,10 @@ from azure.core.credentials import AzureKeyCredential
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 from pydantic import SecretStr
 
-from sparkembed import wordllama_local
-from sparkembed.backend import AzureInferenceBackend, RawEmbeddingsClient, decode_response, map_error
+from sparkembed.backends.azure_inference import AzureInferenceBackend, RawEmbeddingsClient
+from sparkembed.backends.http import decode_response, map_error
 from sparkembed.config import validate_config
+from sparkembed.core import wordllama
 from sparkembed.errors import ServiceError
 from sparkembed.server.models import HashModel
 
@@ -293,7 +294,7 @@ def test_the_local_endpoint_s_shuffled_answers_decode_to_the_hash_model_s_vector
 
     response = asyncio.run(go())
     np.testing.assert_array_equal(response.vectors, HashModel(32).embed(texts, [], 32, "text"))
-    assert response.prompt_tokens == sum(wordllama_local.count_tokens(texts))
+    assert response.prompt_tokens == sum(wordllama.count_tokens(texts))
 
 
 # -- decode_response on its own ----------------------------------------------------------------

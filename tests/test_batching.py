@@ -8,11 +8,17 @@ import random
 import numpy as np
 import pytest
 
-from sparkembed.batching import Packer, apportion, is_blank, pack
-from sparkembed.tokens import (
-    estimate_tokens,
-    upper_bound_tokens,
-)
+from sparkembed.core.batching import Packer, apportion, is_blank
+from sparkembed.core.tokens import estimate_tokens, utf8_bytes
+
+
+def pack(token_estimates: list[int], *, max_inputs: int, max_request_tokens: int) -> list[range]:
+    """Positions ``0..n-1`` split into requests by one :class:`Packer`, as the engine feeds it."""
+    packer: Packer[int] = Packer(max_inputs=max_inputs, max_request_tokens=max_request_tokens)
+    requests = [r for position, tokens in enumerate(token_estimates) if (r := packer.add(position, tokens))]
+    if last := packer.flush():
+        requests.append(last)
+    return [range(r[0], r[-1] + 1) for r in requests]
 
 
 def test_pack_closes_requests_at_max_inputs() -> None:
@@ -130,9 +136,9 @@ def test_is_blank_knows_pandas_missing_values() -> None:
 
 
 def test_upper_bound_is_the_utf8_length() -> None:
-    assert upper_bound_tokens("hello") == 5
-    assert upper_bound_tokens("héllo") == 6
-    assert upper_bound_tokens("日本") == 6
+    assert utf8_bytes("hello") == 5
+    assert utf8_bytes("héllo") == 6
+    assert utf8_bytes("日本") == 6
 
 
 def test_estimate_is_a_quarter_of_the_bytes_plus_one() -> None:
@@ -142,6 +148,12 @@ def test_estimate_is_a_quarter_of_the_bytes_plus_one() -> None:
     assert estimate_tokens("日本") == math.ceil(6 / 4) + 1
 
 
+def test_a_lone_surrogate_is_estimated_not_raised() -> None:
+    """Python strings from Arrow or JSON can hold lone surrogates; they count 3 bytes (U+FFFD)."""
+    assert utf8_bytes("lone \ud800 surrogate") == len("lone \ufffd surrogate".encode())
+    assert estimate_tokens("lone \ud800 surrogate") == estimate_tokens("lone \ufffd surrogate")
+
+
 def test_estimate_never_exceeds_the_upper_bound_for_real_text() -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 20
-    assert estimate_tokens(text) < upper_bound_tokens(text) / 3
+    assert estimate_tokens(text) < utf8_bytes(text) / 3

@@ -10,7 +10,7 @@ import pytest
 
 from sparkembed.cli import _run_parser, config_from_args, main
 from sparkembed.errors import ConfigError
-from sparkembed.job import refuse_speculation
+from sparkembed.spark.driver import refuse_speculation
 
 
 def parse(*argv: str, environ: dict[str, str] | None = None):

@@ -20,18 +20,20 @@ import numpy as np
 import pytest
 from azure.core.exceptions import HttpResponseError, ServiceResponseError
 
-from sparkembed.backend import AzureInferenceBackend, BackendResponse, decode_response, map_error
+from sparkembed.backends.azure_inference import AzureInferenceBackend
+from sparkembed.backends.http import decode_response, map_error
 from sparkembed.config import EmbedConfig, validate_config
-from sparkembed.engine import Embedder, get_embedder, request_token_cap
+from sparkembed.core.engine import Embedder, get_embedder, request_token_cap
+from sparkembed.core.metrics import Metrics
+from sparkembed.core.streaming import ChunkAssembly
+from sparkembed.core.tokens import estimate_tokens
+from sparkembed.core.types import BackendResponse
 from sparkembed.errors import (
     EndpointConfigError,
     QuotaExhaustedError,
     ServiceError,
     TransportError,
 )
-from sparkembed.metrics import Metrics
-from sparkembed.streaming import ChunkAssembly
-from sparkembed.tokens import estimate_tokens
 
 DIMS = 8
 Script = Callable[[list[str], int], "Exception | None"]
@@ -456,12 +458,19 @@ def test_preflight_raises_the_last_error_when_retries_run_out() -> None:
 
 def test_get_embedder_builds_one_per_config_and_process() -> None:
     config = make_config()
-    first = get_embedder(config)
-    assert get_embedder(make_config()) is first
-    other = get_embedder(make_config(limits={"concurrency": 3}))
+    built: list[EmbedConfig] = []
+
+    def make_backend(config: EmbedConfig) -> FakeBackend:
+        built.append(config)
+        return FakeBackend()
+
+    first = get_embedder(config, make_backend)
+    assert get_embedder(make_config(), make_backend) is first
+    other = get_embedder(make_config(limits={"concurrency": 3}), make_backend)
     assert other is not first
     first.close()
-    assert get_embedder(config) is not first  # a closed one is replaced
+    assert get_embedder(config, make_backend) is not first  # a closed one is replaced
+    assert len(built) == 3
 
 
 def test_close_closes_the_backend() -> None:
@@ -619,7 +628,7 @@ def assert_ok_vectors_prefix(results, inputs: list[str]) -> None:
 
 
 def test_a_retry_sends_only_what_the_crashed_attempt_was_not_answered(tmp_path) -> None:
-    from sparkembed.answers import AnswerLog
+    from sparkembed.core.answers import AnswerLog
 
     inputs = texts(30)
     crashed = AnswerLog(tmp_path, "run-1", (0, 0, 0))

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
+from sparkembed.backends import make_backend
 from sparkembed.config import EmbedConfig, validate_config
-from sparkembed.engine import Embedder, get_embedder
+from sparkembed.core.engine import Embedder, get_embedder
+from sparkembed.core.metrics import Metrics
 from sparkembed.errors import EndpointConfigError
-from sparkembed.metrics import Metrics
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import load_model
 
@@ -108,7 +109,7 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
         batching={"max_inputs": 16},
         limits={"concurrency": 4, "tokens_per_minute": int(quota * 1.5)},
     )
-    embedder = Embedder(config)
+    embedder = Embedder(config, make_backend(config))
     metrics = Metrics()
     chunks = [texts[i : i + 100] for i in range(0, len(texts), 100)]
     try:
@@ -140,7 +141,8 @@ def test_one_over_long_input_in_1000_fails_alone(
     hash_endpoint.reset()
     texts = corpus(1000)
     texts[421] = " ".join(["word"] * (MAX_INPUT_TOKENS * 3))
-    embedder = Embedder(config_for(hash_endpoint, endpoint_key, api))
+    cfg = config_for(hash_endpoint, endpoint_key, api)
+    embedder = Embedder(cfg, make_backend(cfg))
     try:
         results = embedder.embed(texts)
     finally:
@@ -158,7 +160,8 @@ def test_one_over_long_input_in_1000_fails_alone(
 def test_a_bad_key_is_a_config_error_without_the_key(hash_endpoint: LocalEndpoint, api: str) -> None:
     hash_endpoint.reset()
     wrong = "wrong-key-4242424242"
-    embedder = Embedder(config_for(hash_endpoint, wrong, api))
+    cfg = config_for(hash_endpoint, wrong, api)
+    embedder = Embedder(cfg, make_backend(cfg))
     try:
         with pytest.raises(EndpointConfigError) as caught:
             embedder.preflight()
@@ -173,7 +176,8 @@ def test_a_bad_key_is_a_config_error_without_the_key(hash_endpoint: LocalEndpoin
 def test_preflight_learns_dimensions_and_model(
     hash_endpoint: LocalEndpoint, endpoint_key: str, api: str
 ) -> None:
-    embedder = Embedder(config_for(hash_endpoint, endpoint_key, api))
+    cfg = config_for(hash_endpoint, endpoint_key, api)
+    embedder = Embedder(cfg, make_backend(cfg))
     try:
         assert embedder.preflight() == (DIMS, "hash-embedding")
     finally:
@@ -188,10 +192,10 @@ def test_one_client_per_process_reuses_its_connections(
     texts = corpus(60)
     embedders = set()
     for i in range(12):  # twelve "tasks" in one worker process
-        embedder = get_embedder(config)
+        embedder = get_embedder(config, make_backend)
         embedders.add(id(embedder))
         assert embedder.embed(texts[i * 5 : i * 5 + 5] + texts).status.count("ok") == 65
-    get_embedder(config).close()
+    get_embedder(config, make_backend).close()
     stats = hash_endpoint.stats(billed=False)
     assert len(embedders) == 1
     assert stats["requests"] == 12 * 9
@@ -202,7 +206,8 @@ def test_a_422_for_dimensions_names_the_fix(
     hash_endpoint: LocalEndpoint, endpoint_key: str, api: str
 ) -> None:
     hash_endpoint.reset()
-    embedder = Embedder(config_for(hash_endpoint, endpoint_key, api, endpoint={"dimensions": 20000}))
+    cfg = config_for(hash_endpoint, endpoint_key, api, endpoint={"dimensions": 20000})
+    embedder = Embedder(cfg, make_backend(cfg))
     try:
         with pytest.raises(EndpointConfigError) as caught:
             embedder.preflight()

@@ -21,14 +21,16 @@ import pytest
 from azure.identity import aio as identity
 from pyspark.sql import SparkSession
 
-from sparkembed import job
-from sparkembed.backend import AzureInferenceBackend, SyncCredentialAdapter, build_credential
+from sparkembed.backends import make_backend
+from sparkembed.backends.azure_inference import AzureInferenceBackend
+from sparkembed.backends.credentials import SyncCredentialAdapter, build_credential
 from sparkembed.config import COGNITIVE_SERVICES_SCOPE, AuthConfig, EmbedConfig, validate_config
-from sparkembed.engine import Embedder
+from sparkembed.core.engine import Embedder
 from sparkembed.errors import ConfigError, EndpointConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
 from sparkembed.sinks import read_table
+from sparkembed.spark import driver
 
 DIMS = 32
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -236,7 +238,7 @@ def test_spark_job_in_entra_mode_executors_mint_their_own_tokens(
         run={"partitions": 2, "log_dir": str(tmp_path / "runs")},
     )
 
-    summary = job.run(spark, config, progress=lambda line: None)
+    summary = driver.run(spark, config, progress=lambda line: None)
 
     assert summary.counts["ok_rows"] == 400
     table = read_table(str(target))
@@ -244,10 +246,10 @@ def test_spark_job_in_entra_mode_executors_mint_their_own_tokens(
     events = fakes.read_events(executor_env)
     factories = Counter(e["pid"] for e in events if e["event"] == "factory")
     tokens = Counter(e["pid"] for e in events if e["event"] == "token")
-    driver = os.getpid()
-    executors = set(factories) - {driver}
+    driver_pid = os.getpid()
+    executors = set(factories) - {driver_pid}
     # One credential per process: the driver's preflight, and each executor's own.
-    assert factories[driver] == 1
+    assert factories[driver_pid] == 1
     assert executors and all(factories[pid] == 1 for pid in executors)
     # Executors fetched tokens themselves, a fresh one per request (2 s tokens).
     assert sum(tokens[pid] for pid in executors) >= 20
@@ -260,7 +262,7 @@ def test_spark_job_in_entra_mode_executors_mint_their_own_tokens(
 def test_credential_without_a_token_stops_the_preflight_at_once(entra_endpoint: LocalEndpoint) -> None:
     entra_endpoint.reset()
     config = entra_config(entra_endpoint.url, auth={"credential_factory": "fakes:unavailable_credential"})
-    embedder = Embedder(config)
+    embedder = Embedder(config, make_backend(config))
     with pytest.raises(EndpointConfigError) as caught:
         embedder.preflight()
     embedder.close()

@@ -21,12 +21,12 @@ import pytest
 from pydantic import SecretStr
 from pyspark.sql import SparkSession
 
-from sparkembed import job
 from sparkembed.config import EmbedConfig, load_config
 from sparkembed.errors import InputError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
 from sparkembed.sinks import read_table
+from sparkembed.spark import driver
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -102,7 +102,7 @@ def test_every_hostile_row_ends_with_a_status_and_its_own_vector(
     source = write_parquet(tmp_path / "hostile.parquet", {"id": ids, "text": texts})
     config = make_config(fresh, endpoint_key, source, tmp_path / "out")
 
-    summary = job.run(spark, config, progress=lambda line: None)
+    summary = driver.run(spark, config, progress=lambda line: None)
 
     rows = read_table(str(tmp_path / "out")).to_pylist()
     by_id: dict[str, list[dict[str, Any]]] = {}
@@ -140,7 +140,7 @@ def test_non_string_text_column_is_cast_with_a_warning(
     config = make_config(fresh, endpoint_key, source, tmp_path / "out")
 
     with caplog.at_level(logging.WARNING, logger="sparkembed"):
-        summary = job.run(spark, config, progress=lambda line: None)
+        summary = driver.run(spark, config, progress=lambda line: None)
 
     assert "casting text column 'text' from bigint to string" in caplog.text
     rows = {r["id"]: r for r in read_table(str(tmp_path / "out")).to_pylist()}
@@ -158,7 +158,7 @@ def test_non_string_text_column_without_cast_fails_before_spending(
     config = make_config(fresh, endpoint_key, source, tmp_path / "out", **{"source.cast_text": False})
 
     with pytest.raises(InputError, match="text column 'text' is double, not string"):
-        job.run(spark, config, progress=lambda line: None)
+        driver.run(spark, config, progress=lambda line: None)
     assert fresh.stats(billed=False)["requests"] == 0
 
 
@@ -169,7 +169,7 @@ def test_null_ids_fail_before_any_request(
     config = make_config(fresh, endpoint_key, source, tmp_path / "out")
 
     with pytest.raises(InputError) as caught:
-        job.run(spark, config, progress=lambda line: None)
+        driver.run(spark, config, progress=lambda line: None)
 
     assert str(caught.value) == "id column 'id' has null values; every row needs an id"
     # The id check runs before the preflight: not even that request was sent.
@@ -185,7 +185,7 @@ def test_duplicate_huge_ids_fail_before_any_request(
     config = make_config(fresh, endpoint_key, source, tmp_path / "out")
 
     with pytest.raises(InputError) as caught:
-        job.run(spark, config, progress=lambda line: None)
+        driver.run(spark, config, progress=lambda line: None)
 
     # The ids are named (today in full, 10 KB each: see the issue-7 report).
     assert str(caught.value).startswith("id column 'id' has duplicate values, e.g. 'xxxx")

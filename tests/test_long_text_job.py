@@ -11,11 +11,12 @@ import pytest
 from pydantic import SecretStr
 from pyspark.sql import SparkSession
 
-from sparkembed import job, wordllama_local
 from sparkembed.config import load_config
+from sparkembed.core import wordllama
 from sparkembed.corpus import build_corpus
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import read_table
+from sparkembed.spark import driver
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -27,7 +28,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str
     """The corpus's long texts, 30 short ones and the blank rows, as a parquet source."""
     table = build_corpus()
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-    counts = wordllama_local.count_tokens([t or "" for t in texts])
+    counts = wordllama.count_tokens([t or "" for t in texts])
     long_ids = {i for i, n in zip(ids, counts, strict=True) if n > LIMIT}
     short = [i for i, n, t in zip(ids, counts, texts, strict=True) if 0 < n <= LIMIT and t][:30]
     keep = long_ids | set(short) | {i for i in ids if i.startswith("blank:")}
@@ -59,7 +60,7 @@ def run_strategy(
         },
     )
     config = config.model_copy(update={"auth": config.auth.model_copy(update={"key": SecretStr(key)})})
-    summary = job.run(spark, config, progress=lambda _: None)
+    summary = driver.run(spark, config, progress=lambda _: None)
     return summary.to_json(), read_table(str(tmp_path / strategy)).to_pylist()
 
 
@@ -82,10 +83,10 @@ def test_chunk_rows_reassemble_overlap_and_fit(
         assert chunks[0]["chunk_start"] == 0 and chunks[-1]["chunk_end"] == len(text)
         for a, b in zip(chunks, chunks[1:], strict=False):
             assert b["chunk_start"] < a["chunk_end"]  # overlap, so no gap
-            overlap = wordllama_local.count_tokens([text[b["chunk_start"] : a["chunk_end"]]])[0]
+            overlap = wordllama.count_tokens([text[b["chunk_start"] : a["chunk_end"]]])[0]
             assert 16 <= overlap <= 128  # configured 64 tokens, cut at word ends
         pieces = [text[r["chunk_start"] : r["chunk_end"]] for r in chunks]
-        assert max(wordllama_local.count_tokens(pieces)) <= 512
+        assert max(wordllama.count_tokens(pieces)) <= 512
     whole = [r for r in rows if r["id"] not in long_ids]
     assert all(r["chunk_index"] == 0 and r["chunk_start"] is None for r in whole)
     no_context_length_errors(wordllama_endpoint)
@@ -114,7 +115,7 @@ def test_truncate_keeps_the_first_tokens(
     for row in (r for r in rows if r["id"] in long_ids):
         assert row["status"] == "ok" and row["chunk_start"] == 0
         kept = texts[row["id"]][: row["chunk_end"]]
-        assert LIMIT - 64 <= wordllama_local.count_tokens([kept])[0] <= LIMIT
+        assert LIMIT - 64 <= wordllama.count_tokens([kept])[0] <= LIMIT
     no_context_length_errors(wordllama_endpoint)
 
 
@@ -127,7 +128,7 @@ def test_fail_marks_long_rows_without_sending_them(
     failed = {r["id"]: r for r in rows if r["status"] == "failed"}
     assert set(failed) == long_ids and summary["rows_failed"] == len(long_ids)
     for doc, row in failed.items():
-        tokens = wordllama_local.count_tokens([texts[doc]])[0]
+        tokens = wordllama.count_tokens([texts[doc]])[0]
         assert row["error"] == f"input too long: {tokens} tokens > {LIMIT}"
         assert row["embedding"] is None and row["prompt_tokens"] == 0
     billed = wordllama_endpoint.stats()["billed"]

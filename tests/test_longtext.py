@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparkembed import wordllama_local
 from sparkembed.config import EmbedConfig
+from sparkembed.core import wordllama
+from sparkembed.core.longtext import NO_OFFSET, LongTextPlanner, Plan, Unit, combine
+from sparkembed.core.streaming import EmbedResults
+from sparkembed.core.tokenizers import ByteBound, WordLlamaCounter
 from sparkembed.corpus import build_corpus
-from sparkembed.longtext import NO_OFFSET, LongTextPlanner, Plan, Unit, combine
-from sparkembed.streaming import EmbedResults
-from sparkembed.tokenizers import ByteBound, WordLlamaCounter
 
 LONG_IDS = ("topic:specialnames", "module:tkinter")
 LIMIT = 8191
@@ -47,7 +47,7 @@ def corpus() -> dict[str, str | None]:
 def long_texts(corpus: dict[str, str | None]) -> list[str]:
     texts = [text for i in LONG_IDS if isinstance(text := corpus[i], str)]
     assert len(texts) == len(LONG_IDS)
-    assert min(wordllama_local.count_tokens(texts)) > LIMIT  # really over the model's limit
+    assert min(wordllama.count_tokens(texts)) > LIMIT  # really over the model's limit
     return texts
 
 
@@ -87,7 +87,7 @@ def test_chunks_reassemble_the_text(long_texts: list[str]) -> None:
 
 def test_no_chunk_exceeds_chunk_tokens_by_the_models_tokenizer(long_texts: list[str]) -> None:
     plan = planner().plan(long_texts)
-    exact = wordllama_local.count_tokens(plan.texts)  # type: ignore[arg-type]
+    exact = wordllama.count_tokens(plan.texts)  # type: ignore[arg-type]
     assert max(exact) <= 512
     assert exact == plan.tokens.tolist()  # units carry their exact count
     assert np.mean(exact) > 400  # chunks are filled, not needlessly small
@@ -101,7 +101,7 @@ def test_consecutive_chunks_overlap_by_about_the_configured_tokens(long_texts: l
             shared = [
                 text[after.start : before.end] for before, after in zip(chunks, chunks[1:], strict=False)
             ]
-            counts = wordllama_local.count_tokens(shared) if overlap else [len(s) for s in shared]
+            counts = wordllama.count_tokens(shared) if overlap else [len(s) for s in shared]
             # Snapped to a word start within a quarter of the overlap, +-1 for the marker.
             assert all(abs(c - overlap) <= overlap // 4 + 1 for c in counts), (overlap, counts)
 
@@ -124,7 +124,7 @@ def test_text_without_spaces_is_cut_at_token_boundaries() -> None:
     for row, text in enumerate([cjk, blob]):
         chunks = by_row(plan)[row]
         assert chunks[0].start == 0 and chunks[-1].end == len(text)
-        assert max(wordllama_local.count_tokens([u.text for u in chunks])) <= 512  # type: ignore[misc]
+        assert max(wordllama.count_tokens([u.text for u in chunks])) <= 512  # type: ignore[misc]
 
 
 def test_mean_plans_the_same_chunks(long_texts: list[str]) -> None:
@@ -180,7 +180,7 @@ def test_truncate_keeps_the_first_max_input_tokens(long_texts: list[str]) -> Non
     for unit, text in zip(plan.units[1:], long_texts, strict=True):
         assert unit.start == 0 and unit.chunk_index == 0
         assert unit.text == text[: unit.end]
-        exact = wordllama_local.count_tokens([unit.text])[0]
+        exact = wordllama.count_tokens([unit.text])[0]
         assert LIMIT - 8 <= exact == unit.tokens <= LIMIT
     rows = combine(plan, answer(plan))
     assert rows.chunk_start.tolist() == [NO_OFFSET, 0, 0]
@@ -190,7 +190,7 @@ def test_truncate_keeps_the_first_max_input_tokens(long_texts: list[str]) -> Non
 def test_fail_sends_nothing_and_gives_the_documented_error(long_texts: list[str]) -> None:
     plan = planner("fail").plan(["short", *long_texts])
     assert plan.texts == ["short", None, None]
-    counts = wordllama_local.count_tokens(long_texts)
+    counts = wordllama.count_tokens(long_texts)
     assert plan.unit_errors == {
         1: f"input too long: {counts[0]} tokens > {LIMIT}",
         2: f"input too long: {counts[1]} tokens > {LIMIT}",
@@ -217,11 +217,11 @@ def test_short_texts_and_blanks_pass_through_unchanged(strategy: str) -> None:
     assert all(u.chunk_index == 0 and u.start is None and u.end is None for u in plan.units)
     assert all(got is sent for got, sent in zip(plan.texts, texts, strict=True))
     assert plan.tokens.tolist() == [
-        *wordllama_local.count_tokens([short]),
+        *wordllama.count_tokens([short]),
         0,
         0,
         0,
-        *wordllama_local.count_tokens([texts[4]]),  # type: ignore[list-item]
+        *wordllama.count_tokens([texts[4]]),  # type: ignore[list-item]
     ]
     assert plan.unit_errors == {}
     rows = combine(plan, answer(plan))
@@ -235,7 +235,7 @@ def test_every_unit_of_the_corpus_fits_the_local_endpoint(corpus: dict[str, str 
     for strategy in ("chunk", "truncate", "fail"):
         plan = planner(strategy).plan(texts)
         sendable = [t for t in plan.texts if t and not t.isspace()]
-        assert max(wordllama_local.count_tokens(sendable)) <= LIMIT
+        assert max(wordllama.count_tokens(sendable)) <= LIMIT
         assert len(by_row(plan)) == len(texts)  # every row is planned
 
 

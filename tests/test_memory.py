@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # the process still holds: glibc's defaults map such a block fresh and unmap it when freed.
 PROBE = """
 import sys
-from sparkembed.memory import keep_freed_memory
+from sparkembed.core.memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "tuned" else None
 
 def rss_kib():

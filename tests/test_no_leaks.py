@@ -29,12 +29,12 @@ from azure.core.pipeline import PipelineContext, PipelineRequest
 from azure.core.rest import HttpRequest
 from pydantic import SecretStr
 
-from sparkembed.backend import AzureInferenceBackend
+from sparkembed.backends.azure_inference import AzureInferenceBackend
+from sparkembed.backends.transport import RedactingTraceLoggingPolicy, check_endpoint_url, hide_bridge_traffic
 from sparkembed.config import load_config
 from sparkembed.errors import ConfigError
 from sparkembed.sinks import read_table
-from sparkembed.spark import PartitionJob
-from sparkembed.transport import RedactingTraceLoggingPolicy, check_endpoint_url, hide_bridge_traffic
+from sparkembed.spark.partition import PartitionJob
 
 KEY = "sk-LEAKCHECK-7f3a9c1e5d2b48a6b0c4e9f1a2d3c5e7"
 POISON = "POISON-ROW"

@@ -16,9 +16,10 @@ from azure.core.credentials import AccessToken
 from test_engine_integration import DIMS, OPENAI_V1, config_for, corpus
 from test_engine_integration import hash_endpoint as hash_endpoint  # a module-scoped fixture
 
-from sparkembed.backend import AzureInferenceBackend, make_backend
-from sparkembed.backend_openai import OpenAIV1Backend
-from sparkembed.engine import Embedder
+from sparkembed.backends import make_backend
+from sparkembed.backends.azure_inference import AzureInferenceBackend
+from sparkembed.backends.openai_v1 import OpenAIV1Backend
+from sparkembed.core.engine import Embedder
 from sparkembed.errors import ConfigError, ServiceError
 from sparkembed.server.launch import LocalEndpoint
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sparkembed.ratelimit import (
+from sparkembed.core.ratelimit import (
     DECREASE,
     DEFAULT_COOLDOWN_S,
     HOLDOFF_S,

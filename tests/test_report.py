@@ -12,9 +12,10 @@ import pytest
 from matplotlib.image import imread
 from test_engine_integration import DIMS, corpus
 
+from sparkembed.backends import make_backend
 from sparkembed.config import validate_config
-from sparkembed.engine import Embedder
-from sparkembed.metrics import Metrics, RequestRecord
+from sparkembed.core.engine import Embedder
+from sparkembed.core.metrics import Metrics, RequestRecord
 from sparkembed.report import (
     THROTTLE_COLOR,
     RunLog,
@@ -34,7 +35,7 @@ CHARTS = ("throughput", "throttling", "latency")
 def throttled_run(start_endpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Metrics]:
     """A run saved by the job's own ``save_run_log``: ~6,600 tokens against a 6,000 TPM
     quota, with the limiter told twice the quota, so the service answers 429s."""
-    from sparkembed.job import RunSummary, save_run_log
+    from sparkembed.spark.driver import RunSummary, save_run_log
 
     endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--tpm", str(QUOTA_TPM), "--no-auth")
     runs = tmp_path_factory.mktemp("runs")
@@ -48,7 +49,7 @@ def throttled_run(start_endpoint: Any, tmp_path_factory: pytest.TempPathFactory)
             "run": {"log_dir": str(runs)},
         }
     )
-    embedder = Embedder(config)
+    embedder = Embedder(config, make_backend(config))
     metrics = Metrics()
     started = time.monotonic()
     try:

@@ -9,8 +9,8 @@ import pytest
 from multidict import CIMultiDict
 
 from sparkembed.config import RetryConfig
+from sparkembed.core.retry import Decision, RetryPolicy, config_error_for, retry_after_s
 from sparkembed.errors import ConfigError, EndpointConfigError, ServiceError, TransportError
-from sparkembed.retry import Decision, RetryPolicy, config_error_for, retry_after_s
 
 CONFIG = RetryConfig(
     max_attempts=8, max_wait_s=60.0, total_timeout_s=600.0, backoff_initial_s=0.5, backoff_max_s=20

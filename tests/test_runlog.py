@@ -7,8 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from sparkembed.metrics import Metrics, RequestRecord
-from sparkembed.runlog import TaskLog, read_spend, request_stop
+from sparkembed.core.metrics import Metrics, RequestRecord
+from sparkembed.core.runlog import TaskLog, read_spend, request_stop
 
 
 def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) -> None:

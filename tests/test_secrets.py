@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from sparkembed import secrets
 from sparkembed.config import AuthConfig, EmbedConfig
 from sparkembed.errors import ConfigError
-from sparkembed.secrets import apply_secret, resolve_key
+from sparkembed.spark import secrets
+from sparkembed.spark.secrets import apply_secret, resolve_key
 
 KEY = "sk-distinctive-0123456789abcdef"
 VAULT = "https://kv-embed.vault.azure.net/"

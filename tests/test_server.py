@@ -25,7 +25,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from sparkembed import wordllama_local
+from sparkembed.core import wordllama as wordllama_local
 from sparkembed.server.launch import start_local_endpoint
 from sparkembed.server.models import HashModel, hash_vectors
 from sparkembed.server.quota import Quota

@@ -7,7 +7,7 @@ from pydoc_data.topics import topics
 
 import pytest
 
-from sparkembed import wordllama_local
+from sparkembed.core import wordllama as wordllama_local
 from sparkembed.server.models import HashModel
 from sparkembed.server.token_counts import WordLlamaPieceCounter
 

@@ -20,17 +20,15 @@ from sparkembed.sinks import (
     FileMeta,
     TargetSchemaError,
     commit_files,
-    native_available,
     read_table,
     table_version,
     upsert_files,
     vacuum_after_run,
     vacuum_orphans,
-    write_native,
     write_part,
 )
 from sparkembed.sinks.files import foreign_entries
-from sparkembed.sinks.native import merge_source
+from sparkembed.spark.delta_native import merge_source, native_available, write_native
 
 DIMS = 4
 T0 = dt.datetime(2025, 5, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)

@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 from sparkembed.config import SourceConfig
 from sparkembed.errors import ConfigError, InputError
 from sparkembed.sinks import commit_files, write_part
-from sparkembed.sources import check_ids, detect_format, read_source, select_input
+from sparkembed.spark.sources import check_ids, detect_format, read_source, select_input
 
 pytestmark = pytest.mark.spark
 

@@ -7,7 +7,7 @@ import hashlib
 import pyarrow as pa
 import pytest
 
-from sparkembed.spark import text_hashes
+from sparkembed.spark.partition import text_hashes
 
 TEXTS = ["a", None, "", "émigré 日本 😀", "x" * 1000]
 

@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
 
-from sparkembed import job, waves
 from sparkembed.config import EmbedConfig, load_config
-from sparkembed.engine import PREFLIGHT_TEXT
+from sparkembed.core.engine import PREFLIGHT_TEXT
 from sparkembed.errors import ConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
 from sparkembed.sinks import read_table
+from sparkembed.spark import driver, writers
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -74,9 +74,9 @@ def billed_besides_preflight(endpoint: LocalEndpoint) -> tuple[int, int]:
     stats = endpoint.stats()
     preflight_hash = hashlib.sha256(PREFLIGHT_TEXT.encode()).hexdigest()
     preflights = stats["billed"].get(preflight_hash, 0)
-    from sparkembed import wordllama_local
+    from sparkembed.core import wordllama
 
-    preflight_tokens = wordllama_local.count_tokens([PREFLIGHT_TEXT])[0]
+    preflight_tokens = wordllama.count_tokens([PREFLIGHT_TEXT])[0]
     return stats["texts_billed"] - preflights, stats["prompt_tokens"] - preflights * preflight_tokens
 
 
@@ -92,7 +92,7 @@ def test_job_writes_every_row_with_the_endpoints_vectors_and_usage(
     target = str(tmp_path / "target")
     config = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), target)
 
-    summary = job.run(spark, config, progress=lambda _: None)
+    summary = driver.run(spark, config, progress=lambda _: None)
 
     table = read_table(target).to_pandas()
     assert set(table["id"]) == set(rows["id"])  # no row lost
@@ -137,11 +137,11 @@ def test_rerun_is_free_and_only_changes_are_billed(
     rows = source_rows(300)
     target = str(tmp_path / "target")
     config = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), target)
-    job.run(spark, config, progress=lambda _: None)
+    driver.run(spark, config, progress=lambda _: None)
     before = read_table(target).to_pandas()
 
     hash_endpoint.reset()
-    job.run(spark, config, progress=lambda _: None)
+    driver.run(spark, config, progress=lambda _: None)
     assert hash_endpoint.stats(billed=False)["requests"] == 1  # the preflight only
     after = read_table(target).to_pandas()
     assert sorted(after["request_id"].dropna()) == sorted(before["request_id"].dropna())
@@ -160,7 +160,7 @@ def test_rerun_is_free_and_only_changes_are_billed(
         hash_endpoint, endpoint_key, write_source(tmp_path, changed, "changed.parquet"), target
     )
     hash_endpoint.reset()
-    job.run(spark, config2, progress=lambda _: None)
+    driver.run(spark, config2, progress=lambda _: None)
     assert billed_besides_preflight(hash_endpoint)[0] == 20
     table = read_table(target).to_pandas().set_index("id")
     for i in range(10, 20):
@@ -173,7 +173,7 @@ def test_rerun_is_free_and_only_changes_are_billed(
     assert "doc-0000" in table.index  # deleted from the source, kept without --prune
 
     pruned = config2.model_copy(update={"run": config2.run.model_copy(update={"prune": True})})
-    summary = job.run(spark, pruned, progress=lambda _: None)
+    summary = driver.run(spark, pruned, progress=lambda _: None)
     ids = set(read_table(target).column("id").to_pylist())
     assert summary.pruned == 5 and not {f"doc-{i:04d}" for i in range(5)} & ids
     assert ids == set(changed["id"])
@@ -188,7 +188,7 @@ def test_failed_rows_stay_until_retry_failed(
     source = write_source(tmp_path, rows)
     target = str(tmp_path / "target")
     faulty = start_endpoint("--model", "hash", "--dims", str(DIMS), "--fail-text", "POISON")
-    summary = job.run(spark, make_config(faulty, endpoint_key, source, target), progress=lambda _: None)
+    summary = driver.run(spark, make_config(faulty, endpoint_key, source, target), progress=lambda _: None)
     table = read_table(target).to_pandas()
     failed = table[table["status"] == "failed"]
     assert sorted(failed["id"]) == ["doc-0007", "doc-0070", "doc-0170"]
@@ -197,11 +197,11 @@ def test_failed_rows_stay_until_retry_failed(
 
     clean = start_endpoint("--model", "hash", "--dims", str(DIMS))
     lines: list[str] = []
-    job.run(spark, make_config(clean, endpoint_key, source, target), progress=lines.append)
+    driver.run(spark, make_config(clean, endpoint_key, source, target), progress=lines.append)
     assert any(line.startswith("3 ids have failed rows") for line in lines)
     assert clean.stats(billed=False)["requests"] == 1  # left as they are
 
-    job.run(
+    driver.run(
         spark,
         make_config(clean, endpoint_key, source, target, **{"run.retry_failed": True}),
         progress=lambda _: None,
@@ -222,35 +222,35 @@ def test_changed_fingerprint_is_refused_and_reembed_all_resumes_after_a_crash(
     rows = source_rows(600)
     source = write_source(tmp_path, rows)
     target = str(tmp_path / "target")
-    job.run(spark, make_config(hash_endpoint, endpoint_key, source, target), progress=lambda _: None)
+    driver.run(spark, make_config(hash_endpoint, endpoint_key, source, target), progress=lambda _: None)
     smaller = make_config(hash_endpoint, endpoint_key, source, target, **{"endpoint.dimensions": 32})
     with pytest.raises(ConfigError, match="--reembed-all"):
-        job.run(spark, smaller, progress=lambda _: None)
+        driver.run(spark, smaller, progress=lambda _: None)
 
     # A --reembed-all run dies after its first wave is committed...
     again = make_config(
         hash_endpoint, endpoint_key, source, target, **{"endpoint.dimensions": 32, "run.reembed_all": True}
     )
-    real_write = waves.DeltaRsSink.write_wave
+    real_write = writers.DeltaRsSink.write_wave
 
     def die_after_first_wave(self, df, config, run_id, wave):  # type: ignore[no-untyped-def]
         if wave == 1:
             raise KeyboardInterrupt("driver killed")
         return real_write(self, df, config, run_id, wave)
 
-    monkeypatch.setattr(waves.DeltaRsSink, "write_wave", die_after_first_wave)
+    monkeypatch.setattr(writers.DeltaRsSink, "write_wave", die_after_first_wave)
     with pytest.raises(KeyboardInterrupt):
-        job.run(spark, again, progress=lambda _: None)
+        driver.run(spark, again, progress=lambda _: None)
     monkeypatch.undo()
     mixed = read_table(target).to_pandas()
     first_wave = mixed[mixed["dimensions"] == 32]
     assert 0 < len(first_wave) < len(mixed)
     with pytest.raises(ConfigError, match="also to finish"):  # half-replaced: still refused without the flag
-        job.run(spark, smaller, progress=lambda _: None)
+        driver.run(spark, smaller, progress=lambda _: None)
 
     # ...and its rerun pays only for what the crash left undone.
     hash_endpoint.reset()
-    job.run(spark, again, progress=lambda _: None)
+    driver.run(spark, again, progress=lambda _: None)
     table = read_table(target).to_pandas()
     assert table["embedding_fingerprint"].nunique() == 1
     assert set(table["dimensions"].dropna()) == {32}
@@ -267,14 +267,14 @@ def test_a_target_that_does_not_fit_is_refused_before_any_embedding(
 ) -> None:
     rows = source_rows(50)
     target = str(tmp_path / "target")
-    job.run(
+    driver.run(
         spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), target), progress=print
     )
     rows["title"] = list(range(50))  # a passthrough column changed type
     other = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows, "other.parquet"), target)
     hash_endpoint.reset()
     with pytest.raises(ConfigError, match="title"):
-        job.run(spark, other, progress=lambda _: None)
+        driver.run(spark, other, progress=lambda _: None)
     assert hash_endpoint.stats(billed=False)["requests"] == 1  # the preflight only
 
 
@@ -282,18 +282,19 @@ def test_prune_to_an_empty_table_then_rerun(
     spark: SparkSession, hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
 ) -> None:
     target = str(tmp_path / "target")
-    job.run(spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, source_rows(20)), target))
+    source = write_source(tmp_path, source_rows(20))
+    driver.run(spark, make_config(hash_endpoint, endpoint_key, source, target))
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string()),
                              "title": pa.array([], pa.string())}), empty)  # fmt: skip
     config = make_config(hash_endpoint, endpoint_key, str(empty), target, **{"run.prune": True})
-    summary = job.run(spark, config, progress=lambda _: None)
+    summary = driver.run(spark, config, progress=lambda _: None)
     assert summary.pruned == 20 and read_table(target).num_rows == 0
-    job.run(spark, config, progress=lambda _: None)  # an empty table is still a table
+    driver.run(spark, config, progress=lambda _: None)  # an empty table is still a table
     fresh = make_config(
         hash_endpoint, endpoint_key, write_source(tmp_path, source_rows(5), "f.parquet"), target
     )
-    job.run(spark, fresh, progress=lambda _: None)
+    driver.run(spark, fresh, progress=lambda _: None)
     assert set(read_table(target).column("id").to_pylist()) == {f"doc-{i:04d}" for i in range(5)}
 
 
@@ -304,13 +305,13 @@ def test_new_rows_are_added_without_rewriting_the_table(
 
     rows = source_rows(100)
     target = tmp_path / "target"
-    job.run(spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), str(target)))
+    driver.run(spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), str(target)))
     grown = {k: list(v) for k, v in rows.items()}
     grown["id"] += ["extra-1", "extra-2"]
     grown["text"] += ["one more", "and another"]
     grown["title"] += ["x", "y"]
     config = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, grown, "g.parquet"), str(target))
-    job.run(spark, config, progress=lambda _: None)
+    driver.run(spark, config, progress=lambda _: None)
     last = sorted((target / "_delta_log").glob("*.json"))[-1]
     actions = [json_.loads(line) for line in last.read_text().splitlines()]
     assert not [a for a in actions if "remove" in a]  # nothing rewritten
@@ -328,7 +329,7 @@ def test_error_reasons_group_by_cause_not_by_the_numbers_in_them(spark) -> None:
         "503 busy",
     ]
     failed = spark.createDataFrame([(e,) for e in errors], "error string")
-    counts, examples = job.error_groups(failed)
+    counts, examples = driver.error_groups(failed)
     assert counts == {
         "429 quota exhausted: retry-after N s": 3,
         "400 context_length_exceeded: input N has N tokens, the maximum is N": 2,
@@ -343,7 +344,7 @@ def test_error_reasons_group_by_cause_not_by_the_numbers_in_them(spark) -> None:
      ("local[2,1]", "local[2,1]"), ("spark://host:7077", "spark://host:7077")],
 )  # fmt: skip
 def test_a_local_master_retries_tasks_unless_told_otherwise(given: str, used: str) -> None:
-    from sparkembed.session import with_task_retries
+    from sparkembed.spark.session import with_task_retries
 
     assert with_task_retries(given) == used
 
@@ -355,20 +356,20 @@ def test_the_test_session_itself_retries_tasks(spark) -> None:
 def test_a_long_wave_prints_its_progress_from_the_tasks_spend_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sparkembed.metrics import Metrics, RequestRecord
-    from sparkembed.runlog import TaskLog
-    from sparkembed.waves_plan import WaveLimits, WavePlanner
+    from sparkembed.core.metrics import Metrics, RequestRecord
+    from sparkembed.core.runlog import TaskLog
+    from sparkembed.core.waves_plan import WaveLimits, WavePlanner
 
-    monkeypatch.setattr(job, "PROGRESS_EVERY_S", 0.05)
+    monkeypatch.setattr(driver, "PROGRESS_EVERY_S", 0.05)
     config = load_config(None, {"limits.tokens_per_minute": 2_000})
-    summary = job.RunSummary(run_id="r", rows_total=100)
+    summary = driver.RunSummary(run_id="r", rows_total=100)
     planner = WavePlanner(100, 5_000, WaveLimits(tokens_per_minute=2_000))
     planner.next_wave()
     lines: list[str] = []
     spent = Metrics()
     for status in (200, 429, 200):
         spent.record(RequestRecord(0.0, 1.0, 20, 600 if status == 200 else 0, status, 1))
-    ticker = job._Ticker(lines.append, str(tmp_path), 0, planner, summary, config, time.monotonic())
+    ticker = driver._Ticker(lines.append, str(tmp_path), 0, planner, summary, config, time.monotonic())
     with TaskLog(tmp_path, "w00000-p00000-a0-t1", spent), ticker:
         deadline = time.monotonic() + 5
         while not lines and time.monotonic() < deadline:
@@ -382,7 +383,7 @@ def test_the_source_as_target_is_refused_without_suggesting_overwrite(tmp_path: 
     source = str(tmp_path / "docs")
     config = load_config(None, {"source.path": source, "target.path": source + "/"})
     with pytest.raises(ConfigError, match="is the source table: give another --target") as refused:
-        job.check_target_location(config)
+        driver.check_target_location(config)
     assert "overwrite" not in str(refused.value)
 
 
@@ -392,8 +393,8 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
 
     script = f"""
 import os, signal
-from sparkembed import job
-with job._stop_on_signals({str(tmp_path)!r}, print) as stop:
+from sparkembed.spark import driver
+with driver._stop_on_signals({str(tmp_path)!r}, print) as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.signum == signal.SIGTERM and os.path.exists({str(tmp_path / "STOP")!r})
     print("first signal: still running", flush=True)
@@ -416,7 +417,7 @@ def test_moving_a_table_to_the_v1_route_re_embeds_nothing(
         **{"endpoint.url": f"{hash_endpoint.url}/models", "endpoint.model": "emb-small"},
     )  # fmt: skip
     assert on_models.endpoint.route == "azure-ai-inference"
-    job.run(spark, on_models, progress=lambda _: None)
+    driver.run(spark, on_models, progress=lambda _: None)
     hash_endpoint.reset()
 
     on_v1 = make_config(
@@ -424,7 +425,7 @@ def test_moving_a_table_to_the_v1_route_re_embeds_nothing(
         **{"endpoint.url": f"{hash_endpoint.url}/openai/v1", "endpoint.model": "emb-small"},
     )  # fmt: skip
     assert on_v1.endpoint.route == "openai-v1"
-    summary = job.run(spark, on_v1, progress=lambda _: None)
+    summary = driver.run(spark, on_v1, progress=lambda _: None)
 
     assert billed_besides_preflight(hash_endpoint) == (0, 0)
     assert summary.rows_total == 0
@@ -438,9 +439,9 @@ def test_rows_with_the_fingerprint_older_releases_wrote_are_done(
     rows = source_rows(200)
     source, target = write_source(tmp_path, rows), str(tmp_path / "target")
     config = make_config(hash_endpoint, endpoint_key, source, target)
-    job.run(spark, config, progress=lambda _: None)
+    driver.run(spark, config, progress=lambda _: None)
     # Before 0.2 the route was hashed into the fingerprint: rewrite the table as one of those.
-    served = job.preflight(config)
+    served = driver.preflight(config)
     old_fingerprint = served.equivalent_fingerprints()[1]
     assert old_fingerprint != served.fingerprint()
     table = read_table(target)
@@ -449,7 +450,7 @@ def test_rows_with_the_fingerprint_older_releases_wrote_are_done(
     write_deltalake(target, old, mode="overwrite")
     hash_endpoint.reset()
 
-    summary = job.run(spark, config, progress=lambda _: None)
+    summary = driver.run(spark, config, progress=lambda _: None)
 
     assert billed_besides_preflight(hash_endpoint) == (0, 0)
     assert summary.rows_total == 0

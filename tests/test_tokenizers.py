@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparkembed import tokenizers, wordllama_local
 from sparkembed.config import EmbedConfig
-from sparkembed.errors import ConfigError
-from sparkembed.tokenizers import (
+from sparkembed.core import tokenizers, wordllama
+from sparkembed.core.tokenizers import (
     CL100K_SHA256,
     CL100K_URL,
     ByteBound,
@@ -24,8 +23,9 @@ from sparkembed.tokenizers import (
     counter_for,
     find_tiktoken_file,
     load_cl100k,
-    utf8_bytes,
 )
+from sparkembed.core.tokens import utf8_bytes
+from sparkembed.errors import ConfigError
 
 # Code point ranges the samples mix: scripts, combining marks, emoji and their joiners, controls.
 _RANGES = (
@@ -117,12 +117,12 @@ def test_wordllama_counts_at_most_one_token_over_the_bytes() -> None:
 
 
 def test_wordllama_counter_matches_the_local_endpoints_count() -> None:
-    """The endpoint counts each input with wordllama_local; pieces must not change that."""
+    """The endpoint counts each input with wordllama; pieces must not change that."""
     long_text = " ".join(SAMPLES)  # ~100k chars: counted in pieces
     texts = [*SAMPLES[:300], long_text, long_text.replace(" ", "  ")]
     counter = WordLlamaCounter()
-    assert counter.count_many(texts).tolist() == wordllama_local.count_tokens(texts)
-    assert counter.count(long_text) == wordllama_local.count_tokens([long_text])[0]
+    assert counter.count_many(texts).tolist() == wordllama.count_tokens(texts)
+    assert counter.count(long_text) == wordllama.count_tokens([long_text])[0]
 
 
 def test_wordllama_boundaries_end_tokens() -> None:
@@ -199,7 +199,7 @@ def test_missing_cl100k_falls_back_to_the_bound_and_says_so_once(
     monkeypatch.setattr(tokenizers, "_said", set())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     config = config_for(url="https://x.openai.azure.com", model="text-embedding-3-small")
-    with caplog.at_level(logging.WARNING, logger="sparkembed.tokenizers"):
+    with caplog.at_level(logging.WARNING, logger="sparkembed.core.tokenizers"):
         assert isinstance(counter_for(config), ByteBound)
         assert isinstance(counter_for(config), ByteBound)
     assert len(caplog.records) == 1
@@ -263,7 +263,7 @@ def test_building_counters_never_touches_the_network(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     load_cl100k.cache_clear()
-    wordllama_local.load_tokenizer.cache_clear()
+    wordllama.load_tokenizer.cache_clear()
     configs = [
         config_for(url="local"),
         config_for(url="https://x.openai.azure.com", model="text-embedding-3-small"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sparkembed.waves_plan import BUCKETS, WaveLimits, WavePlanner
+from sparkembed.core.waves_plan import BUCKETS, WaveLimits, WavePlanner
 
 
 def all_waves(planner: WavePlanner) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from sparkembed.memory import keep_freed_memory
+from sparkembed.core.memory import keep_freed_memory
 from sparkembed.server.app import create_app
 from sparkembed.server.settings import ServerSettings
 

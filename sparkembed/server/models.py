@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 from tokenizers import Encoding
 
-from sparkembed import wordllama_local
+from sparkembed.core import wordllama
 from sparkembed.server.token_counts import WordLlamaPieceCounter
 
 INPUT_TYPES = ("text", "query", "document")
@@ -80,19 +80,19 @@ class WordLlamaModel:
     """WordLlama l2_supercat, 256 dimensions, loaded offline from the installed wheel."""
 
     name = "wordllama-l2-supercat-256"
-    max_dimensions = wordllama_local.DIMENSIONS
+    max_dimensions = wordllama.DIMENSIONS
 
-    def __init__(self, default_dimensions: int = wordllama_local.DIMENSIONS) -> None:
+    def __init__(self, default_dimensions: int = wordllama.DIMENSIONS) -> None:
         if not 0 < default_dimensions <= self.max_dimensions:
             raise ValueError(f"wordllama supports 1 to {self.max_dimensions} dimensions")
         self.default_dimensions = default_dimensions
         # Load now, so the first request is not slow and a missing wheel fails at startup.
-        wordllama_local.load_tokenizer()
-        wordllama_local.load_matrix()
+        wordllama.load_tokenizer()
+        wordllama.load_matrix()
 
     def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
         """Tokenize texts; ``len()`` of each result is its token count."""
-        return wordllama_local.encode(texts)
+        return wordllama.encode(texts)
 
     def prepare(self, texts: Sequence[str]) -> Prepared:
         encodings = self.tokenize(texts)
@@ -107,7 +107,7 @@ class WordLlamaModel:
         digests: Sequence[bytes] | None = None,
     ) -> np.ndarray:
         # WordLlama has no query/document distinction: every input_type gives the same vector.
-        vectors = wordllama_local.embed_encodings(encodings)
+        vectors = wordllama.embed_encodings(encodings)
         return truncate(vectors, dimensions)
 
 
@@ -128,7 +128,7 @@ class HashModel:
 
     def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
         """Tokenize texts with the WordLlama tokenizer (``embed`` needs no tokens)."""
-        return wordllama_local.encode(texts)
+        return wordllama.encode(texts)
 
     def prepare(self, texts: Sequence[str]) -> Prepared:
         # Counts only: the vectors come from the texts themselves.
@@ -234,7 +234,7 @@ def load_model(kind: str, dimensions: int | None = None) -> EmbeddingModel:
         dimensions: default vector size (hash: any, default 1536; wordllama: at most 256).
     """
     if kind == "wordllama":
-        return WordLlamaModel(default_dimensions=dimensions or wordllama_local.DIMENSIONS)
+        return WordLlamaModel(default_dimensions=dimensions or wordllama.DIMENSIONS)
     if kind == "hash":
         return HashModel(default_dimensions=dimensions or 1536)
     raise ValueError(f"unknown model {kind!r}; expected 'wordllama' or 'hash'")

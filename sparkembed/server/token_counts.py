@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sparkembed import wordllama_local
+from sparkembed.core import wordllama
 
 
 class WordLlamaPieceCounter:
@@ -35,7 +35,7 @@ class WordLlamaPieceCounter:
     tests/test_server_token_counts.py checks the counts against the tokenizer on hostile texts.
 
         counter = WordLlamaPieceCounter()
-        counter.count(["hello world", "hello"])   # [2, 1], as wordllama_local.count_tokens
+        counter.count(["hello world", "hello"])   # [2, 1], as wordllama.count_tokens
     """
 
     __slots__ = (
@@ -51,7 +51,7 @@ class WordLlamaPieceCounter:
     def __init__(
         self, max_pieces: int = 50_000, max_piece_chars: int = 64, recent_pieces: int = 16_384
     ) -> None:
-        self._bpe = wordllama_local.load_tokenizer().model
+        self._bpe = wordllama.load_tokenizer().model
         self._counts: dict[str, int] = {}
         self._in_arrow: tuple[pc.SetLookupOptions, np.ndarray] | None = None  # _counts for Arrow
         self._seen_once: set[str] = set()  # counted lately, cached if seen again soon
@@ -60,7 +60,7 @@ class WordLlamaPieceCounter:
         self._max_piece_chars = max_piece_chars
 
     def count(self, texts: Sequence[str]) -> list[int]:
-        """Tokens of each text, as ``len(wordllama_local.encode([text])[0])``."""
+        """Tokens of each text, as ``len(wordllama.encode([text])[0])``."""
         if not texts:
             return []
         array = pa.array(texts, pa.string())
@@ -116,7 +116,7 @@ class WordLlamaPieceCounter:
 
     def _count_piece(self, piece: str) -> int:
         if _has_special_token(piece):  # a whole text: special tokens are matched before BPE
-            return len(wordllama_local.encode([piece])[0])
+            return len(wordllama.encode([piece])[0])
         if not piece:  # an empty text (a piece is never empty otherwise)
             return 0
         # The tokenizer's normaliser by hand, then its BPE model alone: no Encoding to build.

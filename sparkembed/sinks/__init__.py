@@ -2,7 +2,7 @@
 
 Driver flow per wave, for the delta-rs sink::
 
-    files, metrics = read_reports(df.mapInArrow(write_fn, META_SCHEMA).collect())  # sparkembed.waves
+    files, metrics = read_reports(df.mapInArrow(write_fn, META_SCHEMA).collect())  # sparkembed.spark.writers
     version = commit_files(uri, files, schema=schema, mode="append", app_id=app_id,
                            version=wave, expected_version=version)   # or upsert_files
     ...
@@ -10,7 +10,7 @@ Driver flow per wave, for the delta-rs sink::
 
 where ``write_fn`` calls :func:`write_part` with a ``file_prefix`` starting with
 ``app_id`` and naming the wave, partition and task attempt. This package imports no
-pyspark; the native sink imports it lazily.
+pyspark: the native Delta writer is :mod:`sparkembed.spark.delta_native`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Lazy, so executors importing write_part load no deltalake, and the native sink
-# works where deltalake is not installed.
+# Lazy, so executors importing write_part load no deltalake.
 _HOMES = {
     "ABSENT": "deltars",
     "commit_files": "deltars",
@@ -29,14 +28,11 @@ _HOMES = {
     "vacuum_after_run": "vacuum",
     "upsert_files": "upsert",
     "delete_ids": "upsert",
-    "delete_native": "native",
     "ConcurrentWriteError": "errors",
     "DeltaSinkError": "errors",
     "TargetSchemaError": "errors",
     "FileMeta": "files",
     "write_part": "files",
-    "native_available": "native",
-    "write_native": "native",
 }
 
 __all__ = [
@@ -47,14 +43,11 @@ __all__ = [
     "TargetSchemaError",
     "commit_files",
     "delete_ids",
-    "delete_native",
-    "native_available",
     "read_table",
     "table_version",
     "upsert_files",
     "vacuum_after_run",
     "vacuum_orphans",
-    "write_native",
     "write_part",
 ]
 

@@ -53,12 +53,6 @@ class FileMeta:
     stats: str | None = None
 
 
-def is_path(location: str) -> bool:
-    """A path holds a slash or backslash (``./t``, ``/lake/t``, ``abfss://…``, ``C:\\t``);
-    anything else (``t``, ``main.rag.t``) is a catalog table name. Decided here only."""
-    return "/" in location or "\\" in location
-
-
 def resolve_root(table_uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and root path of a table URI (a local path or ``scheme://``)."""
     if "://" not in table_uri:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
-from sparkembed.sinks.files import is_path
+from sparkembed.spark.targets import is_path
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

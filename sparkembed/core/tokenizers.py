@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sparkembed.config import EmbedConfig
+from sparkembed.core.tokens import utf8_bytes
 from sparkembed.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,6 @@ class TokenCounter(Protocol):
         ...
 
 
-def utf8_bytes(text: str) -> int:
-    """UTF-8 length of ``text`` in bytes; a lone surrogate counts 3, like the U+FFFD it becomes."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 class ByteBound:
     """UTF-8 bytes as tokens: never below the true count of a byte-level BPE (cl100k, o200k)."""
 
@@ -135,7 +131,7 @@ class WordLlamaCounter:
     exact = True
 
     def __init__(self) -> None:
-        from sparkembed import wordllama_local
+        from sparkembed.core import wordllama as wordllama_local
 
         self._tokenizer = wordllama_local.load_tokenizer()
 

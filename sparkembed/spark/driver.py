@@ -21,10 +21,14 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkembed import waves as wave_sinks
-from sparkembed.answers import remove_stale
+from sparkembed.backends import make_backend
+from sparkembed.backends.transport import check_endpoint_url, hide_bridge_traffic
 from sparkembed.config import EmbedConfig
-from sparkembed.engine import Embedder
+from sparkembed.core.answers import remove_stale
+from sparkembed.core.engine import Embedder
+from sparkembed.core.runlog import read_spend, request_stop
+from sparkembed.core.tokens import BYTES_PER_TOKEN
+from sparkembed.core.waves_plan import BUCKETS, WaveLimits, WavePlanner
 from sparkembed.errors import (
     ConfigError,
     EndpointConfigError,
@@ -33,12 +37,10 @@ from sparkembed.errors import (
     SparkEmbedError,
     TransportError,
 )
-from sparkembed.incremental import other_fingerprint_ids, plan_work, read_target
-from sparkembed.runlog import read_spend, request_stop
-from sparkembed.sources import check_ids, read_source, select_input
-from sparkembed.tokens import BYTES_PER_TOKEN
-from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
-from sparkembed.waves_plan import BUCKETS, WaveLimits, WavePlanner
+from sparkembed.spark import writers
+from sparkembed.spark.planning import other_fingerprint_ids, plan_work
+from sparkembed.spark.sources import check_ids, read_source, select_input
+from sparkembed.spark.targets import check_target_location, is_path, read_target
 
 log = logging.getLogger(__name__)
 
@@ -153,42 +155,6 @@ def prepare(
     return df, config.model_copy(update={"limits": limits, "endpoint": endpoint}), rows
 
 
-def check_target_location(config: EmbedConfig) -> None:
-    """Refuse, before anything is paid for, a target that would mean writing among others' files.
-
-    Raises:
-        ConfigError: the target is the source, a file, or a folder that is neither empty, nor
-            a Delta table, nor holding only sparkembed's own files of a first wave that crashed.
-    """
-    from sparkembed.sinks.files import foreign_entries, is_path
-
-    target = str(config.target.path)
-    source = config.source.path
-    if source and _same_location(source, target):
-        raise ConfigError(f"the target {target} is the source table: give another --target")
-    if not is_path(target):
-        return  # a catalog table: the catalog says what it is
-    try:
-        found = foreign_entries(target)
-    except Exception as exc:  # a store this driver cannot list (no credentials here): the sink checks
-        log.warning("could not list target %s before the run (%s)", target, exc)
-        return
-    if not found:
-        return
-    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-    raise ConfigError(
-        f"target {target} exists and is not a Delta table ({shown}): sparkembed never writes "
-        "among other files. Give a new or empty folder, or an existing Delta table"
-    )
-
-
-def _same_location(a: str, b: str) -> bool:
-    def norm(p: str) -> str:
-        return p.rstrip("/") if "://" in p else os.path.realpath(p)
-
-    return norm(a) == norm(b)
-
-
 _TASK_ERROR = re.compile(r"^(?:sparkembed\.errors\.)?(\w+): (.+)$", re.M)
 _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
 
@@ -236,7 +202,7 @@ def preflight(config: EmbedConfig) -> EmbedConfig:
         ServiceError, TransportError, QuotaExhaustedError: the request failed otherwise.
     """
     check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
-    embedder = Embedder(config)
+    embedder = Embedder(config, make_backend(config))
     try:
         dims, model = embedder.preflight()
     finally:
@@ -261,7 +227,6 @@ def _materialize(todo: DataFrame) -> DataFrame:
 
 def _absolute_target(config: EmbedConfig) -> EmbedConfig:
     """Executors may run in other folders: a local target path must be absolute."""
-    from sparkembed.sinks.files import is_path
 
     path = str(config.target.path)
     if "://" in path or not is_path(path) or os.path.isabs(path):
@@ -291,7 +256,7 @@ def run(
 ) -> RunSummary:
     """Embed ``source`` (default: read ``config.source``) into ``config.target``.
 
-    Only rows the target lacks are embedded (see :mod:`sparkembed.incremental`). Waves
+    Only rows the target lacks are embedded (see :mod:`sparkembed.spark.planning`). Waves
     commit on their own and are bounded by rows, tokens and time (``run.commit_every_*``),
     so a crash loses one short wave at most. On SIGINT or SIGTERM (main thread only) tasks
     stop sending, what is done is committed, and the summary says ``stopped``.
@@ -359,7 +324,7 @@ def _run_waves(
     ))  # fmt: skip
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s)")
     partitions = config.run.partitions or default_parallelism(spark, config)
-    sink = wave_sinks.choose_sink(spark, config, run_dir)
+    sink = writers.choose_sink(spark, config, run_dir)
     bucket = F.expr(f"pmod(xxhash64(`{config.source.id_col}`), {BUCKETS})")
     while not stop.signum and (buckets := planner.next_wave()) is not None:
         wave = planner.waves_done - 1
@@ -406,7 +371,7 @@ class _Stop:
 
 @contextlib.contextmanager
 def _stop_on_signals(run_dir: str, progress: Callable[[str], None]) -> Iterator[_Stop]:
-    """First SIGINT/SIGTERM: ask tasks to stop sending (see :mod:`sparkembed.runlog`); second: exit."""
+    """First SIGINT/SIGTERM: ask tasks to stop sending (see :mod:`sparkembed.core.runlog`); second: exit."""
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop  # signals reach only the main thread (a notebook's cell runs there)

@@ -54,7 +54,7 @@ def read_source(spark: SparkSession, source: SourceConfig) -> DataFrame:
 
 def read_delta(spark: SparkSession, location: str) -> DataFrame:
     """Delta through Spark when the session has Delta, else the current snapshot's files via delta-rs."""
-    from sparkembed.sinks import native_available
+    from sparkembed.spark.delta_native import native_available
 
     if native_available(spark):
         return spark.read.format("delta").load(location)

@@ -22,11 +22,12 @@ from pyspark.sql import functions as F
 
 from sparkembed import sinks
 from sparkembed.config import EmbedConfig
+from sparkembed.core.metrics import Metrics
 from sparkembed.errors import ConfigError
-from sparkembed.incremental import REPLACES
-from sparkembed.metrics import Metrics
-from sparkembed.sinks.files import is_path
-from sparkembed.spark import PartitionJob, make_job
+from sparkembed.spark import delta_native
+from sparkembed.spark.partition import PartitionJob, make_job
+from sparkembed.spark.planning import REPLACES
+from sparkembed.spark.targets import is_path, read_target
 
 
 class WaveSink(Protocol):
@@ -38,10 +39,10 @@ class WaveSink(Protocol):
 
 
 def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = None) -> WaveSink:
-    """The sink for this session; ``run_dir`` is where tasks log their spend (:mod:`sparkembed.runlog`)."""
+    """The sink for this session; ``run_dir`` is where tasks log their spend (:mod:`..core.runlog`)."""
     kind = config.target.sink
     if kind == "auto":
-        kind = "native" if sinks.native_available(spark) else "delta-rs"
+        kind = "native" if delta_native.native_available(spark) else "delta-rs"
     if kind == "native":
         return NativeSink(run_dir)
     target = str(config.target.path)
@@ -202,7 +203,7 @@ class NativeSink:
         mode = config.target.mode
         if mode == "overwrite" and wave > 0:
             mode = "append"
-        sinks.write_native(
+        delta_native.write_native(
             out, str(config.target.path), mode=mode, id_col=config.source.id_col, app_id=run_id,
             version=wave,
         )  # fmt: skip
@@ -217,7 +218,7 @@ class NativeSink:
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
         count = ids.count()
         if count:
-            sinks.delete_native(
+            delta_native.delete_native(
                 ids, str(config.target.path), id_col=config.source.id_col, app_id=run_id,
                 version=version,
             )  # fmt: skip
@@ -228,10 +229,10 @@ class NativeSink:
 
 
 def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -> dict[str, int]:
-    target = str(config.target.path)
-    table = (spark.read.format("delta").load(target) if is_path(target) else spark.table(target)).filter(
-        F.col("run_id") == run_id
-    )
+    target = read_target(spark, config)
+    if target is None:
+        return {}
+    table = target.filter(F.col("run_id") == run_id)
     rows = table.groupBy("status").agg(F.count("*").alias("n"), F.sum("prompt_tokens").alias("t"))
     out: dict[str, int] = {}
     for r in rows.collect():

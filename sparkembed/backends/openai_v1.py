@@ -1,9 +1,9 @@
-"""The OpenAI-compatible v1 route (``endpoint.api: openai-v1``) as a :class:`~sparkembed.backend.Backend`.
+"""The OpenAI-compatible v1 route (``endpoint.api: openai-v1``) as a :class:`~sparkembed.core.types.Backend`.
 
 Microsoft deprecated the ``azure-ai-inference`` beta SDK and points to the v1 API,
 ``https://<resource>.openai.azure.com/openai/v1``; requests go to ``{url}/embeddings``.
 This backend sends them with the ``openai`` package (an optional dependency) and
-behaves like :class:`~sparkembed.backend.AzureInferenceBackend`: one attempt per call,
+behaves like :class:`~sparkembed.backends.azure_inference.AzureInferenceBackend`: one attempt per call,
 the SDK's retries off (the engine owns retries), vectors placed by ``index``, and the
 errors of the libraries below translated in one place, :func:`map_openai_error`.
 
@@ -23,19 +23,12 @@ from typing import Any
 
 import msgspec
 
-from sparkembed.backend import (
-    USER_AGENT,
-    BackendResponse,
-    HttpBackend,
-    _clean,
-    build_credential,
-    decode_response,
-    map_error,
-)
+from sparkembed.backends.credentials import build_credential
+from sparkembed.backends.http import USER_AGENT, HttpBackend, clean_message, decode_response, map_error
 from sparkembed.config import EmbedConfig
+from sparkembed.core.retry import retry_after_s
+from sparkembed.core.types import BackendResponse
 from sparkembed.errors import ConfigError, ServiceError, TransportError
-from sparkembed.retry import retry_after_s
-from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +40,7 @@ PLACEHOLDER_KEY = "unused"
 
 
 class OpenAIV1Backend(HttpBackend):
-    """:class:`~sparkembed.backend.Backend` over ``openai.AsyncOpenAI`` on the v1 route.
+    """:class:`~sparkembed.core.types.Backend` over ``openai.AsyncOpenAI`` on the v1 route.
 
     The client (and, for Entra auth, the credential) is built on first use, on the
     caller's event loop, and lives until :meth:`close`.
@@ -59,15 +52,12 @@ class OpenAIV1Backend(HttpBackend):
 
     Raises:
         ConfigError: the ``openai`` package is missing, ``endpoint.model`` is unset, or
-            the URL is still ``local`` or unsafe (see :func:`sparkembed.transport.check_endpoint_url`).
+            the URL is still ``local`` or unsafe (see :func:`.transport.check_endpoint_url`).
     """
 
     def __init__(self, config: EmbedConfig, *, credential: Any = None) -> None:
+        super().__init__(config, credential=credential)
         endpoint = config.endpoint
-        if endpoint.url == "local":
-            raise ConfigError("endpoint.url 'local' must be resolved to the started server's URL")
-        check_endpoint_url(endpoint.url, allow_insecure_http=endpoint.allow_insecure_http)
-        hide_bridge_traffic()  # as AzureInferenceBackend: the key may ride in a task closure
         if importlib.util.find_spec("openai") is None:
             raise ConfigError(
                 "endpoint.api 'openai-v1' needs the openai package: pip install openai"
@@ -77,14 +67,8 @@ class OpenAIV1Backend(HttpBackend):
                 "endpoint.api 'openai-v1' needs endpoint.model: the deployment name "
                 "(the v1 route picks the deployment by model)"
             )
-        self._config = config
-        self._credential = credential
-        self._owns_credential = credential is None
         self._token: Any = None  # the cached Entra AccessToken
         self._token_lock = asyncio.Lock()
-        self._client: Any = None
-        self._format = endpoint.encoding_format
-        self._secret = config.auth.key.get_secret_value() if config.auth.key else None
         if config.auth.mode == "key" and self._secret is None:
             raise ConfigError("auth.mode is 'key' but no key was resolved (see auth.key_env)")
 
@@ -165,7 +149,7 @@ def map_openai_error(exc: BaseException, *, secret: str | None = None) -> Servic
 
     Status errors keep the service's code, message and ``retry-after-ms``/``retry-after``;
     connection errors and timeouts become :class:`TransportError`; anything else goes
-    to :func:`sparkembed.backend.map_error`. ``secret`` is masked in every message.
+    to :func:`sparkembed.backends.http.map_error`. ``secret`` is masked in every message.
     """
     import openai
 
@@ -174,7 +158,7 @@ def map_openai_error(exc: BaseException, *, secret: str | None = None) -> Servic
         return ServiceError(
             exc.status_code,
             code,
-            _clean(message, secret),
+            clean_message(message, secret),
             retry_after_s=retry_after_s(dict(exc.response.headers.items())),
         )
     if isinstance(exc, openai.APITimeoutError):
@@ -185,7 +169,7 @@ def map_openai_error(exc: BaseException, *, secret: str | None = None) -> Servic
         if type(inner).__name__ == "ConnectError":  # httpx: no connection at all
             host = getattr(getattr(exc.request, "url", None), "host", "?")
             return TransportError(f"cannot connect to host {host}: {inner}", unreachable=True)
-        return TransportError(_clean(f"{type(inner).__name__}: {inner}", secret))
+        return TransportError(clean_message(f"{type(inner).__name__}: {inner}", secret))
     return map_error(exc, secret=secret)
 
 

@@ -36,7 +36,7 @@ from sparkembed.errors import ConfigError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-log = logging.getLogger("sparkembed.secrets")
+log = logging.getLogger("sparkembed.spark.secrets")
 
 _ELSEWHERE = "elsewhere, set auth.key_source: env and export the key, or use auth.mode: entra"
 

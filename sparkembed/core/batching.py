@@ -5,8 +5,9 @@ input would push its estimated tokens over ``max_request_tokens``. An input that
 alone exceeds the token cap still goes, alone: the service, not the packer,
 decides whether it is too long.
 
-    >>> pack([5, 5, 5], max_inputs=2, max_request_tokens=100)
-    [range(0, 2), range(2, 3)]
+    >>> packer = Packer(max_inputs=2, max_request_tokens=100)
+    >>> [packer.add(row, 5) for row in "abc"], packer.flush()
+    ([None, ['a', 'b'], None], ['c'])
     >>> apportion(10, [1, 1, 1]).tolist()
     [4, 3, 3]
 """
@@ -83,18 +84,6 @@ class Packer(Generic[T]):
         """Close and return the open request (empty if none)."""
         items, self._items, self._tokens = self._items, [], 0
         return items
-
-
-def pack(token_estimates: Sequence[int], *, max_inputs: int, max_request_tokens: int) -> list[range]:
-    """Split positions ``0..n-1`` into consecutive requests within both limits."""
-    packer: Packer[int] = Packer(max_inputs=max_inputs, max_request_tokens=max_request_tokens)
-    requests: list[list[int]] = []
-    for position, tokens in enumerate(token_estimates):
-        if request := packer.add(position, int(tokens)):
-            requests.append(request)
-    if last := packer.flush():
-        requests.append(last)
-    return [range(r[0], r[-1] + 1) for r in requests]
 
 
 def apportion(total: int, weights: Sequence[int] | np.ndarray) -> np.ndarray:

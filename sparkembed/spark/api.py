@@ -13,14 +13,15 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.functions import pandas_udf
 
+from sparkembed.backends import make_backend
 from sparkembed.config import EmbedConfig, load_config, resolve_endpoint, validate_config
-from sparkembed.engine import get_embedder
+from sparkembed.core.engine import get_embedder
+from sparkembed.core.longtext import LongTextPlanner, Plan, combine
 from sparkembed.errors import ConfigError
-from sparkembed.job import RunSummary, default_parallelism, new_run_id, run
-from sparkembed.longtext import LongTextPlanner, Plan, combine
-from sparkembed.secrets import apply_secret
-from sparkembed.sources import select_input
-from sparkembed.spark import make_job
+from sparkembed.spark.driver import RunSummary, default_parallelism, new_run_id, run
+from sparkembed.spark.partition import make_job
+from sparkembed.spark.secrets import apply_secret
+from sparkembed.spark.sources import select_input
 
 UDF_RETURN = "embedding array<float>, status string, error string, prompt_tokens int, request_id string"
 """What :func:`embedding_udf` returns per text."""
@@ -158,7 +159,7 @@ def _embed_series(config: EmbedConfig, batches: Iterator[pd.Series]) -> Iterator
             pending.append(plan)
             yield plan
 
-    for results in get_embedder(config).embed_stream(plans()):
+    for results in get_embedder(config, make_backend).embed_stream(plans()):
         out = combine(pending.popleft(), results)
         ok = [status == "ok" for status in out.status]
         yield pd.DataFrame(

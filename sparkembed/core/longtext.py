@@ -31,10 +31,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sparkembed.batching import is_blank
 from sparkembed.config import EmbedConfig
-from sparkembed.streaming import EmbedResults
-from sparkembed.tokenizers import TokenCounter, counter_for
+from sparkembed.core.batching import is_blank
+from sparkembed.core.streaming import EmbedResults
+from sparkembed.core.tokenizers import TokenCounter, counter_for
 
 NO_OFFSET = -1
 """``chunk_start``/``chunk_end`` of an output row that stands for a whole text (null in tables)."""

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from sparkembed.config import EmbedConfig
 from sparkembed.errors import ConfigError
-from sparkembed.sinks.files import is_path
+from sparkembed.spark.targets import read_target
 
 REPLACES = "_sparkembed_replaces"
 """Column of ``WorkPlan.todo``: the id already has rows in the target (sinks drop it)."""
@@ -42,23 +42,6 @@ class WorkPlan:
     failed_left: int = 0
     prune: DataFrame | None = None
     retire_other_fingerprints: bool = False
-
-
-def read_target(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
-    """The current target table, or None when it does not exist yet."""
-    from sparkembed.sinks import native_available
-    from sparkembed.sources import read_delta
-
-    target = str(config.target.path)
-    if is_path(target):
-        from deltalake import DeltaTable
-
-        if not DeltaTable.is_deltatable(target):
-            return None
-        return read_delta(spark, target)
-    if native_available(spark) and spark.catalog.tableExists(target):
-        return spark.table(target)
-    return None
 
 
 def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> WorkPlan:
@@ -137,7 +120,7 @@ def _other_fingerprints(target: DataFrame, config: EmbedConfig) -> bool:
 
 def _check_columns(target: DataFrame, source: DataFrame, config: EmbedConfig) -> None:
     """Refuse, before anything is paid for, a target whose columns this run's rows won't fit."""
-    from sparkembed.spark import output_schema
+    from sparkembed.spark.partition import output_schema
 
     want = output_schema(source.schema, config.source.id_col, config.source.passthrough)
     wanted = {f.name: f.dataType.simpleString() for f in want}

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sparkembed.backend import BackendResponse
-from sparkembed.batching import SKIPPED_EMPTY, Packer, apportion, is_blank
+from sparkembed.core.batching import SKIPPED_EMPTY, Packer, apportion, is_blank
+from sparkembed.core.metrics import Metrics
+from sparkembed.core.tokens import estimate_tokens
+from sparkembed.core.types import BackendResponse
 from sparkembed.errors import SparkEmbedError
-from sparkembed.metrics import Metrics
-from sparkembed.tokens import estimate_tokens
 
 if TYPE_CHECKING:
-    from sparkembed.answers import Answer, AnswerLog
+    from sparkembed.core.answers import Answer, AnswerLog
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class RowStream:
         metrics: row counts go here.
         stop: true once the run is stopping: rows not yet sent end :data:`UNSENT`.
         answers: where answered requests are kept, and earlier attempts' answers looked up
-            (:mod:`sparkembed.answers`); texts found there are filled without being sent.
+            (:mod:`sparkembed.core.answers`); texts found there are filled without being sent.
     """
 
     def __init__(

@@ -22,14 +22,15 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
-from sparkembed.answers import AnswerLog
+from sparkembed.backends import make_backend
+from sparkembed.backends.transport import hide_bridge_traffic
 from sparkembed.config import EmbedConfig
-from sparkembed.engine import get_embedder
-from sparkembed.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
-from sparkembed.metrics import Metrics
-from sparkembed.runlog import TaskLog
-from sparkembed.streaming import UNSENT, EmbedResults
-from sparkembed.transport import hide_bridge_traffic
+from sparkembed.core.answers import AnswerLog
+from sparkembed.core.engine import get_embedder
+from sparkembed.core.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
+from sparkembed.core.metrics import Metrics
+from sparkembed.core.runlog import TaskLog
+from sparkembed.core.streaming import UNSENT, EmbedResults
 
 OUTPUT_FIELDS = (
     ("chunk_index", T.IntegerType()),
@@ -71,7 +72,7 @@ class PartitionJob:
     passthrough: tuple[str, ...]
     arrow_schema: pa.Schema
     run_dir: str | None = None
-    """The run's shared folder (:mod:`sparkembed.runlog`); None: no spend files, no stop."""
+    """The run's shared folder (:mod:`sparkembed.core.runlog`); None: no spend files, no stop."""
     wave: int = 0
 
     def embed_batches(
@@ -82,7 +83,7 @@ class PartitionJob:
         When the driver asks the run to stop, rows not yet sent leave no output row
         (nor do the other chunks of their text): the next run embeds them. When this is the
         retry of an attempt whose Python worker died, what that attempt was answered is
-        reused (:mod:`sparkembed.answers`).
+        reused (:mod:`sparkembed.core.answers`).
         """
         metrics = metrics if metrics is not None else Metrics()
         if self.run_dir is None:
@@ -113,7 +114,7 @@ class PartitionJob:
                 pending.append((batch, plan))
                 yield plan
 
-        embedder = get_embedder(self.config)
+        embedder = get_embedder(self.config, make_backend)
         for results in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers):
             batch, plan = pending.popleft()
             out = combine(plan, results)

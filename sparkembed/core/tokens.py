@@ -1,12 +1,12 @@
 """Token counts before sending: a safe upper bound and a realistic estimate.
 
 Byte-level BPE tokenizers (cl100k, o200k and their kin) emit at least one UTF-8
-byte per token, so the byte length is a proven upper bound on the token count.
-It overestimates English about four times, which would waste quota if the rate
-limiter paced on it; the limiter paces on :func:`estimate_tokens` instead and is
+byte per token, so the byte length (:func:`utf8_bytes`) is a proven upper bound on the
+token count. It overestimates English about four times, which would waste quota if the
+rate limiter paced on it; the limiter paces on :func:`estimate_tokens` instead and is
 corrected from each response's reported usage.
 
-    >>> upper_bound_tokens("hello world")
+    >>> utf8_bytes("hello world")
     11
     >>> estimate_tokens("hello world")
     4
@@ -18,15 +18,10 @@ BYTES_PER_TOKEN = 4
 """Typical UTF-8 bytes per token for English under cl100k/o200k."""
 
 
-def utf8_len(text: str) -> int:
-    """Length of ``text`` in UTF-8 bytes."""
+def utf8_bytes(text: str) -> int:
+    """UTF-8 length of ``text`` in bytes; a lone surrogate counts 3, like the U+FFFD it becomes."""
     # Pure-ASCII strings are the common case: len() is exact and avoids an encode copy.
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
-def upper_bound_tokens(text: str) -> int:
-    """Tokens ``text`` can never exceed under a byte-level BPE tokenizer (its UTF-8 length)."""
-    return utf8_len(text)
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def estimate_tokens(text: str) -> int:
@@ -34,4 +29,4 @@ def estimate_tokens(text: str) -> int:
 
     The ``+ 1`` keeps very short texts from being priced at zero.
     """
-    return -(-utf8_len(text) // BYTES_PER_TOKEN) + 1
+    return -(-utf8_bytes(text) // BYTES_PER_TOKEN) + 1

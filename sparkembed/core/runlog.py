@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sparkembed.metrics import Metrics
+from sparkembed.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkembed.config import EmbedConfig
-from sparkembed.incremental import plan_work
-from sparkembed.job import prepare, refuse_speculation
-from sparkembed.longtext import LongTextPlanner
-from sparkembed.sources import check_ids, read_source, select_input
-from sparkembed.tokenizers import counter_for
+from sparkembed.core.longtext import LongTextPlanner
+from sparkembed.core.tokenizers import counter_for
+from sparkembed.spark.driver import prepare, refuse_speculation
+from sparkembed.spark.planning import plan_work
+from sparkembed.spark.sources import check_ids, read_source, select_input
 
 _COUNTS = "rows long, units long, tokens long"
 

@@ -7,7 +7,7 @@ input order once all its rows are done. One background event loop per process
 sends the requests: rate limiter, HTTP attempt, retry policy, and bisection of
 batches the service refused with a 400.
 
-    embedder = get_embedder(config)            # one per Python worker process
+    embedder = get_embedder(config, make_backend)   # one per Python worker process
     for results in embedder.embed_stream(chunks_of_texts, metrics):
         results.vectors, results.status        # one EmbedResults per input chunk
 """
@@ -27,21 +27,21 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from sparkembed.answers import AnswerLog
-from sparkembed.backend import Backend, BackendResponse, make_backend
 from sparkembed.config import EmbedConfig, LimitsConfig
+from sparkembed.core.answers import AnswerLog
+from sparkembed.core.memory import keep_freed_memory
+from sparkembed.core.metrics import Metrics, RequestRecord
+from sparkembed.core.ratelimit import RateLimiter
+from sparkembed.core.retry import Decision, RetryPolicy, config_error_for
+from sparkembed.core.streaming import EmbedResults, RowStream, Segment
+from sparkembed.core.tokens import estimate_tokens
+from sparkembed.core.types import Backend, BackendResponse
 from sparkembed.errors import (
     EndpointConfigError,
     QuotaExhaustedError,
     ServiceError,
     TransportError,
 )
-from sparkembed.memory import keep_freed_memory
-from sparkembed.metrics import Metrics, RequestRecord
-from sparkembed.ratelimit import RateLimiter
-from sparkembed.retry import Decision, RetryPolicy, config_error_for
-from sparkembed.streaming import EmbedResults, RowStream, Segment
-from sparkembed.tokens import estimate_tokens
 
 __all__ = ["EmbedResults", "Embedder", "get_embedder"]
 
@@ -64,7 +64,7 @@ class Embedder:
 
     Args:
         config: the run configuration (endpoint, limits, batching, retry).
-        backend: the service seam; default :func:`make_backend` (client built lazily).
+        backend: the service seam (:func:`sparkembed.backends.make_backend`).
         limiter: default: this worker's share (quota / ``limits.workers``) of TPM and RPM.
         clock: monotonic seconds, for retry time limits.
         sleep: awaits a retry delay in seconds (tests pass a fake).
@@ -74,7 +74,7 @@ class Embedder:
     def __init__(
         self,
         config: EmbedConfig,
-        backend: Backend | None = None,
+        backend: Backend,
         *,
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -82,7 +82,7 @@ class Embedder:
         policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
-        self._backend: Backend = backend or make_backend(config)
+        self._backend = backend
         self._limiter = limiter or _share_limiter(config.limits)
         self._policy = policy or RetryPolicy(config.retry)
         self._clock = clock
@@ -117,7 +117,7 @@ class Embedder:
         answered end with status ``unsent``. The caller stops feeding chunks.
 
         ``answers`` keeps each answered request, and fills texts an earlier attempt of the
-        same task was answered for (see :mod:`sparkembed.answers`).
+        same task was answered for (see :mod:`sparkembed.core.answers`).
 
         Raises:
             EndpointConfigError: the service refused the setup (401/403/404/422).
@@ -348,15 +348,18 @@ def _process_loop() -> _LoopThread:
         return _loop_thread
 
 
-def get_embedder(config: EmbedConfig) -> Embedder:
-    """The process's :class:`Embedder` for ``config``: built once, reused by every task."""
+def get_embedder(config: EmbedConfig, make_backend: Callable[[EmbedConfig], Backend]) -> Embedder:
+    """The process's :class:`Embedder` for ``config``: built once, reused by every task.
+
+    ``make_backend`` builds its backend the first time (:func:`sparkembed.backends.make_backend`).
+    """
     key = config.client_key()
     keep_freed_memory()  # answers are megabytes each: reuse their memory, request after request
     with _lock:
         _process_loop()
         embedder = _embedders.get(key)
         if embedder is None or embedder.closed:
-            embedder = _embedders[key] = Embedder(config)
+            embedder = _embedders[key] = Embedder(config, make_backend(config))
         return embedder
 
 
