@@ -71,11 +71,11 @@ def engine_config(url: str, **limits: Any) -> Any:
 # -- saturation ------------------------------------------------------------------------
 
 
-def saturation_worker(url: str, worker: int, n_texts: int, limits: dict[str, Any]) -> dict:
+def saturation_worker(url: str, worker: int, workers: int, n_texts: int, limits: dict[str, Any]) -> dict:
     """One worker process: embed its texts in chunks of 200, return its metrics."""
     texts = corpus(n_texts, seed=worker, words_range=(180, 400))
     cfg = engine_config(url, **limits)
-    embedder = Embedder(cfg, make_backend(cfg))
+    embedder = Embedder(cfg, make_backend(cfg), share=1 / workers)
     metrics = Metrics()
     chunks = (texts[i : i + 200] for i in range(0, len(texts), 200))
     for _ in embedder.embed_stream(chunks, metrics):
@@ -92,7 +92,6 @@ def run_saturation(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "tokens_per_minute": quota,
         "requests_per_minute": args.rpm,
-        "workers": args.workers,
     }
     print(f"saturation: {args.workers} workers x {n_texts} texts of ~{per_text:.0f} tokens")
     with start_local_endpoint(
@@ -100,7 +99,7 @@ def run_saturation(args: argparse.Namespace) -> dict[str, Any]:
     ) as endpoint:
         context = multiprocessing.get_context("spawn")
         with context.Pool(args.workers) as pool:
-            jobs = [(endpoint.url, w, n_texts, limits) for w in range(args.workers)]
+            jobs = [(endpoint.url, w, args.workers, n_texts, limits) for w in range(args.workers)]
             parts = pool.starmap(saturation_worker, jobs)
         stats = endpoint.stats(billed=False)
     total = Metrics()

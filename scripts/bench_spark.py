@@ -61,6 +61,7 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from sparkembed import sinks  # noqa: E402
 from sparkembed.config import EmbedConfig, validate_config  # noqa: E402
+from sparkembed.core.context import RunContext  # noqa: E402
 from sparkembed.core.memory import keep_freed_memory  # noqa: E402
 from sparkembed.core.metrics import Metrics  # noqa: E402
 from sparkembed.server.launch import start_local_endpoint  # noqa: E402
@@ -133,7 +134,7 @@ def run_floor(spark: SparkSession, config: EmbedConfig, run_id: str, source: Dat
     total = df.count()
     waves = max(1, math.ceil(total / config.run.commit_every_rows))
     partitions = config.run.partitions or default_parallelism(spark, config)
-    job, _ = make_job(df, config, run_id)
+    job, _ = make_job(df, config, RunContext(run_id=run_id))
     target, id_col = str(config.target.path), config.source.id_col
     expected = sinks.table_version(target)
     committed = 0

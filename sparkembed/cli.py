@@ -212,9 +212,10 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
     master = config.run.spark_master or ""
     check_before_spark(config, local_session=ours and (local_master or master.startswith("local")))
     with local_endpoint(config) as config:
+        context = None
         if config.auth.mode != "key" or config.auth.key_source == "env":
             # Fail fast: a wrong key, route or deployment is known before Spark starts.
-            config = driver.preflight(apply_secret(config))
+            context = driver.preflight(apply_secret(config))
         spark_log = None if _debugging(args) else Path(config.run.log_dir) / "spark.log"
         if ours and spark_log is not None:
             print(f"Spark's own log: {spark_log}", flush=True)
@@ -224,7 +225,9 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             config = apply_secret(config, spark=spark)
-            summary = driver.run(spark, config, progress=lambda line: print(line, flush=True))
+            summary = driver.run(
+                spark, config, context=context, progress=lambda line: print(line, flush=True)
+            )
         finally:
             if ours:  # a session we built: stop it, so event logs and executors close cleanly
                 with contextlib.suppress(Exception):

@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -28,6 +28,9 @@ from pydantic import (
 )
 
 from sparkembed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sparkembed.core.context import RunContext
 
 HARD_MAX_INPUTS = 1024
 COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -55,10 +58,6 @@ class EndpointConfig(_Frozen):
     """Allow plain http to a non-loopback host (test rigs only)."""
     local_model: Literal["wordllama", "hash"] = "wordllama"
     """Model served when ``url: local``."""
-    served_model: str | None = None
-    """Learned by the driver's preflight (the model the service reports); not for users."""
-    served_dimensions: int | None = None
-    """Learned by the driver's preflight (the vector size); not for users."""
     price_per_million_tokens: float = Field(default=0.02, ge=0)
     """USD per 1M prompt tokens, for estimates (text-embedding-3-small list price)."""
 
@@ -113,8 +112,6 @@ class LimitsConfig(_Frozen):
     """Deployment quota (TPM) for the whole job; None relies on 429 feedback."""
     requests_per_minute: int | None = Field(default=None, gt=0)
     """Deployment quota (RPM) for the whole job."""
-    workers: int = Field(default=1, ge=1)
-    """Concurrent tasks sharing the quota; set by the driver, not by users."""
 
 
 class RetryConfig(_Frozen):
@@ -203,29 +200,31 @@ class EmbedConfig(_Frozen):
             raise ValueError(f"endpoint.url must be 'local' or an http(s) URL, got {v.url!r}")
         return v
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, context: RunContext | None = None) -> str:
         """What the vectors mean: a new value means old vectors must not be mixed in.
 
+        ``context`` gives what the service said it runs (the preflight), which beats what
+        was asked for: a deployment URL may change model without any config key changing.
         The route is not part of it: the same deployment answers the same vectors on the
         v1 route and the inference API, so moving a table to another route re-embeds nothing.
         """
-        return self._fingerprint({})
+        return self._fingerprint({}, context)
 
-    def equivalent_fingerprints(self) -> tuple[str, ...]:
+    def equivalent_fingerprints(self, context: RunContext | None = None) -> tuple[str, ...]:
         """This fingerprint, then those that releases before 0.2 wrote for the same vectors
         (they hashed the route in too): rows carrying any of them are done."""
-        legacy = (self._fingerprint({"api": api}) for api in ("azure-ai-inference", "openai-v1"))
-        return (self.fingerprint(), *legacy)
+        legacy = (self._fingerprint({"api": api}, context) for api in ("azure-ai-inference", "openai-v1"))
+        return (self.fingerprint(context), *legacy)
 
-    def _fingerprint(self, extra: dict[str, Any]) -> str:
+    def _fingerprint(self, extra: dict[str, Any], context: RunContext | None) -> str:
         endpoint = self.endpoint
+        served_model = context.served_model if context else None
+        served_dimensions = context.served_dimensions if context else None
         meaning = extra | {
-            # What the service says it ran beats what we asked for: a deployment URL may
-            # change model without any config key changing.
-            "model": endpoint.served_model
+            "model": served_model
             or endpoint.model
             or (endpoint.local_model if endpoint.url == "local" else None),
-            "dimensions": endpoint.served_dimensions or endpoint.dimensions,
+            "dimensions": served_dimensions or endpoint.dimensions,
             "input_type": endpoint.input_type,
             "long_text": [
                 self.long_text.strategy,
@@ -235,6 +234,21 @@ class EmbedConfig(_Frozen):
             ],
         }
         return hashlib.sha256(json.dumps(meaning, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> EmbedConfig:
+        """A copy with dotted keys set (``{"source.text_col": "body"}``), validated; the resolved
+        API key is kept (it never passes through a dict).
+
+        Raises:
+            ConfigError: an unknown key or an invalid value, with the key named.
+        """
+        tree = self.model_dump(exclude={"auth": {"key"}})
+        for key, value in overrides.items():
+            _set_dotted(tree, key, value)
+        merged = validate_config(tree)
+        if self.auth.key is None:
+            return merged
+        return merged.model_copy(update={"auth": merged.auth.model_copy(update={"key": self.auth.key})})
 
     def client_key(self) -> str:
         """Identity of the per-process client: everything that shapes requests, and the secret."""

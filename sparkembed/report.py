@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sparkembed.core.metrics import RequestRecord
+from sparkembed.core.summary import RunSummary
+from sparkembed.core.types import Status
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -59,14 +61,12 @@ class RunLog:
 
     Attributes:
         run_id: the run's id.
-        summary: the run summary (``summary.json``); optional keys are read if present:
-            ``tokens_per_minute``, ``requests_per_minute``, ``error_reasons``,
-            ``total_tokens``, ``price_per_million_tokens``.
+        summary: the run summary, read back from ``summary.json``.
         records: one record per HTTP attempt, in no particular order.
     """
 
     run_id: str
-    summary: dict[str, Any]
+    summary: RunSummary
     records: list[RequestRecord]
 
 
@@ -77,7 +77,7 @@ def load_run_log(run_id: str, runs_dir: str | Path = "runs") -> RunLog:
         FileNotFoundError: no ``summary.json`` for that run.
     """
     folder = Path(runs_dir) / run_id
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = RunSummary.from_file(json.loads((folder / "summary.json").read_text()))
     timeline_file = folder / "timeline.json"
     raw = json.loads(timeline_file.read_text()) if timeline_file.exists() else []
     records = [RequestRecord(**{k: r[k] for k in _RECORD_FIELDS}) for r in raw]
@@ -319,7 +319,7 @@ def write_report(log: RunLog, out_dir: str | Path, tokens_per_minute: int | None
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tpm = tokens_per_minute or log.summary.get("tokens_per_minute")
+    tpm = tokens_per_minute or log.summary.tokens_per_minute
     charts: list[tuple[str, str]] = []
     if log.records:
         figures = {
@@ -363,40 +363,38 @@ def render_html(log: RunLog, charts: list[tuple[str, str]], tokens_per_minute: i
     )
 
 
-def _rows_table(s: dict[str, Any]) -> str:
-    counts = {k: int(s.get(f"rows_{k}", 0)) for k in ("ok", "skipped", "failed")}
+def _rows_table(s: RunSummary) -> str:
+    statuses = (Status.OK, Status.SKIPPED, Status.FAILED)
+    counts = {status.value: s.counts[f"{status.value}_rows"] for status in statuses}
     total = sum(counts.values())
     rows = [(k, f"{n:,}", f"{100 * n / total:.1f} %" if total else "") for k, n in counts.items()]
     return _table(("status", "rows", "share"), rows)
 
 
-def _reasons_table(s: dict[str, Any]) -> str:
-    reasons = s.get("error_reasons")
-    if reasons is None:
-        failed = int(s.get("rows_failed", 0))
-        return "<p>None: no row failed.</p>" if not failed else "<p>Not recorded in this run log.</p>"
-    items = reasons.items() if isinstance(reasons, dict) else [tuple(r) for r in reasons]
-    top = sorted(((str(k), int(v)) for k, v in items), key=lambda kv: -kv[1])[:10]
-    if not top:
+def _reasons_table(s: RunSummary) -> str:
+    if not s.counts["failed_rows"]:
         return "<p>None: no row failed.</p>"
+    top = sorted(s.error_reasons.items(), key=lambda kv: -kv[1])[:10]
+    if not top:
+        return "<p>Not recorded in this run log.</p>"
     return _table(("reason", "rows"), [(reason, f"{n:,}") for reason, n in top])
 
 
-def _requests_table(s: dict[str, Any], records: list[RequestRecord], tpm: int | None) -> str:
+def _requests_table(s: RunSummary, records: list[RequestRecord], tpm: int | None) -> str:
     statuses = Counter("no answer" if r.status == 0 else str(r.status) for r in records)
     rows = [
-        ("HTTP attempts", f"{int(s.get('requests', len(records))):,}"),
-        ("retries", f"{int(s.get('retries', 0)):,}"),
-        ("answered 429", f"{int(s.get('throttled_429', statuses.get('429', 0))):,}"),
+        ("HTTP attempts", f"{s.counts['requests'] or len(records):,}"),
+        ("retries", f"{s.counts['retries']:,}"),
+        ("answered 429", f"{s.counts['throttled'] or statuses.get('429', 0):,}"),
         ("attempts by status", ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())) or "none"),
-        ("seconds", f"{float(s.get('seconds', 0.0)):,.1f}"),
-        ("rows per second", f"{float(s.get('rows_per_s', 0.0)):,.1f}"),
+        ("seconds", f"{s.seconds:,.1f}"),
+        ("rows per second", f"{s.to_json()['rows_per_s']:,.1f}"),
         (
             "seconds waiting on the rate limiter (summed over requests)",
-            f"{float(s.get('limiter_wait_s', 0)):,.1f}",
+            f"{s.limiter_wait_s:,.1f}",
         ),
         ("TPM quota", f"{tpm:,}" if tpm else "not given (pass --tpm)"),
-        ("RPM quota", f"{int(s['requests_per_minute']):,}" if s.get("requests_per_minute") else "not given"),
+        ("RPM quota", f"{s.requests_per_minute:,}" if s.requests_per_minute else "not given"),
     ]
     ok_ms = [(r.end_s - r.start_s) * 1000.0 for r in records if r.status == 200]
     if ok_ms:
@@ -405,22 +403,20 @@ def _requests_table(s: dict[str, Any], records: list[RequestRecord], tpm: int | 
     return _table(("", ""), rows)
 
 
-def _cost_table(s: dict[str, Any]) -> str:
-    rows = [("prompt tokens", f"{int(s.get('prompt_tokens', 0)):,}")]
-    if "tokens_billed" in s:
-        billed, kept = int(s["tokens_billed"]), int(s.get("tokens_in_table", s.get("prompt_tokens", 0)))
-        waste = billed - kept
-        share = f" ({100 * waste / billed:.1f} %)" if billed else ""
-        rows += [
-            ("tokens billed (every answered request)", f"{billed:,}"),
-            ("tokens in the table", f"{kept:,}"),
-            ("waste: billed, not in the table (retried task attempts, lost races)", f"{waste:,}{share}"),
-        ]
-    if "total_tokens" in s:
-        rows.append(("total tokens", f"{int(s['total_tokens']):,}"))
-    if "price_per_million_tokens" in s:
-        rows.append(("price per 1M tokens", f"${float(s['price_per_million_tokens']):g}"))
-    cost = float(s.get("estimated_cost_usd", 0.0))
+def _cost_table(s: RunSummary) -> str:
+    spent = s.to_json()
+    billed, kept = spent["tokens_billed"], spent["tokens_in_table"]
+    waste = billed - kept
+    share = f" ({100 * waste / billed:.1f} %)" if billed else ""
+    rows = [
+        ("prompt tokens", f"{s.counts['prompt_tokens']:,}"),
+        ("tokens billed (every answered request)", f"{billed:,}"),
+        ("tokens in the table", f"{kept:,}"),
+        ("waste: billed, not in the table (retried task attempts, lost races)", f"{waste:,}{share}"),
+        ("total tokens", f"{s.counts['total_tokens']:,}"),
+        ("price per 1M tokens", f"${s.price_per_million_tokens:g}"),
+    ]
+    cost = float(spent["estimated_cost_usd"])
     rows.append(("estimated cost", f"${cost:,.2f}" if cost >= 1 else f"${cost:.3g}"))
     return _table(("", ""), rows)
 

@@ -8,6 +8,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 import sparkembed
+from sparkembed.core.context import RunContext
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import read_table
 
@@ -70,7 +71,7 @@ def test_the_native_sinks_metrics_come_back_through_an_accumulator(
         [(i, f"text {i}", "t") for i in range(300)], "doc long, body string, title string"
     ).repartition(3)
     config = _as_config(spark, config_for(endpoint, tmp_path, batching={"max_inputs": 50}))
-    out, accumulator = embed_with_metrics(df, config, "run-1")
+    out, accumulator = embed_with_metrics(df, config, RunContext(run_id="run-1"))
     assert out.count() == 300
     metrics = accumulator.value
     assert metrics["ok_rows"] == 300 and metrics["requests"] == endpoint.stats(billed=False)["requests"]

@@ -112,7 +112,9 @@ def make_config(**sections: dict) -> EmbedConfig:
 class Rig:
     """An embedder over a fake backend, a recording limiter and a recording sleep."""
 
-    def __init__(self, script: Script | None = None, delay_s=None, **sections: dict) -> None:
+    def __init__(
+        self, script: Script | None = None, delay_s=None, share: float = 1.0, **sections: dict
+    ) -> None:
         self.backend = FakeBackend(script, delay_s)
         self.limiter = RecordingLimiter()
         self.sleeps: list[float] = []
@@ -120,7 +122,9 @@ class Rig:
         async def sleep(seconds: float) -> None:
             self.sleeps.append(seconds)
 
-        self.embedder = Embedder(make_config(**sections), self.backend, limiter=self.limiter, sleep=sleep)
+        self.embedder = Embedder(
+            make_config(**sections), self.backend, share=share, limiter=self.limiter, sleep=sleep
+        )
 
 
 def texts(n: int, prefix: str = "text") -> list[str]:
@@ -164,11 +168,11 @@ def test_an_input_over_the_token_cap_goes_alone() -> None:
 
 def test_with_a_quota_a_request_costs_at_most_a_tenth_of_the_worker_minute() -> None:
     assert request_token_cap(make_config()) == 300_000
-    limits = {"tokens_per_minute": 600_000, "workers": 4}
-    assert request_token_cap(make_config(limits=limits)) == 15_000
+    limits = {"tokens_per_minute": 600_000}
+    assert request_token_cap(make_config(limits=limits), share=1 / 4) == 15_000
     small = make_config(limits=limits, batching={"max_request_tokens": 5_000})
-    assert request_token_cap(small) == 5_000
-    rig = Rig(limits={"tokens_per_minute": 2_000, "workers": 2})  # cap: 100 tokens
+    assert request_token_cap(small, share=1 / 4) == 5_000
+    rig = Rig(share=0.5, limits={"tokens_per_minute": 2_000})  # cap: 100 tokens
     rig.embedder.embed(["word " * 40] * 6)  # 52 estimated tokens each
     assert [len(call) for call in rig.backend.calls] == [1] * 6
 

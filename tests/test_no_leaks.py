@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from sparkembed.backends.azure_inference import AzureInferenceBackend
 from sparkembed.backends.transport import RedactingTraceLoggingPolicy, check_endpoint_url, hide_bridge_traffic
 from sparkembed.config import load_config
+from sparkembed.core.context import RunContext
 from sparkembed.errors import ConfigError
 from sparkembed.sinks import read_table
 from sparkembed.spark.partition import PartitionJob
@@ -147,7 +148,7 @@ def test_the_search_finds_planted_secrets(tmp_path: Path) -> None:
 def test_config_and_job_reprs_hide_the_key() -> None:
     config = load_config(None, {"endpoint.url": "https://x.services.ai.azure.com/models"})
     config = config.model_copy(update={"auth": config.auth.model_copy(update={"key": SecretStr(KEY)})})
-    job = PartitionJob(config, "run-1", "id", "text", (), pa.schema([("id", pa.int64())]))
+    job = PartitionJob(config, RunContext(run_id="run-1"), "id", "text", (), pa.schema([("id", pa.int64())]))
     shown = [repr(config), str(config), repr(config.auth), config.model_dump_json(), repr(job)]
     assert all(KEY not in text for text in shown)
     assert "**********" in repr(config.auth)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from sparkembed.backends import make_backend
 from sparkembed.config import validate_config
 from sparkembed.core.engine import Embedder
 from sparkembed.core.metrics import Metrics, RequestRecord
+from sparkembed.core.summary import RunSummary
 from sparkembed.report import (
     THROTTLE_COLOR,
     RunLog,
@@ -35,7 +37,7 @@ CHARTS = ("throughput", "throttling", "latency")
 def throttled_run(start_endpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Metrics]:
     """A run saved by the job's own ``save_run_log``: ~6,600 tokens against a 6,000 TPM
     quota, with the limiter told twice the quota, so the service answers 429s."""
-    from sparkembed.spark.driver import RunSummary, save_run_log
+    from sparkembed.spark.driver import save_run_log
 
     endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--tpm", str(QUOTA_TPM), "--no-auth")
     runs = tmp_path_factory.mktemp("runs")
@@ -107,7 +109,7 @@ def test_a_missing_run_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_tables_escape_error_reasons_and_say_when_there_is_no_timeline() -> None:
     summary = {"rows_ok": 3, "rows_failed": 2, "error_reasons": {"400 bad <input>": 2}}
-    page = render_html(RunLog("r1", summary, []), [], None)
+    page = render_html(RunLog("r1", RunSummary.from_file(summary), []), [], None)
     assert "<td>400 bad &lt;input&gt;</td><td class=n>2</td>" in page
     assert "<td>failed</td><td class=n>2</td><td class=n>40.0 %</td>" in page
     assert "No request timeline in this run log: no charts." in page
@@ -137,8 +139,20 @@ def _is_color(rgba: tuple[float, ...], hex_color: str) -> bool:
     return np.allclose(rgba[:3], to_rgb(hex_color))
 
 
+def test_the_summary_file_reads_back_as_the_summary_the_run_wrote() -> None:
+    summary = RunSummary(run_id="r1", rows_total=9, price_per_million_tokens=0.02, tokens_per_minute=6000)
+    summary.add({"ok_rows": 5, "skipped_rows": 1, "failed_rows": 3, "requests": 7, "retries": 2,
+                 "throttled": 1, "prompt_tokens": 900, "total_tokens": 900, "dropped_tokens": 40,
+                 "reused_tokens": 60, "limiter_wait_s": 1.5})  # fmt: skip
+    summary.tokens_billed, summary.waves, summary.stopped = 1_000, 3, "signal"
+    summary.error_reasons, summary.error_examples = {"400 too long": 3}, {"400 too long": "id 7"}
+    back = RunSummary.from_file(json.loads(json.dumps(summary.to_file())))
+    assert back == summary
+    assert back.to_json() == summary.to_json()
+
+
 def test_tokens_billed_but_not_in_the_table_show_as_waste() -> None:
     summary = {"rows_ok": 3, "prompt_tokens": 900, "tokens_in_table": 900, "tokens_billed": 1_000}
-    page = render_html(RunLog("r1", summary, []), [], None)
+    page = render_html(RunLog("r1", RunSummary.from_file(summary), []), [], None)
     assert "<td>tokens billed (every answered request)</td><td class=n>1,000</td>" in page
     assert "retried task attempts, lost races)</td><td class=n>100 (10.0 %)</td>" in page

@@ -19,6 +19,7 @@ from pyspark.sql import SparkSession
 
 from sparkembed.config import EmbedConfig, load_config
 from sparkembed.core.engine import PREFLIGHT_TEXT
+from sparkembed.core.summary import RunSummary
 from sparkembed.errors import ConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
@@ -362,7 +363,7 @@ def test_a_long_wave_prints_its_progress_from_the_tasks_spend_files(
 
     monkeypatch.setattr(driver, "PROGRESS_EVERY_S", 0.05)
     config = load_config(None, {"limits.tokens_per_minute": 2_000})
-    summary = driver.RunSummary(run_id="r", rows_total=100)
+    summary = RunSummary(run_id="r", rows_total=100)
     planner = WavePlanner(100, 5_000, WaveLimits(tokens_per_minute=2_000))
     planner.next_wave()
     lines: list[str] = []
@@ -442,8 +443,8 @@ def test_rows_with_the_fingerprint_older_releases_wrote_are_done(
     driver.run(spark, config, progress=lambda _: None)
     # Before 0.2 the route was hashed into the fingerprint: rewrite the table as one of those.
     served = driver.preflight(config)
-    old_fingerprint = served.equivalent_fingerprints()[1]
-    assert old_fingerprint != served.fingerprint()
+    old_fingerprint = config.equivalent_fingerprints(served)[1]
+    assert old_fingerprint != config.fingerprint(served)
     table = read_table(target)
     column = table.schema.get_field_index("embedding_fingerprint")
     old = table.set_column(column, "embedding_fingerprint", pa.array([old_fingerprint] * len(table)))

@@ -65,7 +65,8 @@ class Embedder:
     Args:
         config: the run configuration (endpoint, limits, batching, retry).
         backend: the service seam (:func:`sparkembed.backends.make_backend`).
-        limiter: default: this worker's share (quota / ``limits.workers``) of TPM and RPM.
+        share: the part of the quota this embedder may use (:attr:`RunContext.quota_share`).
+        limiter: default: ``share`` of the configured TPM and RPM.
         clock: monotonic seconds, for retry time limits.
         sleep: awaits a retry delay in seconds (tests pass a fake).
         policy: default ``RetryPolicy(config.retry)``.
@@ -76,6 +77,7 @@ class Embedder:
         config: EmbedConfig,
         backend: Backend,
         *,
+        share: float = 1.0,
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -83,7 +85,8 @@ class Embedder:
     ) -> None:
         self.config = config
         self._backend = backend
-        self._limiter = limiter or _share_limiter(config.limits)
+        self._share = share
+        self._limiter = limiter or _share_limiter(config.limits, share)
         self._policy = policy or RetryPolicy(config.retry)
         self._clock = clock
         self._sleep = sleep
@@ -127,7 +130,7 @@ class Embedder:
         stream = RowStream(
             lambda texts, estimates: self._loop.submit(self._embed_batch(texts, estimates, metrics, stop)),
             max_inputs=self.config.batching.max_inputs,
-            max_request_tokens=request_token_cap(self.config),
+            max_request_tokens=request_token_cap(self.config, self._share),
             concurrency=self.config.limits.concurrency,
             dimensions=lambda: self._dims,
             metrics=metrics,
@@ -295,21 +298,21 @@ class Embedder:
         return Segment(0, n, attempts, error=decision.reason or str(error), failure=error)
 
 
-def request_token_cap(config: EmbedConfig) -> int:
+def request_token_cap(config: EmbedConfig, share: float = 1.0) -> int:
     """Estimated tokens per request: ``batching.max_request_tokens``, and with a TPM quota at
-    most 1/:data:`REQUESTS_PER_QUOTA_MINUTE` of this worker's share of it."""
+    most 1/:data:`REQUESTS_PER_QUOTA_MINUTE` of this worker's ``share`` of it."""
     cap = config.batching.max_request_tokens
     limits = config.limits
     if limits.tokens_per_minute:
-        share = limits.tokens_per_minute / limits.workers
-        cap = min(cap, max(1, int(share / REQUESTS_PER_QUOTA_MINUTE)))
+        mine = limits.tokens_per_minute * share
+        cap = min(cap, max(1, int(mine / REQUESTS_PER_QUOTA_MINUTE)))
     return cap
 
 
-def _share_limiter(limits: LimitsConfig) -> RateLimiter:
-    """This worker's share of the job's quota: quota / concurrent workers."""
-    tpm, rpm, workers = limits.tokens_per_minute, limits.requests_per_minute, limits.workers
-    return RateLimiter(tpm / workers if tpm else None, rpm / workers if rpm else None)
+def _share_limiter(limits: LimitsConfig, share: float) -> RateLimiter:
+    """This worker's ``share`` of the job's quota."""
+    tpm, rpm = limits.tokens_per_minute, limits.requests_per_minute
+    return RateLimiter(tpm * share if tpm else None, rpm * share if rpm else None)
 
 
 # -- one event loop and one embedder per process --------------------------------------
@@ -348,18 +351,20 @@ def _process_loop() -> _LoopThread:
         return _loop_thread
 
 
-def get_embedder(config: EmbedConfig, make_backend: Callable[[EmbedConfig], Backend]) -> Embedder:
+def get_embedder(
+    config: EmbedConfig, make_backend: Callable[[EmbedConfig], Backend], share: float = 1.0
+) -> Embedder:
     """The process's :class:`Embedder` for ``config``: built once, reused by every task.
 
     ``make_backend`` builds its backend the first time (:func:`sparkembed.backends.make_backend`).
     """
-    key = config.client_key()
+    key = f"{config.client_key()}/{share}"
     keep_freed_memory()  # answers are megabytes each: reuse their memory, request after request
     with _lock:
         _process_loop()
         embedder = _embedders.get(key)
         if embedder is None or embedder.closed:
-            embedder = _embedders[key] = Embedder(config, make_backend(config))
+            embedder = _embedders[key] = Embedder(config, make_backend(config), share=share)
         return embedder
 
 

@@ -35,6 +35,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.core.batching import is_blank
 from sparkembed.core.streaming import EmbedResults
 from sparkembed.core.tokenizers import TokenCounter, counter_for
+from sparkembed.core.types import Status
 
 NO_OFFSET = -1
 """``chunk_start``/``chunk_end`` of an output row that stands for a whole text (null in tables)."""
@@ -351,7 +352,7 @@ def combine(plan: Plan, results: EmbedResults) -> Combined:
     if plan.unit_errors:
         vectors = vectors.copy()
         for position, reason in plan.unit_errors.items():
-            status[position], error[position] = "failed", reason
+            status[position], error[position] = Status.FAILED, reason
             vectors[position] = 0
     combined = Combined(
         row=np.fromiter((u.row for u in units), dtype=np.int64, count=len(units)),
@@ -388,7 +389,7 @@ def _mean_rows(units: Combined, tokens: np.ndarray) -> Combined:
     firsts = np.flatnonzero(np.concatenate(([True], units.row[1:] != units.row[:-1])))
     sizes = np.diff(np.append(firsts, n))
     status = np.asarray(units.status)
-    ok = status == "ok"
+    ok = status == Status.OK.value
     weights = np.where(ok, tokens, 0).astype(np.float64)
     vectors = units.vectors[firsts].copy()
     chunked = np.flatnonzero(sizes > 1)
@@ -396,20 +397,21 @@ def _mean_rows(units: Combined, tokens: np.ndarray) -> Combined:
         sums = np.add.reduceat(units.vectors * weights[:, None], firsts)[chunked]
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         vectors[chunked] = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
-    out_status, out_error = [], []
+    out_status: list[str] = []
+    out_error: list[str | None] = []
     for first, size in zip(firsts.tolist(), sizes.tolist(), strict=True):
         group = slice(first, first + size)
-        failed = [i for i in range(first, first + size) if status[i] == "failed"]
+        failed = [i for i in range(first, first + size) if status[i] == Status.FAILED]
         if failed:
-            out_status.append("failed")
+            out_status.append(Status.FAILED)
             out_error.append(units.error[failed[0]])
         elif ok[group].any():
-            out_status.append("ok")
+            out_status.append(Status.OK)
             out_error.append(None)
         else:
             out_status.append(str(status[first]))
             out_error.append(units.error[first])
-    vectors[np.asarray(out_status) != "ok"] = 0
+    vectors[np.asarray(out_status) != Status.OK.value] = 0
     return Combined(
         row=units.row[firsts],
         chunk_index=np.zeros(len(firsts), dtype=np.int32),

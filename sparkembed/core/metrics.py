@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sparkembed.core.types import Status
+
 
 @dataclass(frozen=True)
 class RequestRecord:
@@ -77,35 +79,35 @@ class Metrics:
 
     def count_rows(self, status: list[str], sign: int = 1) -> None:
         """Count final row statuses of one finished chunk (``sign=-1`` takes them back)."""
-        ok = status.count("ok")
-        skipped = status.count("skipped")
+        ok = status.count(Status.OK)
+        skipped = status.count(Status.SKIPPED)
         self.ok_rows += sign * ok
         self.skipped_rows += sign * skipped
         self.failed_rows += sign * (len(status) - ok - skipped)
 
     def merge(self, other: Metrics) -> None:
         """Add ``other``'s counters and timeline into this one, in place."""
-        for name in _COUNTERS:
+        for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.timeline.extend(other.timeline)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Metrics:
         """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
-        metrics = cls(**{name: data[name] for name in _COUNTERS if name in data})
+        metrics = cls(**{name: data[name] for name in _SUMMED if name in data})
         metrics.timeline = [RequestRecord(**r) for r in data.get("timeline", [])]
         return metrics
 
     def to_dict(self, *, timeline: bool = False) -> dict[str, Any]:
         """Plain dict for the run summary; the timeline only on request (it can be long)."""
-        out: dict[str, Any] = {name: getattr(self, name) for name in _COUNTERS}
+        out: dict[str, Any] = {name: getattr(self, name) for name in _SUMMED}
         out["limiter_wait_s"] = round(self.limiter_wait_s, 3)
         if timeline:
             out["timeline"] = [asdict(r) for r in self.timeline]
         return out
 
 
-_COUNTERS = (
+COUNTERS = (
     "requests",
     "retries",
     "throttled",
@@ -114,7 +116,8 @@ _COUNTERS = (
     "ok_rows",
     "failed_rows",
     "skipped_rows",
-    "limiter_wait_s",
     "dropped_tokens",
     "reused_tokens",
 )
+"""The integer counters of a :class:`Metrics`, which a run summary adds up: defined here only."""
+_SUMMED = (*COUNTERS, "limiter_wait_s")

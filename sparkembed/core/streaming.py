@@ -20,7 +20,7 @@ import numpy as np
 from sparkembed.core.batching import SKIPPED_EMPTY, Packer, apportion, is_blank
 from sparkembed.core.metrics import Metrics
 from sparkembed.core.tokens import estimate_tokens
-from sparkembed.core.types import BackendResponse
+from sparkembed.core.types import BackendResponse, Status
 from sparkembed.errors import SparkEmbedError
 
 if TYPE_CHECKING:
@@ -48,10 +48,6 @@ class Segment:
     unsent: bool = False
 
 
-UNSENT = "unsent"
-"""Status of rows a stopping run did not send: they leave no output row, so a rerun does them."""
-
-
 Send = Callable[[list[str], np.ndarray], "concurrent.futures.Future[list[Segment]]"]
 """Starts one batch (texts, estimated tokens per text); its future gives segments covering it."""
 
@@ -62,7 +58,7 @@ class EmbedResults:
 
     Attributes:
         vectors: float32 ``(n, d)``; rows that are not ok are zeros; ``d`` is 0 when unknown.
-        status: ``ok``, ``skipped`` or ``failed`` per row; :data:`UNSENT` when the run stopped.
+        status: ``ok``, ``skipped`` or ``failed`` per row; :attr:`Status.UNSENT` when the run stopped.
         error: None when ok, else the reason (``400 context_length_exceeded: ...``).
         prompt_tokens: int64 share of the request's reported usage (shares sum exactly).
         total_tokens: int64, likewise.
@@ -96,7 +92,7 @@ class ChunkAssembly:
         self._vectors: np.ndarray | None = None  # allocated once the vector size is known
         self._results = EmbedResults(
             vectors=np.zeros((n, 0), dtype=np.float32),
-            status=["failed"] * n,
+            status=[Status.FAILED] * n,
             error=[None] * n,
             prompt_tokens=np.zeros(n, dtype=np.int64),
             total_tokens=np.zeros(n, dtype=np.int64),
@@ -120,7 +116,7 @@ class ChunkAssembly:
     def fail(self, rows: np.ndarray, error: str, attempts: int) -> None:
         """Mark rows failed with ``error`` after ``attempts`` HTTP attempts."""
         self._results.attempts[rows] = attempts
-        self.finish_rows(rows.tolist(), "failed", error)
+        self.finish_rows(rows.tolist(), Status.FAILED, error)
 
     def fill(
         self,
@@ -150,7 +146,7 @@ class ChunkAssembly:
             span = slice(first, first + count)
             r.request_id[span] = [request_id] * count
             r.model[span] = [model] * count
-            r.status[span] = ["ok"] * count
+            r.status[span] = [Status.OK] * count
             r.error[span] = [None] * count
             self.pending -= count
             return
@@ -158,13 +154,13 @@ class ChunkAssembly:
         for row in rows.tolist():
             r.request_id[row] = request_id
             r.model[row] = model
-        self.finish_rows(rows.tolist(), "ok", None)
+        self.finish_rows(rows.tolist(), Status.OK, None)
 
     def results(self, dims: int | None) -> EmbedResults:
         """The finished results; ``dims`` sizes the zero vectors when no row is ok."""
         if self._vectors is not None:
             if self._filled < self._n:  # rows that are not ok get zero vectors
-                self._vectors[[status != "ok" for status in self._results.status]] = 0
+                self._vectors[[status != Status.OK for status in self._results.status]] = 0
             self._results.vectors = self._vectors
         elif dims:
             self._results.vectors = np.zeros((self._n, dims), dtype=np.float32)
@@ -185,7 +181,7 @@ class RowStream:
         concurrency: requests in flight at most.
         dimensions: the vector size, if known, for chunks with no ok row.
         metrics: row counts go here.
-        stop: true once the run is stopping: rows not yet sent end :data:`UNSENT`.
+        stop: true once the run is stopping: rows not yet sent end :attr:`Status.UNSENT`.
         answers: where answered requests are kept, and earlier attempts' answers looked up
             (:mod:`sparkembed.core.answers`); texts found there are filled without being sent.
     """
@@ -235,9 +231,9 @@ class RowStream:
                 cost = int(costs[row]) if costs is not None else estimate_tokens(text)
                 if batch := self._packer.add((chunk, row, text, cost), cost):
                     self._submit(batch)
-        chunk.finish_rows(blank, "skipped", SKIPPED_EMPTY)
+        chunk.finish_rows(blank, Status.SKIPPED, SKIPPED_EMPTY)
         for row in not_text:
-            chunk.finish_rows([row], "failed", f"input is {type(texts[row]).__name__}, not text")
+            chunk.finish_rows([row], Status.FAILED, f"input is {type(texts[row]).__name__}, not text")
 
     def ready(self) -> Iterator[EmbedResults]:
         """Yield finished chunks from the front, in input order."""
@@ -266,7 +262,7 @@ class RowStream:
             self._wait_one()
         if self._stop():
             for chunk, positions in _runs_by_chunk(batch):
-                chunk.finish_rows(positions.tolist(), UNSENT, None)
+                chunk.finish_rows(positions.tolist(), Status.UNSENT, None)
             return
         texts = [row[2] for row in batch]
         estimates = np.fromiter((row[3] for row in batch), dtype=np.int64, count=len(batch))
@@ -310,7 +306,7 @@ def _scatter(rows: list[_Row], segment: Segment, answers: AnswerLog | None = Non
         part = slice(offset, offset + len(positions))
         offset += len(positions)
         if segment.unsent:
-            chunk.finish_rows(positions.tolist(), UNSENT, None)
+            chunk.finish_rows(positions.tolist(), Status.UNSENT, None)
             continue
         if response is None:
             chunk.fail(positions, segment.error or "failed", segment.attempts)

@@ -1,4 +1,4 @@
-"""The types the core shares with its edges: the backend seam, row statuses and counters.
+"""The types the core shares with its edges: the backend seam and row statuses.
 
 A :class:`Backend` sends one request and returns its vectors placed by response
 ``index``, or raises :class:`~sparkembed.errors.ServiceError` /
@@ -9,6 +9,7 @@ Implementations live in :mod:`sparkembed.backends`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 import numpy as np
@@ -40,3 +41,16 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
+
+
+class Status(str, Enum):
+    """A row's final status: the same strings are in the table's ``status`` column."""
+
+    OK = "ok"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    UNSENT = "unsent"
+    """A stopping run did not send the row: it leaves no output row, so a rerun does it."""
+
+    def __str__(self) -> str:
+        return self.value

@@ -15,10 +15,13 @@ from pyspark.sql.functions import pandas_udf
 
 from sparkembed.backends import make_backend
 from sparkembed.config import EmbedConfig, load_config, resolve_endpoint, validate_config
+from sparkembed.core.context import RunContext
 from sparkembed.core.engine import get_embedder
 from sparkembed.core.longtext import LongTextPlanner, Plan, combine
+from sparkembed.core.summary import RunSummary
+from sparkembed.core.types import Status
 from sparkembed.errors import ConfigError
-from sparkembed.spark.driver import RunSummary, default_parallelism, new_run_id, run
+from sparkembed.spark.driver import default_parallelism, new_run_id, run
 from sparkembed.spark.partition import make_job
 from sparkembed.spark.secrets import apply_secret
 from sparkembed.spark.sources import select_input
@@ -38,15 +41,7 @@ def _as_config(
         base = validate_config(config)
     else:
         base = load_config(config)
-    tree = base.model_dump(exclude={"auth": {"key"}})
-    for dotted, value in overrides.items():
-        if value is not None:
-            section, key = dotted.split(".")
-            tree[section][key] = value
-    secret = base.auth.key
-    merged = validate_config(tree)
-    if secret is not None:
-        merged = merged.model_copy(update={"auth": merged.auth.model_copy(update={"key": secret})})
+    merged = base.with_overrides({key: value for key, value in overrides.items() if value is not None})
     return apply_secret(resolve_endpoint(merged, os.environ), spark=spark)
 
 
@@ -79,10 +74,9 @@ def embed(
         config, **{"source.text_col": text_col, "source.id_col": id_col,
                    "source.passthrough": passthrough}
     )  # fmt: skip
-    parallelism = default_parallelism(df.sparkSession, cfg)
-    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"workers": parallelism})})
+    context = RunContext(run_id=run_id or new_run_id(), workers=default_parallelism(df.sparkSession, cfg))
     selected = select_input(df, cfg.source)
-    job, schema = make_job(selected, cfg, run_id or new_run_id())
+    job, schema = make_job(selected, cfg, context)
     return selected.mapInArrow(lambda batches: job.embed_batches(batches), schema)
 
 
@@ -136,18 +130,17 @@ def embedding_udf(
     if session is None:
         raise ConfigError("embedding_udf needs a Spark session: create one first, or pass spark=")
     cfg = _as_config(session, config)
-    workers = default_parallelism(session, cfg)
-    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"workers": workers})})
+    share = RunContext(workers=default_parallelism(session, cfg)).quota_share
     if cfg.long_text.strategy == "chunk":  # one value per text
         cfg = cfg.model_copy(update={"long_text": cfg.long_text.model_copy(update={"strategy": "mean"})})
 
     def embed_text(texts: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        yield from _embed_series(cfg, texts)
+        yield from _embed_series(cfg, share, texts)
 
     return pandas_udf(embed_text, UDF_RETURN)  # type: ignore[call-overload]
 
 
-def _embed_series(config: EmbedConfig, batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+def _embed_series(config: EmbedConfig, share: float, batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
     """Executor side of :func:`embedding_udf`: one frame per input batch, rows in input order."""
     planner = LongTextPlanner(config)
     pending: deque[Plan] = deque()
@@ -159,9 +152,9 @@ def _embed_series(config: EmbedConfig, batches: Iterator[pd.Series]) -> Iterator
             pending.append(plan)
             yield plan
 
-    for results in get_embedder(config, make_backend).embed_stream(plans()):
+    for results in get_embedder(config, make_backend, share).embed_stream(plans()):
         out = combine(pending.popleft(), results)
-        ok = [status == "ok" for status in out.status]
+        ok = [status == Status.OK for status in out.status]
         yield pd.DataFrame(
             {
                 "embedding": [out.vectors[i] if good else None for i, good in enumerate(ok)],

@@ -14,9 +14,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -25,9 +24,12 @@ from sparkembed.backends import make_backend
 from sparkembed.backends.transport import check_endpoint_url, hide_bridge_traffic
 from sparkembed.config import EmbedConfig
 from sparkembed.core.answers import remove_stale
+from sparkembed.core.context import RunContext
 from sparkembed.core.engine import Embedder
 from sparkembed.core.runlog import read_spend, request_stop
+from sparkembed.core.summary import RunSummary
 from sparkembed.core.tokens import BYTES_PER_TOKEN
+from sparkembed.core.types import Status
 from sparkembed.core.waves_plan import BUCKETS, WaveLimits, WavePlanner
 from sparkembed.errors import (
     ConfigError,
@@ -44,77 +46,7 @@ from sparkembed.spark.targets import check_target_location, is_path, read_target
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("ok_rows", "skipped_rows", "failed_rows", "requests", "retries", "throttled",
-            "prompt_tokens", "total_tokens", "dropped_tokens", "reused_tokens")  # fmt: skip
 PROGRESS_EVERY_S = 30.0
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    rows_total: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    limiter_wait_s: float = 0.0
-    pruned: int = 0
-    seconds: float = 0.0
-    price_per_million_tokens: float = 0.0
-    tokens_per_minute: int | None = None
-    requests_per_minute: int | None = None
-    error_reasons: dict[str, int] = field(default_factory=dict)
-    error_examples: dict[str, str] = field(default_factory=dict)
-    timeline: list[dict[str, Any]] = field(default_factory=list)
-    tokens_billed: int = 0
-    """Every successful response's usage, task attempts that failed or never committed included."""
-    failed_before: int = 0
-    """Ids with failed rows from earlier runs, left as they are."""
-    waves: int = 0
-    stopped: str | None = None
-    """``signal`` when SIGINT/SIGTERM stopped the run after committing what was done."""
-    stop_signal: int | None = None
-    error: str | None = None
-
-    def add(self, metrics: dict[str, Any]) -> None:
-        for key in COUNTERS:
-            self.counts[key] += int(metrics.get(key, 0))
-        self.limiter_wait_s += float(metrics.get("limiter_wait_s", 0.0))
-        self.timeline.extend(metrics.get("timeline", []))
-
-    def to_json(self) -> dict[str, Any]:
-        done = sum(self.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
-        extra: dict[str, Any] = {"top_errors": self.error_reasons} if self.error_reasons else {}
-        if self.stopped:
-            extra["stopped"] = self.stopped
-        if self.error:
-            extra["error"] = self.error
-        counts = self.counts
-        in_table = counts["prompt_tokens"] + counts["reused_tokens"] - counts["dropped_tokens"]
-        return extra | {
-            "run_id": self.run_id,
-            "rows_ok": self.counts["ok_rows"],
-            "rows_skipped": self.counts["skipped_rows"],
-            "rows_failed": self.counts["failed_rows"],
-            "requests": self.counts["requests"],
-            "retries": self.counts["retries"],
-            "throttled_429": self.counts["throttled"],
-            "prompt_tokens": self.counts["prompt_tokens"],
-            "tokens_in_table": in_table,
-            "tokens_reused": counts["reused_tokens"],
-            "tokens_billed": max(self.tokens_billed, self.counts["prompt_tokens"]),
-            "failed_before": self.failed_before,
-            "waves": self.waves,
-            "limiter_wait_s": round(self.limiter_wait_s, 3),
-            "pruned_ids": self.pruned,
-            "seconds": round(self.seconds, 3),
-            "rows_per_s": round(done / self.seconds, 1) if self.seconds else 0.0,
-            "estimated_cost_usd": round(
-                max(self.tokens_billed, self.counts["prompt_tokens"]) * self.price_per_million_tokens / 1e6, 6
-            ),
-        }
-
-    @property
-    def failed_fraction(self) -> float:
-        done = sum(self.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
-        return self.counts["failed_rows"] / done if done else 0.0
 
 
 def new_run_id() -> str:
@@ -128,12 +60,20 @@ def refuse_speculation(spark: SparkSession) -> None:
 
 
 def prepare(
-    spark: SparkSession, config: EmbedConfig, source: DataFrame | None = None
-) -> tuple[DataFrame, EmbedConfig, int]:
+    spark: SparkSession,
+    config: EmbedConfig,
+    source: DataFrame | None = None,
+    context: RunContext | None = None,
+) -> tuple[DataFrame, EmbedConfig, RunContext]:
     """Validate source and endpoint before any money is spent; hand each task its quota share.
 
+    Args:
+        context: what an earlier preflight learned (the CLI's, before Spark starts); without
+            it, the preflight is made here.
+
     Returns:
-        The selected source, the config for the run, and the source's row count.
+        The selected source, the config for the run (target made absolute), and the run's
+        context: the preflight's findings and the tasks that share the quota.
     """
     refuse_speculation(spark)
     check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
@@ -145,14 +85,12 @@ def prepare(
     if source is None:
         source = read_source(spark, config.source)
     df = select_input(source, config.source)
-    rows = check_ids(df, config.source.id_col)
-    if config.endpoint.served_dimensions is None:  # the CLI preflights before Spark starts
-        config = preflight(config)
-    endpoint = config.endpoint
+    check_ids(df, config.source.id_col)
+    if context is None or context.served_dimensions is None:
+        context = replace(preflight(config), run_id=context.run_id if context else "")
     parallelism = default_parallelism(spark, config)
     workers = min(config.run.partitions or parallelism, parallelism)
-    limits = config.limits.model_copy(update={"workers": max(1, workers)})
-    return df, config.model_copy(update={"limits": limits, "endpoint": endpoint}), rows
+    return df, config, replace(context, workers=max(1, workers))
 
 
 _TASK_ERROR = re.compile(r"^(?:sparkembed\.errors\.)?(\w+): (.+)$", re.M)
@@ -190,12 +128,12 @@ _TASK_ERRORS: dict[str, type[SparkEmbedError]] = {
 }
 
 
-def preflight(config: EmbedConfig) -> EmbedConfig:
+def preflight(config: EmbedConfig) -> RunContext:
     """One tiny request, before any money is spent: it checks the key, route, deployment and
     options, and learns what the service runs. Needs no Spark.
 
     Returns:
-        ``config`` with ``endpoint.served_model`` and ``served_dimensions`` set.
+        A context holding what the service runs: ``served_model`` and ``served_dimensions``.
 
     Raises:
         EndpointConfigError: 401/403/404/422, or a host that cannot be reached; names the fix.
@@ -210,8 +148,7 @@ def preflight(config: EmbedConfig) -> EmbedConfig:
     auto = config.endpoint.api == "auto"
     route = config.endpoint.route + (", picked by endpoint.api: auto" if auto else "")
     log.info("preflight ok: model %s, %d dimensions; route %s", model, dims, route)
-    endpoint = config.endpoint.model_copy(update={"served_model": model, "served_dimensions": dims})
-    return config.model_copy(update={"endpoint": endpoint})
+    return RunContext(served_model=model, served_dimensions=dims)
 
 
 def _materialize(todo: DataFrame) -> DataFrame:
@@ -252,6 +189,7 @@ def run(
     *,
     source: DataFrame | None = None,
     run_id: str | None = None,
+    context: RunContext | None = None,
     progress: Callable[[str], None] = print,
 ) -> RunSummary:
     """Embed ``source`` (default: read ``config.source``) into ``config.target``.
@@ -260,6 +198,9 @@ def run(
     commit on their own and are bounded by rows, tokens and time (``run.commit_every_*``),
     so a crash loses one short wave at most. On SIGINT or SIGTERM (main thread only) tasks
     stop sending, what is done is committed, and the summary says ``stopped``.
+
+    Args:
+        context: the findings of a preflight already made (the CLI's); else one is made.
 
     Raises:
         SparkEmbedError: and any other error; the exception then carries the run's
@@ -275,7 +216,8 @@ def run(
     run_dir = str(Path(config.run.log_dir).absolute() / summary.run_id)
     try:
         with _stop_on_signals(run_dir, progress) as stop:
-            _run_waves(spark, config, source, summary, run_dir, stop, progress)
+            context = replace(context or RunContext(), run_id=summary.run_id)
+            _run_waves(spark, config, context, source, summary, run_dir, stop, progress)
     except BaseException as exc:
         ours = translate_spark_error(exc)
         summary.error = f"{type(ours or exc).__name__}: {ours or exc}"
@@ -294,6 +236,7 @@ def run(
 def _run_waves(
     spark: SparkSession,
     config: EmbedConfig,
+    context: RunContext,
     source: DataFrame | None,
     summary: RunSummary,
     run_dir: str,
@@ -301,8 +244,8 @@ def _run_waves(
     progress: Callable[[str], None],
 ) -> None:
     started = time.monotonic()
-    df, config, _ = prepare(spark, config, source)
-    plan = plan_work(spark, df, config)
+    df, config, context = prepare(spark, config, source, context)
+    plan = plan_work(spark, df, config, context)
     summary.failed_before = plan.failed_left
     if plan.failed_left:
         progress(
@@ -331,7 +274,7 @@ def _run_waves(
         part = todo if planner.whole else todo.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
         wave_started = time.monotonic()
         with _Ticker(progress, run_dir, wave, planner, summary, config, started):
-            metrics = sink.write_wave(part.repartition(partitions), config, summary.run_id, wave)
+            metrics = sink.write_wave(part.repartition(partitions), config, context, wave)
         summary.add(metrics)
         planner.record(seconds=time.monotonic() - wave_started, tokens=int(metrics.get("prompt_tokens", 0)))
         _report_progress(progress, summary, wave, planner.waves_planned, time.monotonic() - started)
@@ -343,7 +286,7 @@ def _run_waves(
     if plan.prune is not None:
         summary.pruned = sink.prune(plan.prune, config, summary.run_id, version=summary.waves)
         progress(f"pruned {summary.pruned} ids that are gone from the source")
-    stale = other_fingerprint_ids(spark, config) if plan.retire_other_fingerprints else None
+    stale = other_fingerprint_ids(spark, config, context) if plan.retire_other_fingerprints else None
     if stale is not None:
         retired = sink.prune(stale, config, summary.run_id, version=summary.waves + 1)
         progress(f"deleted {retired} ids left with vectors of the old fingerprint")
@@ -470,7 +413,7 @@ def top_errors(
     table = read_target(spark, config)
     if table is None:
         return {}, {}
-    failed = table.filter((F.col("run_id") == run_id) & (F.col("status") == "failed"))
+    failed = table.filter((F.col("run_id") == run_id) & (F.col("status") == Status.FAILED.value))
     return error_groups(failed, limit)
 
 
@@ -498,14 +441,6 @@ def save_run_log(config: EmbedConfig, summary: RunSummary) -> Path:
     """The summary and per-request timeline, for ``sparkembed report``."""
     folder = Path(config.run.log_dir) / summary.run_id
     folder.mkdir(parents=True, exist_ok=True)
-    details = {
-        "tokens_per_minute": summary.tokens_per_minute,
-        "requests_per_minute": summary.requests_per_minute,
-        "total_tokens": summary.counts["total_tokens"],
-        "price_per_million_tokens": summary.price_per_million_tokens,
-        "error_reasons": summary.error_reasons,
-        "error_examples": summary.error_examples,
-    }
-    (folder / "summary.json").write_text(json.dumps(summary.to_json() | details, indent=2))
+    (folder / "summary.json").write_text(json.dumps(summary.to_file(), indent=2))
     (folder / "timeline.json").write_text(json.dumps(summary.timeline))
     return folder

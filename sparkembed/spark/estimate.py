@@ -44,8 +44,8 @@ def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None 
     if config.target.path:
         # The same checks and preflight as a run (one tiny request), so the fingerprint
         # compared with the target is the one the run would write.
-        df, config, _ = prepare(spark, config, source)
-        todo = plan_work(spark, df, config).todo
+        df, config, context = prepare(spark, config, source)
+        todo = plan_work(spark, df, config, context).todo
     else:
         refuse_speculation(spark)
         todo = select_input(

@@ -26,11 +26,13 @@ from sparkembed.backends import make_backend
 from sparkembed.backends.transport import hide_bridge_traffic
 from sparkembed.config import EmbedConfig
 from sparkembed.core.answers import AnswerLog
+from sparkembed.core.context import RunContext
 from sparkembed.core.engine import get_embedder
 from sparkembed.core.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.core.metrics import Metrics
 from sparkembed.core.runlog import TaskLog
-from sparkembed.core.streaming import UNSENT, EmbedResults
+from sparkembed.core.streaming import EmbedResults
+from sparkembed.core.types import Status
 
 OUTPUT_FIELDS = (
     ("chunk_index", T.IntegerType()),
@@ -66,7 +68,7 @@ class PartitionJob:
     """Everything an executor needs; pickled into the task closure, never into Spark conf."""
 
     config: EmbedConfig
-    run_id: str
+    context: RunContext
     id_col: str
     text_col: str
     passthrough: tuple[str, ...]
@@ -91,7 +93,7 @@ class PartitionJob:
             return
         ctx = TaskContext.get()
         part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
-        answers = AnswerLog(Path(self.run_dir).parent, self.run_id, (self.wave, part, attempt))
+        answers = AnswerLog(Path(self.run_dir).parent, self.context.run_id, (self.wave, part, attempt))
         with TaskLog(self.run_dir, _attempt_name(self.wave), metrics) as task_log:
             yield from self._embed(batches, metrics, task_log.stop_requested, answers)
         answers.finish()  # reached only when every batch was handed on: a failed attempt's stay
@@ -114,13 +116,13 @@ class PartitionJob:
                 pending.append((batch, plan))
                 yield plan
 
-        embedder = get_embedder(self.config, make_backend)
+        embedder = get_embedder(self.config, make_backend, self.context.quota_share)
         for results in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers):
             batch, plan = pending.popleft()
             out = combine(plan, results)
             metrics.count_rows(results.status, sign=-1)  # count output rows, not the engine's units
             rows, status = self._to_arrow(batch, out), out.status
-            if UNSENT in results.status:
+            if Status.UNSENT in results.status:
                 keep = _sent_rows(plan, results, out)
                 metrics.dropped_tokens += int(out.prompt_tokens[~keep].sum())
                 rows = rows.filter(pa.array(keep))
@@ -133,7 +135,7 @@ class PartitionJob:
         rows = pa.array(out.row)
         hashes = text_hashes(batch.column(self.text_col))
         status = pa.array(out.status, pa.string())
-        ok = pc.equal(status, "ok").to_numpy(zero_copy_only=False)
+        ok = pc.equal(status, Status.OK.value).to_numpy(zero_copy_only=False)
         whole = out.chunk_start == NO_OFFSET
         dims = out.vectors.shape[1] if out.vectors.ndim == 2 else 0
         now = datetime.now(timezone.utc)
@@ -153,9 +155,9 @@ class PartitionJob:
             "error": pa.array(out.error, pa.string()),
             "attempts": pa.array(out.attempts.astype(np.int32)),
             "request_id": pa.array(out.request_id, pa.string()),
-            "run_id": _repeat(self.run_id, pa.string(), n),
+            "run_id": _repeat(self.context.run_id, pa.string(), n),
             "embedded_at": _repeat(now, pa.timestamp("us", tz="UTC"), n),
-            "embedding_fingerprint": _repeat(self.config.fingerprint(), pa.string(), n),
+            "embedding_fingerprint": _repeat(self.config.fingerprint(self.context), pa.string(), n),
         }
         for name in self.passthrough:
             columns[name] = batch.column(name).take(rows)
@@ -165,7 +167,7 @@ class PartitionJob:
 
 def _sent_rows(plan: Plan, results: EmbedResults, out: Combined) -> np.ndarray:
     """Which output rows to keep: those of texts with no unsent unit."""
-    unsent = [u.row for u, status in zip(plan.units, results.status, strict=True) if status == UNSENT]
+    unsent = [u.row for u, status in zip(plan.units, results.status, strict=True) if status == Status.UNSENT]
     return ~np.isin(out.row, unsent)
 
 
@@ -223,14 +225,14 @@ def to_arrow_schema(schema: T.StructType) -> pa.Schema:
 
 
 def make_job(
-    df: DataFrame, config: EmbedConfig, run_id: str, *, run_dir: str | None = None, wave: int = 0
+    df: DataFrame, config: EmbedConfig, context: RunContext, *, run_dir: str | None = None, wave: int = 0
 ) -> tuple[PartitionJob, T.StructType]:
     hide_bridge_traffic()  # the closure below carries the key: keep py4j's DEBUG dump of it out of logs
     src = config.source
     schema = output_schema(df.schema, src.id_col, src.passthrough)
     job = PartitionJob(
         config=config,
-        run_id=run_id,
+        context=context,
         id_col=src.id_col,
         text_col=src.text_col,
         passthrough=src.passthrough,

@@ -14,6 +14,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkembed.config import EmbedConfig
+from sparkembed.core.context import RunContext
+from sparkembed.core.types import Status
 from sparkembed.errors import ConfigError
 from sparkembed.spark.targets import read_target
 
@@ -44,7 +46,7 @@ class WorkPlan:
     retire_other_fingerprints: bool = False
 
 
-def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> WorkPlan:
+def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig, context: RunContext) -> WorkPlan:
     """Anti-join the source against the target rows made with this run's fingerprint.
 
     A ``--reembed-all`` run is resumable like any other: rows it already replaced
@@ -59,11 +61,11 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
         todo = source.withColumn(REPLACES, F.lit(False))
         return WorkPlan(todo=todo, whole_source=True, overwrite=config.target.mode == "overwrite")
     _check_columns(target, source, config)
-    retire = _other_fingerprints(target, config)
+    retire = _other_fingerprints(target, config, context)
     id_col, text_col = config.source.id_col, config.source.text_col
-    mine = target.filter(F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints())))
+    mine = target.filter(F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints(context))))
     per_text = mine.groupBy(id_col, "text_hash").agg(
-        F.max((F.col("status") == "failed").cast("int")).alias("_failed")
+        F.max((F.col("status") == Status.FAILED.value).cast("int")).alias("_failed")
     )
     done = per_text.filter(F.col("_failed") == 0) if config.run.retry_failed else per_text
     done = done.select(F.col(id_col).alias("_done_id"), F.col("text_hash").alias("_done_hash"))
@@ -89,19 +91,19 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig) -> Wo
     return WorkPlan(todo=todo, failed_left=failed_left, prune=prune, retire_other_fingerprints=retire)
 
 
-def other_fingerprint_ids(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
+def other_fingerprint_ids(spark: SparkSession, config: EmbedConfig, context: RunContext) -> DataFrame | None:
     """Ids of target rows made with another fingerprint (read afresh, after the waves)."""
     target = read_target(spark, config)
     if target is None:
         return None
-    stale = target.filter(~F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints())))
+    stale = target.filter(~F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints(context))))
     return stale.select(config.source.id_col).distinct()
 
 
-def _other_fingerprints(target: DataFrame, config: EmbedConfig) -> bool:
+def _other_fingerprints(target: DataFrame, config: EmbedConfig, context: RunContext) -> bool:
     """True when the target holds other fingerprints and ``--reembed-all`` allows replacing them."""
-    current = config.fingerprint()
-    same = config.equivalent_fingerprints()
+    current = config.fingerprint(context)
+    same = config.equivalent_fingerprints(context)
     found = [r[0] for r in target.select("embedding_fingerprint").distinct().limit(5).collect()]
     other = [fp for fp in found if fp not in same]
     if not other:

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from sparkembed import sinks
 from sparkembed.config import EmbedConfig
+from sparkembed.core.context import RunContext
 from sparkembed.core.metrics import Metrics
 from sparkembed.errors import ConfigError
 from sparkembed.spark import delta_native
@@ -31,7 +32,9 @@ from sparkembed.spark.targets import is_path, read_target
 
 
 class WaveSink(Protocol):
-    def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]: ...
+    def write_wave(
+        self, df: DataFrame, config: EmbedConfig, context: RunContext, wave: int
+    ) -> dict[str, Any]: ...
 
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int: ...
 
@@ -61,7 +64,7 @@ def _write_partition(
     ctx = TaskContext.get()
     part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
     metrics = Metrics()
-    prefix = f"part-{job.run_id}-w{wave:05d}-p{part:05d}-a{attempt}"
+    prefix = f"part-{job.context.run_id}-w{wave:05d}-p{part:05d}-a{attempt}"
     files = sinks.write_part(
         target, job.embed_batches(batches, metrics), schema=job.arrow_schema, file_prefix=prefix
     )
@@ -105,8 +108,11 @@ class DeltaRsSink:
         self._expected = sinks.table_version(target)
         self._run_dir = run_dir
 
-    def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
-        job, _ = make_job(df.drop(REPLACES), config, run_id, run_dir=self._run_dir, wave=wave)
+    def write_wave(
+        self, df: DataFrame, config: EmbedConfig, context: RunContext, wave: int
+    ) -> dict[str, Any]:
+        job, _ = make_job(df.drop(REPLACES), config, context, run_dir=self._run_dir, wave=wave)
+        run_id = context.run_id
         replacing: pa.Array | None = None
         if REPLACES in df.columns:
             if config.target.mode == "upsert":
@@ -168,13 +174,13 @@ class _MetricsParam(AccumulatorParam):  # type: ignore[type-arg]
 
 
 def embed_with_metrics(
-    df: DataFrame, config: EmbedConfig, run_id: str, *, run_dir: str | None = None, wave: int = 0
+    df: DataFrame, config: EmbedConfig, context: RunContext, *, run_dir: str | None = None, wave: int = 0
 ) -> tuple[DataFrame, Any]:
     """The embedded rows, lazily, and an accumulator its tasks add their metrics to.
 
     The accumulator is None where the session has no SparkContext (Spark Connect).
     """
-    job, schema = make_job(df, config, run_id, run_dir=run_dir, wave=wave)
+    job, schema = make_job(df, config, context, run_dir=run_dir, wave=wave)
     try:
         accumulator = df.sparkSession.sparkContext.accumulator({}, _MetricsParam())
     except Exception:
@@ -196,10 +202,13 @@ class NativeSink:
         self._reported: dict[str, int] = {}
         self._run_dir = run_dir
 
-    def write_wave(self, df: DataFrame, config: EmbedConfig, run_id: str, wave: int) -> dict[str, Any]:
+    def write_wave(
+        self, df: DataFrame, config: EmbedConfig, context: RunContext, wave: int
+    ) -> dict[str, Any]:
         out, accumulator = embed_with_metrics(
-            df.drop(REPLACES), config, run_id, run_dir=self._run_dir, wave=wave
+            df.drop(REPLACES), config, context, run_dir=self._run_dir, wave=wave
         )
+        run_id = context.run_id
         mode = config.target.mode
         if mode == "overwrite" and wave > 0:
             mode = "append"
