@@ -32,7 +32,7 @@ class WordLlamaPieceCounter:
     or only when a corpus is sent again, would grow the cache tenfold, and Arrow hashes the
     whole cache for every lookup. A text holding ``<s>``, ``</s>`` or ``<unk>`` (matched in the
     raw text, before normalisation) is counted whole.
-    tests/test_server_token_counts.py checks the counts against the tokenizer on hostile texts.
+    tests/unit/test_server_token_counts.py checks the counts against the tokenizer on hostile texts.
 
         counter = WordLlamaPieceCounter()
         counter.count(["hello world", "hello"])   # [2, 1], as wordllama.count_tokens

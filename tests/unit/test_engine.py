@@ -19,10 +19,11 @@ import aiohttp
 import numpy as np
 import pytest
 from azure.core.exceptions import HttpResponseError, ServiceResponseError
+from support import build_config
 
 from sparkembed.backends.azure_inference import AzureInferenceBackend
 from sparkembed.backends.http import decode_response, map_error
-from sparkembed.config import EmbedConfig, validate_config
+from sparkembed.config import EmbedConfig
 from sparkembed.core.engine import Embedder, get_embedder, request_token_cap
 from sparkembed.core.metrics import Metrics
 from sparkembed.core.streaming import ChunkAssembly
@@ -100,13 +101,8 @@ class RecordingLimiter:
 
 
 def make_config(**sections: dict) -> EmbedConfig:
-    tree = {
-        "endpoint": {"url": "http://127.0.0.1:9"},
-        "retry": {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 4},
-    }
-    for name, values in sections.items():
-        tree[name] = {**tree.get(name, {}), **values}
-    return validate_config(tree)
+    retry = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 4}
+    return build_config({"endpoint": {"url": "http://127.0.0.1:9"}, "retry": retry}, sections)
 
 
 class Rig:

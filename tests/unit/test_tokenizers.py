@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import build_config
 
 from sparkembed.config import EmbedConfig
 from sparkembed.core import tokenizers, wordllama
@@ -82,7 +83,7 @@ def cl100k() -> TiktokenCounter:
 
 
 def config_for(**endpoint: object) -> EmbedConfig:
-    return EmbedConfig.model_validate({"endpoint": endpoint})
+    return build_config({"endpoint": endpoint})
 
 
 def test_byte_bound_is_the_utf8_length_and_one_boundary_per_byte() -> None:

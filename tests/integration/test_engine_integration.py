@@ -7,82 +7,19 @@ azure-ai-inference``) and through the ``openai`` SDK on the ``/openai/v1`` route
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from pydantic import SecretStr
+from support import AZURE, DIMS, MAX_INPUT_TOKENS, OPENAI_V1, config_for, corpus, expected, sha256_hex
 
 from sparkembed.backends import make_backend
-from sparkembed.config import EmbedConfig, validate_config
 from sparkembed.core.engine import Embedder, get_embedder
 from sparkembed.core.metrics import Metrics
 from sparkembed.errors import EndpointConfigError
 from sparkembed.server.launch import LocalEndpoint
-from sparkembed.server.models import load_model
 
 pytestmark = pytest.mark.integration
-
-DIMS = 64
-MAX_INPUT_TOKENS = 64
-WORDS = ["spark", "delta", "lake", "vector", "quota", "token", "batch", "retry", "river", "stone"]
-
-
-def corpus(n: int) -> list[str]:
-    """Distinct texts of 8-14 words."""
-    return [
-        f"row {i}: " + " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(6 + i % 7)) for i in range(n)
-    ]
-
-
-def expected(texts: list[str]) -> tuple[np.ndarray, int]:
-    """The hash model's vectors and the prompt tokens it bills for ``texts``."""
-    model = load_model("hash", DIMS)
-    encodings = model.tokenize(texts)
-    vectors = model.embed(texts, encodings, DIMS, "text")
-    return vectors, sum(len(e.ids) for e in encodings)
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-AZURE = "azure-ai-inference"
-OPENAI_V1 = "openai-v1"
-DEPLOYMENT = "hash-embedding"
-"""The v1 route names the deployment in ``model``; the local endpoint echoes it back."""
-
-
-def config_for(
-    server: LocalEndpoint, key: str | None, api: str = AZURE, **sections: dict[str, Any]
-) -> EmbedConfig:
-    """Config for ``server`` through ``api``; ``key=None`` leaves auth as ``sections`` say."""
-    endpoint: dict[str, Any] = {"url": server.url}
-    if api == OPENAI_V1:
-        endpoint = {"url": f"{server.url}/openai/v1", "api": OPENAI_V1, "model": DEPLOYMENT}
-    tree: dict[str, Any] = {
-        "endpoint": endpoint,
-        "retry": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "max_attempts": 12},
-    }
-    for name, values in sections.items():
-        tree[name] = {**tree.get(name, {}), **values}
-    config = validate_config(tree)
-    if key is None:
-        return config
-    return config.model_copy(update={"auth": config.auth.model_copy(update={"key": SecretStr(key)})})
-
-
-@pytest.fixture(scope="module")
-def hash_endpoint(start_endpoint: Any) -> Iterator[LocalEndpoint]:
-    endpoint = start_endpoint(
-        *("--model", "hash", "--dims", str(DIMS), "--max-input-tokens", str(MAX_INPUT_TOKENS)),
-        *("--accept-token-prefix", "entra-"),
-    )
-    yield endpoint
-    endpoint.stop()
-
 
 @pytest.fixture(params=[AZURE, OPENAI_V1])
 def api(request: pytest.FixtureRequest) -> str:

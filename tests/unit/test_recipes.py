@@ -20,7 +20,7 @@ import yaml
 from sparkembed.cli import _run_parser, config_from_args
 from sparkembed.config import load_config, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "databricks"
 SYNAPSE = ROOT / "synapse"
 

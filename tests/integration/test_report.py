@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from test_engine_integration import DIMS, corpus
+from support import DIMS, corpus
 
 from sparkembed.backends import make_backend
 from sparkembed.config import validate_config

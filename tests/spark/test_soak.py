@@ -14,7 +14,7 @@ from pyspark.sql import SparkSession
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
 
 
 def load_script() -> ModuleType:

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 from azure.core.credentials import AccessToken
-from test_engine_integration import DIMS, OPENAI_V1, config_for, corpus
-from test_engine_integration import hash_endpoint as hash_endpoint  # a module-scoped fixture
+from support import DIMS, OPENAI_V1, config_for, corpus
 
 from sparkembed.backends import make_backend
 from sparkembed.backends.azure_inference import AzureInferenceBackend

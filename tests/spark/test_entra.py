@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from azure.identity import aio as identity
 from pyspark.sql import SparkSession
+from support import build_config
 
 from sparkembed.backends import make_backend
 from sparkembed.backends.azure_inference import AzureInferenceBackend
 from sparkembed.backends.credentials import SyncCredentialAdapter, build_credential
-from sparkembed.config import COGNITIVE_SERVICES_SCOPE, AuthConfig, EmbedConfig, validate_config
+from sparkembed.config import COGNITIVE_SERVICES_SCOPE, AuthConfig, EmbedConfig
 from sparkembed.core.engine import Embedder
 from sparkembed.errors import ConfigError, EndpointConfigError
 from sparkembed.server.launch import LocalEndpoint
@@ -33,19 +34,13 @@ from sparkembed.sinks import read_table
 from sparkembed.spark import driver
 
 DIMS = 32
-TESTS_DIR = str(Path(__file__).resolve().parent)
+TESTS_DIR = str(Path(__file__).resolve().parents[1])  # where fakes.py is
 ENTRA = {"mode": "entra", "credential": "custom", "credential_factory": "fakes:make_credential"}
 
 
 def entra_config(url: str, **sections: dict[str, Any]) -> EmbedConfig:
-    tree: dict[str, Any] = {
-        "endpoint": {"url": url},
-        "auth": dict(ENTRA),
-        "retry": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5},
-    }
-    for name, values in sections.items():
-        tree[name] = {**tree.get(name, {}), **values}
-    return validate_config(tree)
+    retry = {"backoff_initial_s": 0.05, "backoff_max_s": 0.5}
+    return build_config({"endpoint": {"url": url}, "auth": ENTRA, "retry": retry}, sections)
 
 
 def close(credential: Any) -> None:

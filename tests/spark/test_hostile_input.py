@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydantic import SecretStr
 from pyspark.sql import SparkSession
+from support import build_config
 
-from sparkembed.config import EmbedConfig, load_config
+from sparkembed.config import EmbedConfig
 from sparkembed.errors import InputError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
@@ -78,8 +78,7 @@ def make_config(endpoint: LocalEndpoint, key: str, source: str, target: Path, **
         "retry.backoff_initial_s": 0.05,
         **sets,
     }
-    config = load_config(None, overrides)
-    return config.model_copy(update={"auth": config.auth.model_copy(update={"key": SecretStr(key)})})
+    return build_config(sets=overrides, key=key)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
+from support import build_config
 
 from sparkembed.config import EmbedConfig, load_config
 from sparkembed.core.engine import PREFLIGHT_TEXT
@@ -59,10 +60,7 @@ def make_config(endpoint: LocalEndpoint, key: str, source: str, target: str, **s
         "run.log_dir": str(Path(target).parent / "runs"),
         **sets,
     }
-    config = load_config(None, overrides)
-    from pydantic import SecretStr
-
-    return config.model_copy(update={"auth": config.auth.model_copy(update={"key": SecretStr(key)})})
+    return build_config(sets=overrides, key=key)
 
 
 def expected_vectors(texts: list[str]) -> np.ndarray:

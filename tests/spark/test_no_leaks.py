@@ -40,7 +40,7 @@ from sparkembed.spark.partition import PartitionJob
 KEY = "sk-LEAKCHECK-7f3a9c1e5d2b48a6b0c4e9f1a2d3c5e7"
 POISON = "POISON-ROW"
 ROWS = 120
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]  # where fakes.py is
 REPO = TESTS_DIR.parent
 
 SITECUSTOMIZE = textwrap.dedent(

@@ -17,7 +17,7 @@ import pytest
 from sparkembed.config import EmbedConfig
 from sparkembed.sinks import read_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_keys() -> list[str]:
