@@ -34,7 +34,7 @@ from sparkembed.backend import (
 )
 from sparkembed.config import EmbedConfig
 from sparkembed.errors import ConfigError, ServiceError, TransportError
-from sparkembed.retry import retry_after_s
+from sparkembed.retry import remaining_quota, retry_after_s
 from sparkembed.transport import check_endpoint_url, hide_bridge_traffic
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ class OpenAIV1Backend(HttpBackend):
             raise ServiceError(502, "invalid_response", f"undecodable body: {exc}") from exc
         if not isinstance(body, dict):
             raise ServiceError(502, "invalid_response", f"body is a {type(body).__name__}")
-        return decode_response(body, len(texts), fallback_request_id=client_request_id)
+        response = decode_response(body, len(texts), fallback_request_id=client_request_id)
+        response.remaining_tokens, response.remaining_requests = remaining_quota(dict(raw.headers.items()))
+        return response
 
     async def _auth_headers(self) -> dict[str, str]:
         """Per-request auth for Entra mode: a cached bearer token; key mode is set on the client."""

@@ -119,6 +119,7 @@ class LimitsConfig(_Frozen):
 
 class RetryConfig(_Frozen):
     max_attempts: int = Field(default=8, ge=1)
+    """Attempts per request for errors other than 429 (a 429 is retried until total_timeout_s)."""
     max_wait_s: float = Field(default=60.0, gt=0)
     """A 429 asking to wait longer than this is quota exhaustion."""
     total_timeout_s: float = Field(default=600.0, gt=0)

@@ -30,6 +30,7 @@ from sparkembed.errors import (
     TransportError,
 )
 from sparkembed.metrics import Metrics
+from sparkembed.ratelimit import Grant
 from sparkembed.streaming import ChunkAssembly
 from sparkembed.tokens import estimate_tokens
 
@@ -82,19 +83,23 @@ class RecordingLimiter:
         self.settled: list[tuple[int, int]] = []
         self.throttles: list[float | None] = []
         self.successes = 0
+        self.cap: float | None = None
 
-    async def acquire(self, tokens: int) -> float:
+    async def acquire(self, tokens: int, *, retry: bool = False) -> Grant:
         self.acquired.append(tokens)
-        return 0.25
+        return Grant(tokens, waited_s=0.25)
 
-    def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
-        self.settled.append((estimated_tokens, actual_tokens))
+    def settle(self, grant: Grant, actual_tokens: int) -> None:
+        self.settled.append((grant.tokens, actual_tokens))
 
-    def on_throttle(self, retry_after_s: float | None) -> None:
+    def on_throttle(self, grant: Grant | None, retry_after_s: float | None) -> None:
         self.throttles.append(retry_after_s)
 
-    def on_success(self) -> None:
+    def on_success(self, grant: Grant, remaining_tokens: int | None, remaining_requests: int | None) -> None:
         self.successes += 1
+
+    def request_cap(self) -> float | None:
+        return self.cap
 
 
 def make_config(**sections: dict) -> EmbedConfig:
@@ -332,6 +337,14 @@ def test_a_429_waits_its_retry_after_and_cools_the_limiter() -> None:
     assert metrics.throttled == 1
 
 
+def test_a_batch_larger_than_the_limiter_allows_is_split_before_it_is_sent() -> None:
+    rig = Rig(batching={"max_inputs": 8})
+    rig.limiter.cap = 2 * estimate_tokens("text number 0") + 1  # room for two texts a request
+    results = rig.embedder.embed(texts(8))
+    assert_ok_vectors(results, texts(8))
+    assert sorted(len(call) for call in rig.backend.calls) == [2, 2, 2, 2]  # none sent whole
+
+
 def test_transport_errors_are_retried() -> None:
     rig = Rig(failing_first(1, lambda: TransportError("connection reset")))
     results = rig.embedder.embed(["a"])
@@ -554,7 +567,9 @@ class Base64RefusingClient:
     def __init__(self) -> None:
         self.formats: list[str] = []
 
-    async def embed(self, *, input: list[str], encoding_format: str, request_id: str) -> dict:
+    async def embed(
+        self, *, input: list[str], encoding_format: str, request_id: str, **_options: Any
+    ) -> dict:
         self.formats.append(encoding_format)
         if encoding_format == "base64":
             error = {"code": "UnsupportedParameter", "message": "no encoding_format base64"}

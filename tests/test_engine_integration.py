@@ -99,8 +99,8 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
         *("--model", "hash", "--dims", str(DIMS), "--shuffle", "--seed", "5"),
         *("--error-rate", "0.05", "--reset-rate", "0.01", "--tpm", str(quota)),
     )
-    # The limiter is told 1.5x the real quota (another client on the deployment, say),
-    # so 429s must come, and the engine must absorb them.
+    # The limiter is told 1.5x the real quota (another client on the deployment, say); it
+    # learns the real one from the service's answers (any 429s on the way are absorbed).
     config = config_for(
         endpoint,
         endpoint_key,
@@ -126,11 +126,11 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
     prompt_tokens = sum(int(r.prompt_tokens.sum()) for r in results)
     assert prompt_tokens == stats["prompt_tokens"] == metrics.prompt_tokens == tokens
     assert metrics.requests == stats["requests"]
-    # Every kind of fault happened and was retried: resets, 5xx and 429s.
+    # Every kind of fault happened and was retried: resets and 5xx (429s: test_pacer_limiters.py).
     responses = stats["responses"]
     resets = stats["requests"] - sum(responses.values())
     assert resets >= 1 and responses.get("500", 0) + responses.get("503", 0) >= 1
-    assert metrics.throttled == responses.get("429", 0) > 0
+    assert metrics.throttled == responses.get("429", 0)
     assert metrics.retries == metrics.requests - stats["ok_requests"]
 
 
