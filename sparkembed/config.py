@@ -112,10 +112,20 @@ class LimitsConfig(_Frozen):
     """Deployment quota (TPM) for the whole job; None relies on 429 feedback."""
     requests_per_minute: int | None = Field(default=None, gt=0)
     """Deployment quota (RPM) for the whole job."""
+    max_share: float = Field(default=1.0, gt=0, le=1)
+    """The part of the quota the job may use (``0.7``): online traffic on the same deployment
+    keeps the rest, even when the job could take it. Needs ``tokens_per_minute``."""
+
+    @model_validator(mode="after")
+    def _share_needs_the_quota(self) -> LimitsConfig:
+        if self.max_share < 1 and not self.tokens_per_minute:
+            raise ValueError("limits.max_share needs limits.tokens_per_minute: the share is of that quota")
+        return self
 
 
 class RetryConfig(_Frozen):
     max_attempts: int = Field(default=8, ge=1)
+    """Attempts per request for errors other than 429 (a 429 is retried until total_timeout_s)."""
     max_wait_s: float = Field(default=60.0, gt=0)
     """A 429 asking to wait longer than this is quota exhaustion."""
     total_timeout_s: float = Field(default=600.0, gt=0)

@@ -30,6 +30,7 @@ from sparkembed.backends.credentials import build_credential
 from sparkembed.backends.http import USER_AGENT, HttpBackend, decode_response, map_error
 from sparkembed.backends.transport import RedactingTraceLoggingPolicy, env_proxies
 from sparkembed.config import EmbedConfig
+from sparkembed.core.retry import remaining_quota
 from sparkembed.core.types import BackendResponse
 
 _SDK_ERROR_MAP = {
@@ -61,18 +62,22 @@ class AzureInferenceBackend(HttpBackend):
     async def _send(self, texts: list[str]) -> BackendResponse:
         client = self._client or self._build_client()
         client_request_id = uuid.uuid4().hex
+        headers: dict[str, str] = {}
         try:
             body = await client.embed(
                 input=texts,
                 encoding_format=self._format,
                 request_id=client_request_id,
+                response_headers=headers,
                 **self._call_options,
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise map_error(exc, secret=self._secret) from exc
-        return decode_response(body, len(texts), fallback_request_id=client_request_id)
+        response = decode_response(body, len(texts), fallback_request_id=client_request_id)
+        response.remaining_tokens, response.remaining_requests = remaining_quota(headers)
+        return response
 
     def _build_client(self) -> Any:
         from azure.ai.inference.aio import EmbeddingsClient
@@ -134,12 +139,20 @@ class RawEmbeddingsClient:
         self._dimensions = dimensions
         self._input_type = input_type
 
-    async def embed(self, *, input: list[str], encoding_format: str, **kwargs: Any) -> Any:
+    async def embed(
+        self,
+        *,
+        input: list[str],
+        encoding_format: str,
+        response_headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """POST one embeddings request; return the parsed body of the 200 answer.
 
         Args:
             input: the texts.
             encoding_format: ``base64`` or ``float``.
+            response_headers: if given, filled with the answer's headers (for the quota left).
             kwargs: pipeline options, as ``EmbeddingsClient.embed`` takes them (``request_id``).
 
         Raises:
@@ -173,6 +186,8 @@ class RawEmbeddingsClient:
             await response.close()
         if response.status_code != 200:
             _raise_as_the_sdk(response)
+        if response_headers is not None:
+            response_headers.update(response.headers.items())
         return msgspec.json.decode(answer)
 
     async def close(self) -> None:

@@ -26,7 +26,7 @@ import msgspec
 from sparkembed.backends.credentials import build_credential
 from sparkembed.backends.http import USER_AGENT, HttpBackend, clean_message, decode_response, map_error
 from sparkembed.config import EmbedConfig
-from sparkembed.core.retry import retry_after_s
+from sparkembed.core.retry import remaining_quota, retry_after_s
 from sparkembed.core.types import BackendResponse
 from sparkembed.errors import ConfigError, ServiceError, TransportError
 
@@ -105,7 +105,9 @@ class OpenAIV1Backend(HttpBackend):
             raise ServiceError(502, "invalid_response", f"undecodable body: {exc}") from exc
         if not isinstance(body, dict):
             raise ServiceError(502, "invalid_response", f"body is a {type(body).__name__}")
-        return decode_response(body, len(texts), fallback_request_id=client_request_id)
+        response = decode_response(body, len(texts), fallback_request_id=client_request_id)
+        response.remaining_tokens, response.remaining_requests = remaining_quota(dict(raw.headers.items()))
+        return response
 
     async def _auth_headers(self) -> dict[str, str]:
         """Per-request auth for Entra mode: a cached bearer token; key mode is set on the client."""

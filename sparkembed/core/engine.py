@@ -31,7 +31,7 @@ from sparkembed.config import EmbedConfig, LimitsConfig
 from sparkembed.core.answers import AnswerLog
 from sparkembed.core.memory import keep_freed_memory
 from sparkembed.core.metrics import Metrics, RequestRecord
-from sparkembed.core.ratelimit import RateLimiter
+from sparkembed.core.ratelimit import Grant, RateLimiter
 from sparkembed.core.retry import Decision, RetryPolicy, config_error_for
 from sparkembed.core.streaming import EmbedResults, RowStream, Segment
 from sparkembed.core.tokens import estimate_tokens
@@ -161,6 +161,7 @@ class Embedder:
         """
         estimates = np.array([estimate_tokens(PREFLIGHT_TEXT)])
         segment = self._run(self._send([PREFLIGHT_TEXT], estimates, Metrics(), fail_fast=True))
+        assert segment is not None  # one text is never split
         if segment.response is None:
             assert segment.failure is not None
             raise segment.failure
@@ -180,14 +181,23 @@ class Embedder:
     async def _embed_batch(
         self, texts: list[str], estimates: np.ndarray, metrics: Metrics, stop: Callable[[], bool]
     ) -> list[Segment]:
-        """Embed one packed batch; on a 400, bisect until the bad inputs stand alone."""
+        """Embed one packed batch; on a 400, bisect until the bad inputs stand alone. A batch
+        too large for the quota the limiter learned is split in two halves of its tokens."""
         segment = await self._send(texts, estimates, metrics, stop)
-        failure = segment.failure
-        if len(texts) == 1 or not (isinstance(failure, ServiceError) and failure.status in BISECT_STATUSES):
-            return [segment]
-        mid = len(texts) // 2
-        left = await self._embed_batch(texts[:mid], estimates[:mid], metrics, stop)
-        right = await self._embed_batch(texts[mid:], estimates[mid:], metrics, stop)
+        if segment is None:  # the halves go side by side, as the batch would have
+            mid = _token_midpoint(estimates)
+            left, right = await asyncio.gather(
+                self._embed_batch(texts[:mid], estimates[:mid], metrics, stop),
+                self._embed_batch(texts[mid:], estimates[mid:], metrics, stop),
+            )
+        else:
+            failure = segment.failure
+            bisect = isinstance(failure, ServiceError) and failure.status in BISECT_STATUSES
+            if len(texts) == 1 or not bisect:
+                return [segment]
+            mid = len(texts) // 2
+            left = await self._embed_batch(texts[:mid], estimates[:mid], metrics, stop)
+            right = await self._embed_batch(texts[mid:], estimates[mid:], metrics, stop)
         return left + [replace(s, start=s.start + mid, stop=s.stop + mid) for s in right]
 
     async def _send(
@@ -198,8 +208,11 @@ class Embedder:
         stop: Callable[[], bool] = _never,
         *,
         fail_fast: bool = False,
-    ) -> Segment:
+    ) -> Segment | None:
         """One request with retries: a response, why its rows failed, or unsent when stopping.
+
+        None: the batch holds more tokens than the limiter now allows one request, and more
+        than one text; the caller splits it.
 
         ``fail_fast`` (the preflight): a host that cannot be reached at all is a wrong
         ``endpoint.url``, raised at once instead of retried.
@@ -208,15 +221,21 @@ class Embedder:
             reason = self._exhausted[1]
             return Segment(0, len(texts), 0, error=reason, failure=QuotaExhaustedError(reason))
         tokens = int(estimates.sum())
-        started, waited, attempt = self._clock(), 0.0, 0
+        started, waited, attempt, throttled = self._clock(), 0.0, 0, False
         while True:
             if stop():
                 metrics.limiter_wait_s += waited
                 return Segment(0, len(texts), attempt, unsent=True)
+            cap = self._limiter.request_cap()
+            if cap is not None and tokens > cap and len(texts) > 1:
+                metrics.limiter_wait_s += waited
+                return None
             attempt += 1
-            waited += await self._limiter.acquire(tokens)
+            # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
+            grant = await self._limiter.acquire(tokens, retry=throttled)
+            waited += grant.waited_s
             if stop():  # the wait for quota may have been long: hand the quota back
-                self._limiter.settle(tokens, 0)
+                self._limiter.settle(grant, 0)
                 metrics.limiter_wait_s += waited
                 return Segment(0, len(texts), attempt - 1, unsent=True)
             try:
@@ -226,27 +245,28 @@ class Embedder:
                     raise EndpointConfigError(f"{error}: check endpoint.url") from None
                 # Time in the limiter is pacing, not hanging: the total timeout leaves it out.
                 elapsed_s = self._clock() - started - waited
-                decision = self._after_failure(error, tokens, attempt, elapsed_s)
+                decision = self._after_failure(error, grant, attempt, elapsed_s)
                 if decision.action == "retry":
+                    throttled = isinstance(error, ServiceError) and error.status == 429
                     await self._sleep(decision.delay_s)
                     continue
                 metrics.limiter_wait_s += waited
                 return self._give_up(error, decision, attempt, len(texts))
-            self._limiter.settle(tokens, response.prompt_tokens)
-            self._limiter.on_success()
+            self._limiter.settle(grant, response.prompt_tokens)
+            self._limiter.on_success(grant, response.remaining_tokens, response.remaining_requests)
             metrics.limiter_wait_s += waited
             return Segment(0, len(texts), attempt, response=response)
 
     def _after_failure(
-        self, error: ServiceError | TransportError, tokens: int, attempt: int, elapsed_s: float
+        self, error: ServiceError | TransportError, grant: Grant, attempt: int, elapsed_s: float
     ) -> Decision:
         """Tell the limiter, then ask the policy what to do."""
-        self._limiter.settle(tokens, 0)  # a refused request costs no quota
+        self._limiter.settle(grant, 0)  # a refused request costs no quota
         decision = self._policy.decide(error, attempt, elapsed_s)
         # The quota is shared: a 429 cools down all traffic, not only this request. (An
         # exhausted quota fails rows instead: pausing everyone for hours would hang the run.)
         if isinstance(error, ServiceError) and error.status == 429 and decision.action != "quota_exhausted":
-            self._limiter.on_throttle(error.retry_after_s)
+            self._limiter.on_throttle(grant, error.retry_after_s)
         return decision
 
     async def _attempt(self, texts: list[str], attempt: int, metrics: Metrics) -> BackendResponse:
@@ -304,15 +324,31 @@ def request_token_cap(config: EmbedConfig, share: float = 1.0) -> int:
     cap = config.batching.max_request_tokens
     limits = config.limits
     if limits.tokens_per_minute:
-        mine = limits.tokens_per_minute * share
+        mine = limits.tokens_per_minute * limits.max_share * share
         cap = min(cap, max(1, int(mine / REQUESTS_PER_QUOTA_MINUTE)))
     return cap
 
 
 def _share_limiter(limits: LimitsConfig, share: float) -> RateLimiter:
-    """This worker's ``share`` of the job's quota."""
-    tpm, rpm = limits.tokens_per_minute, limits.requests_per_minute
-    return RateLimiter(tpm * share if tpm else None, rpm * share if rpm else None)
+    """This worker's ``share`` of the job's part of the quota (learned from the service if unset).
+
+    With ``limits.max_share`` below 1 the job keeps the rest of the quota free for others: its
+    limits shrink, and the room the service reports is counted without that rest.
+    """
+    tpm, rpm, mine = limits.tokens_per_minute, limits.requests_per_minute, limits.max_share
+    return RateLimiter(
+        tpm * mine * share if tpm else None,
+        rpm * mine * share if rpm else None,
+        share=share,
+        leave_tokens=tpm * (1 - mine) if tpm else 0.0,
+        leave_requests=rpm * (1 - mine) if rpm else 0.0,
+    )
+
+
+def _token_midpoint(estimates: np.ndarray) -> int:
+    """Where to cut a batch into two halves of about the same estimated tokens (1 to n - 1)."""
+    half = int(np.searchsorted(np.cumsum(estimates), estimates.sum() / 2, side="right"))
+    return min(max(half, 1), len(estimates) - 1)
 
 
 # -- one event loop and one embedder per process --------------------------------------

@@ -1,178 +1,246 @@
-"""Token-bucket rate limiting of one worker's share of a deployment's quota.
+"""Pacing one worker's share of a deployment's quota, whatever way the service meters it.
 
-The buckets mirror how Azure (and the local endpoint) meter a deployment:
+Azure does not say exactly how it meters TPM and RPM: a token bucket holding a minute of
+quota, a count over the last 60 s (10 s for RPM), or a count reset every clock minute all
+fit its documentation. The pacer must be right under all three without being told which,
+so it keeps the strictest: what this worker sent in any trailing window stays within its
+limit. That is safe under each model, since a fixed window lies inside a trailing one, and a
+bucket refilled over a minute grants at least a trailing window's worth. It never plans on a
+burst a service may refuse, yet spends a full window's quota as soon as it is there.
 
-* TPM: capacity = one minute of quota, refilled at quota / 60 per second, so a fresh
-  minute's quota may go at once.
-* RPM: checked over 10-second windows: capacity = RPM / 6, refilled at RPM / 60 per second.
+The limit starts at the configured share (quota / workers), or none. Then the service's own
+signals bound it from above: after a success, what the worker had sent in the window plus
+its share of the room the service reports left (``x-ratelimit-remaining-*``); after a 429,
+what it had sent plus the refused cost. The tightest bound of the last few windows wins, so
+the pacer finds the real limit when the quota is unset or set too high, follows a limit that
+wanders, and in a wave's tail, when others go quiet, grows past its original share (never
+past the configured quota).
 
-If every worker paces its share (quota / workers) with buckets of the same shape, the
-sum of the workers' buckets never holds more than the service's bucket, and nothing
-is throttled. A 429 means that picture broke (estimates off, another client on the
-deployment): the limiter then pauses every acquirer, empties its buckets and lowers
-its rate (AIMD), and climbs back while requests succeed.
+The first request goes alone: its answer tells the room there is, before any burst.
+A 429 pauses every acquirer until its retry-after. Waiters go first come, first served, and
+a request retried after a 429 goes ahead of new ones, so a large request is never starved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 HEADROOM = 0.01
-"""Fraction of the share left unused, so small estimate errors don't cost 429s."""
+"""Fraction of the limit left unused, so small estimate errors don't cost 429s."""
+WINDOW_MARGIN = 0.02
+"""Windows are this much longer than the service's, so a request that reaches the service
+later than the one it replaces (network jitter) still finds the old one gone."""
 DEFAULT_COOLDOWN_S = 1.0
 """Pause after a 429 that gave no retry-after, in seconds."""
-DECREASE = 0.7
-"""A 429 multiplies the admitted rate by this (the AIMD multiplicative decrease) ..."""
-MIN_RATE_FACTOR = 0.1
-"""... never below this fraction of the configured rate."""
-HOLDOFF_S = 2.0
-"""429s until this long after a cool-down ends answer requests sent before it: the same
-congestion event, so they extend the pause but don't decrease the rate again."""
-RECOVERY_PER_S = 0.02
-"""While requests succeed, the rate factor climbs back by this much per second (from
-0.7 to 1 in 15 s: quick after a stray 429, gentle when the quota really is lower)."""
+BOUND_HORIZON_WINDOWS = 2.0
+"""A bound learned from the service counts for this many windows, then a newer one may raise the limit."""
+REQUESTS_PER_LIMIT = 5
+"""A request larger than this part of the limit is split before it is sent (see
+:meth:`RateLimiter.request_cap`): with several workers it could otherwise wait forever for room."""
 _EPSILON = 1e-9
-"""Slack for float round-off when a sleeper wakes on time (seconds; relative for buckets)."""
+"""Slack for float round-off when a sleeper wakes on time (seconds; relative for amounts)."""
 
 
-class TokenBucket:
-    """A bucket of ``capacity`` units that refills at ``rate`` units per second.
+class SendWindow:
+    """What this worker sent in the trailing ``window_s`` seconds, and the most it may send.
 
-    It starts full. :meth:`take` may drive the level below zero: a request larger than
-    the bucket goes once the bucket is full and leaves a debt that the refill pays off,
-    so big requests never deadlock and the long-run rate stays exact::
+    The limit starts at ``limit`` (None: unknown, so unlimited) and follows what :meth:`learn`
+    is told: the tightest bound of the last :data:`BOUND_HORIZON_WINDOWS` windows, never above
+    ``ceiling``. A cost larger than the limit goes into an empty window::
 
-        bucket = TokenBucket(60_000, 1_000)     # 60k tokens, 1k tokens/s
-        bucket.delay_s(1_000)                   # 0.0: full
-        bucket.take(60_000)
-        bucket.delay_s(1_000)                   # 1.0
-
-    Args:
-        capacity: most units held (the burst), > 0.
-        rate: refill in units per second, > 0.
-        clock: monotonic seconds.
+        window = SendWindow(60_000, None, 60.0)
+        window.delay_s(1_000)            # 0.0
+        charge = window.take(60_000)
+        window.delay_s(1_000)            # 60.0: when the 60,000 age out
+        window.correct(charge, 59_000)   # the service billed less
     """
 
-    __slots__ = ("capacity", "rate", "_level", "_updated", "_clock")
+    __slots__ = ("window_s", "_clock", "_sent", "_used", "_limit", "_ceiling", "_bounds", "_keep")
 
-    def __init__(self, capacity: float, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if capacity <= 0 or rate <= 0:
-            raise ValueError(f"capacity and rate must be > 0, got {capacity} and {rate}")
-        self.capacity = capacity
-        self.rate = rate
+    def __init__(
+        self,
+        limit: float | None,
+        ceiling: float | None,
+        window_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        headroom: float = 0.0,
+    ) -> None:
+        self.window_s = window_s
         self._clock = clock
-        self._level = float(capacity)
-        self._updated = clock()
+        self._keep = 1 - headroom
+        self._sent: deque[list[float]] = deque()  # [when, amount], oldest first
+        self._used = 0.0
+        self._limit = None if limit is None else limit * self._keep
+        self._ceiling = None if ceiling is None else ceiling * self._keep
+        self._bounds: deque[tuple[float, float]] = deque()  # (when, bound)
 
     @property
-    def level(self) -> float:
-        """Units available now; negative while paying off a debt."""
-        self._refill()
-        return self._level
+    def limit(self) -> float | None:
+        """The most this worker may send in one window now, headroom taken off; None: no limit."""
+        return self._limit
 
-    def delay_s(self, amount: float) -> float:
-        """Seconds until ``amount`` units may be taken (until full, if it exceeds capacity)."""
-        self._refill()
-        missing = min(amount, self.capacity) - self._level
-        if missing <= _EPSILON * self.capacity:
-            return 0.0
-        return missing / self.rate
+    def used(self, now: float | None = None) -> float:
+        """What was sent in the window ending now."""
+        self._expire(self._clock() if now is None else now)
+        return self._used
 
-    def take(self, amount: float) -> None:
-        """Remove ``amount`` units, going into debt if needed."""
-        self._refill()
-        self._level -= amount
-
-    def give(self, amount: float) -> None:
-        """Return ``amount`` units (a refund), up to capacity."""
-        self._refill()
-        self._level = min(self.capacity, self._level + amount)
-
-    def drain(self) -> None:
-        """Empty the bucket, keeping any debt."""
-        self._refill()
-        self._level = min(self._level, 0.0)
-
-    def set_rate(self, rate: float) -> None:
-        """Change the refill rate from now on (time so far refills at the old rate)."""
-        self._refill()
-        self.rate = rate
-
-    def _refill(self) -> None:
+    def delay_s(self, cost: float) -> float:
+        """Seconds until ``cost`` fits in the window (until it is empty, if it exceeds the limit)."""
         now = self._clock()
-        self._level = min(self.capacity, self._level + (now - self._updated) * self.rate)
-        self._updated = now
+        self._expire(now)
+        limit = self._limit
+        if limit is None or not self._sent or self._used + cost <= limit * (1 + _EPSILON):
+            return 0.0
+        must_free = self._used + cost - limit if cost <= limit else self._used
+        freed = 0.0
+        for when, amount in self._sent:
+            freed += amount
+            if freed >= must_free * (1 - _EPSILON):
+                return max(0.0, when + self.window_s - now)
+        return max(0.0, self._sent[-1][0] + self.window_s - now)
+
+    def take(self, cost: float) -> list[float]:
+        """Record ``cost`` sent now; return the charge, for :meth:`correct`."""
+        now = self._clock()
+        self._expire(now)
+        charge = [now, float(cost)]
+        self._sent.append(charge)
+        self._used += cost
+        return charge
+
+    def correct(self, charge: list[float], amount: float) -> None:
+        """Change a charge to what the service billed (0: it refused the request)."""
+        if charge[0] > self._clock() - self.window_s:  # still counted
+            self._used += amount - charge[1]
+        charge[1] = float(amount)
+
+    def learn(self, bound: float) -> None:
+        """The service says this worker may send at most ``bound`` in a window (headroom aside)."""
+        now, bound = self._clock(), max(1.0, bound) * self._keep
+        # Oldest first, and increasing: an older, larger bound can never be the tightest again.
+        while self._bounds and self._bounds[-1][1] >= bound:
+            self._bounds.pop()
+        self._bounds.append((now, bound))
+        while self._bounds[0][0] < now - BOUND_HORIZON_WINDOWS * self.window_s:
+            self._bounds.popleft()
+        limit = self._bounds[0][1]
+        self._limit = limit if self._ceiling is None else min(limit, self._ceiling)
+
+    def _expire(self, now: float) -> None:
+        while self._sent and self._sent[0][0] <= now - self.window_s:
+            self._used -= self._sent.popleft()[1]
+        if not self._sent:
+            self._used = 0.0  # no float residue once empty
+
+
+class _Reading:
+    """The room a service reported, as bounds on this worker's limits, waiting until the
+    requests in flight when it arrived are settled: any of them may have been counted."""
+
+    __slots__ = ("tokens", "requests", "waiting")
+
+    def __init__(self, tokens: float | None, requests: float | None, waiting: int) -> None:
+        self.tokens = tokens
+        self.requests = requests
+        self.waiting = waiting
+
+
+@dataclass(eq=False)
+class Grant:
+    """One admitted request, handed back to :meth:`RateLimiter.settle` and friends.
+
+    Attributes:
+        tokens: the estimated tokens charged.
+        waited_s: seconds :meth:`RateLimiter.acquire` waited.
+    """
+
+    tokens: int
+    waited_s: float = 0.0
+    _charges: tuple[list[float] | None, list[float] | None] = field(default=(None, None), repr=False)
+    _readings: list[_Reading] = field(default_factory=list, repr=False)
 
 
 class RateLimiter:
-    """Admit requests within a share of TPM and RPM quota; cool down and adapt on 429s.
+    """Admit requests within a learned share of TPM and RPM; pause on 429s.
 
-    Waiters are served first come, first served: a large request at the head is not
-    overtaken by small ones behind it. Only the head sleeps, until the moment its cost
-    fits; the rest wait for their turn, so no one polls::
+    Only the head waiter sleeps, until the moment its cost fits; the rest wait for their
+    turn, so no one polls::
 
         limiter = RateLimiter(tokens_per_minute=150_000, requests_per_minute=900)
-        waited_s = await limiter.acquire(estimated_tokens)
+        grant = await limiter.acquire(estimated_tokens)
         try:
             response = await send(batch)
         except ServiceError as exc:
-            limiter.settle(estimated_tokens, 0)        # a refused request costs nothing
+            limiter.settle(grant, 0)                    # a refused request costs nothing
             if exc.status == 429:
-                limiter.on_throttle(exc.retry_after_s)
+                limiter.on_throttle(grant, exc.retry_after_s)
         else:
-            limiter.settle(estimated_tokens, response.usage.prompt_tokens)
-            limiter.on_success()
+            limiter.settle(grant, response.prompt_tokens)
+            limiter.on_success(grant, response.remaining_tokens, response.remaining_requests)
 
     Args:
-        tokens_per_minute: this worker's share of the TPM quota; None for no token limit.
-        requests_per_minute: this worker's share of the RPM quota; None for no request limit.
+        tokens_per_minute: this worker's share of the TPM quota; None: learn it from the service.
+        requests_per_minute: this worker's share of the RPM quota; None likewise.
+        share: this worker's part of the quota (1 / workers sharing it): it counts this
+            fraction of the room the service reports as its own, and never goes past the
+            whole quota (its limit / ``share``).
         clock: monotonic seconds; must tick with the event loop's ``time()``.
-        headroom: fraction of the share left unused.
+        headroom: fraction of the limit left unused.
+        minute_s: the service's minute, in seconds (tests against a scaled endpoint shorten it);
+            RPM is paced over a sixth of it.
+        leave_tokens, leave_requests: room per minute kept for other clients of the deployment
+            (``limits.max_share``): taken off the room the service reports before this
+            worker counts its share of it.
     """
 
     __slots__ = (
-        "_tokens",
-        "_requests",
-        "_base_rates",
-        "_clock",
-        "_queue",
-        "_kick",
-        "_paused_until",
-        "_holdoff_until",
-        "_recovered_at",
-        "_factor",
-        "_waited_s",
-    )
+        "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
+        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_settled_one", "_leave",
+    )  # fmt: skip
 
     def __init__(
         self,
         tokens_per_minute: float | None,
         requests_per_minute: float | None,
         *,
+        share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         headroom: float = HEADROOM,
+        minute_s: float = 60.0,
+        leave_tokens: float = 0.0,
+        leave_requests: float = 0.0,
     ) -> None:
         if not 0 <= headroom < 1:
             raise ValueError(f"headroom must be in [0, 1), got {headroom}")
-        keep = 1 - headroom
-        self._tokens: TokenBucket | None = None
-        self._requests: TokenBucket | None = None
-        if tokens_per_minute is not None:
-            self._tokens = TokenBucket(tokens_per_minute * keep, tokens_per_minute * keep / 60, clock=clock)
-        if requests_per_minute is not None:
-            self._requests = TokenBucket(
-                requests_per_minute * keep / 6, requests_per_minute * keep / 60, clock=clock
-            )
-        self._base_rates = [(b, b.rate) for b in (self._tokens, self._requests) if b is not None]
+        window_s = minute_s * (1 + WINDOW_MARGIN)
+
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+
+        def window(per_minute: float | None, per_window: float, length_s: float) -> SendWindow:
+            limit = None if per_minute is None else per_minute * per_window
+            ceiling = None if limit is None else limit / share
+            return SendWindow(limit, ceiling, length_s, clock=clock, headroom=headroom)
+
+        self._tokens = window(tokens_per_minute, 1.0, window_s)
+        self._requests = window(requests_per_minute, 1 / 6, window_s / 6)
+        self._share = share
+        self._leave = (leave_tokens, leave_requests / 6)  # per window: RPM is paced per 10 s
         self._clock = clock
         self._queue: deque[asyncio.Future[None]] = deque()
+        self._retries = 0  # waiters at the front of the queue retrying after a 429
         self._kick: asyncio.Future[None] | None = None
-        self._paused_until = self._holdoff_until = self._recovered_at = clock()
-        self._factor = 1.0
+        self._paused_until = clock()
         self._waited_s = 0.0
+        self._told_room = False  # the service reports the tokens it has left
+        self._in_flight: weakref.WeakSet[Grant] = weakref.WeakSet()  # granted, not yet settled
+        self._settled_one = False
 
     @property
     def waited_s(self) -> float:
@@ -180,108 +248,157 @@ class RateLimiter:
         return self._waited_s
 
     @property
-    def rate_factor(self) -> float:
-        """Current AIMD multiplier of the configured rates, in (0, 1]."""
-        return self._factor
+    def token_limit(self) -> float | None:
+        """Tokens this worker may send per minute now (headroom taken off); None: no limit known."""
+        return self._tokens.limit
 
-    async def acquire(self, tokens: int) -> float:
-        """Wait until a request of ``tokens`` estimated tokens may be sent; take its cost.
+    @property
+    def request_limit(self) -> float | None:
+        """Requests this worker may send per 10 s now; None: no limit known."""
+        return self._requests.limit
 
-        Returns:
-            Seconds waited.
+    def request_cap(self) -> float | None:
+        """Most estimated tokens one request should hold now: a :data:`REQUESTS_PER_LIMIT`
+        part of the token limit; None when no limit is known."""
+        limit = self._tokens.limit
+        return None if limit is None else limit / REQUESTS_PER_LIMIT
+
+    async def acquire(self, tokens: int, *, retry: bool = False) -> Grant:
+        """Wait until a request of ``tokens`` estimated tokens may be sent; charge it.
+
+        Args:
+            tokens: estimated tokens of the request.
+            retry: the request was refused with a 429: it goes ahead of new requests.
         """
         start = self._clock()
         if not self._queue and self._delay_s(tokens) == 0:
-            self._take(tokens)
-            return 0.0
+            return self._take(tokens, 0.0)
         turn = asyncio.get_running_loop().create_future()
-        self._queue.append(turn)
+        if retry:
+            self._queue.insert(self._retries, turn)
+            self._retries += 1
+        else:
+            self._queue.append(turn)
+        if self._queue[0] is turn:
+            self._wake_sleeper()  # a retry took the head: the old head must wait its turn
         try:
-            if self._queue[0] is not turn:
-                await turn
-            while (delay := self._delay_s(tokens)) > 0:
+            while True:
+                if self._queue[0] is not turn:
+                    if turn.done():
+                        turn = self._replace(turn)
+                    await turn
+                    continue
+                delay = self._delay_s(tokens)
+                if delay == 0:
+                    break
                 await self._nap(delay)
-            self._take(tokens)
+            waited = self._clock() - start
+            return self._take(tokens, waited)
         finally:
+            if self._queue.index(turn) < self._retries:
+                self._retries -= 1
             self._queue.remove(turn)
             if self._queue and not self._queue[0].done():
                 self._queue[0].set_result(None)
-        waited = self._clock() - start
-        self._waited_s += waited
-        return waited
 
-    def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
-        """Correct the token bucket once the service reported the real usage.
+    def settle(self, grant: Grant, actual_tokens: int) -> None:
+        """Correct the charge once the service reported the real usage (0: it refused it)."""
+        self._in_flight.discard(grant)
+        self._settled_one = True
+        charge_tokens, charge_requests = grant._charges
+        token_change = 0.0 if charge_tokens is None else actual_tokens - charge_tokens[1]
+        if charge_tokens is not None and token_change:
+            self._tokens.correct(charge_tokens, actual_tokens)
+        if charge_requests is not None and actual_tokens == 0:
+            self._requests.correct(charge_requests, 0)
+        for reading in grant._readings:
+            if reading.tokens is not None:
+                reading.tokens += token_change
+            if reading.requests is not None and actual_tokens == 0:
+                reading.requests -= 1
+            reading.waiting -= 1
+            self._learn(reading)
+        grant._readings.clear()
+        self._wake_sleeper()
 
-        During a cool-down refunds are dropped: the service's bucket is empty, so ours
-        stays empty too, whichever of ``settle`` and :meth:`on_throttle` comes first.
+    def on_success(
+        self, grant: Grant, remaining_tokens: int | None = None, remaining_requests: int | None = None
+    ) -> None:
+        """A request succeeded; the service said what room it has left, if it said.
 
-        Args:
-            estimated_tokens: what :meth:`acquire` was charged.
-            actual_tokens: what the service billed (0 for a refused request).
+        What this worker has sent in the window, plus its share of that room, bounds its limit.
+        Requests still in flight count as sent, since the service may have counted them
+        before this one (requests overtake each other) and a bound must never be too low;
+        the bound is tightened once they are settled, without those the service refused.
         """
-        if self._tokens is None or actual_tokens == estimated_tokens:
+        if remaining_tokens is None and remaining_requests is None:
             return
-        if actual_tokens < estimated_tokens:
-            if self._clock() < self._paused_until:
-                return
-            self._tokens.give(estimated_tokens - actual_tokens)
-            self._wake_sleeper()
-        else:
-            self._tokens.take(actual_tokens - estimated_tokens)
+        self._told_room = self._told_room or remaining_tokens is not None
+        share = self._share
+        leave_tokens, leave_requests = self._leave
+        reading = _Reading(
+            None
+            if remaining_tokens is None
+            else self._tokens.used() + max(0.0, remaining_tokens - leave_tokens) * share,
+            None
+            if remaining_requests is None
+            else self._requests.used() + max(0.0, remaining_requests - leave_requests) * share,
+            len(self._in_flight),
+        )
+        for other in self._in_flight:
+            other._readings.append(reading)
+        # Loose until then, but a bound already: the next sends must not plan on more.
+        waiting, reading.waiting = reading.waiting, 0
+        self._learn(reading)
+        reading.waiting = waiting
 
-    def on_throttle(self, retry_after_s: float | None) -> None:
-        """A 429 arrived: pause every acquirer, empty the buckets, lower the rate.
+    def on_throttle(self, grant: Grant | None, retry_after_s: float | None) -> None:
+        """A 429 arrived: pause every acquirer until its retry-after, and lower the limit.
+
+        The service had less room than the refused cost: this worker's limit is below what
+        it had sent plus its share of that cost. That bound is learned only from a service
+        that does not report its room: the 429 may be for requests, not tokens.
 
         Args:
+            grant: the refused request's grant (None: learn nothing from it).
             retry_after_s: seconds the service asked to wait; None pauses
                 :data:`DEFAULT_COOLDOWN_S`.
         """
         now = self._clock()
-        # 429s that arrive while paused or soon after answer requests sent before the
-        # pause: one congestion event, so they extend the pause but cut the rate only once.
-        same_event = now < self._paused_until or now < self._holdoff_until
         pause = DEFAULT_COOLDOWN_S if retry_after_s is None else max(0.0, retry_after_s)
         self._paused_until = max(self._paused_until, now + pause)
-        # The service's bucket is empty: assume ours are too, or we'd burst into it again.
-        for bucket, _ in self._base_rates:
-            bucket.drain()
-        if not same_event:
-            self._set_factor(max(MIN_RATE_FACTOR, self._factor * DECREASE))
-            self._holdoff_until = self._paused_until + HOLDOFF_S
-        self._recovered_at = max(self._recovered_at, self._paused_until, self._holdoff_until)
+        if grant is not None and not self._told_room:
+            self._tokens.learn(self._tokens.used() + grant.tokens * self._share)
 
-    def on_success(self) -> None:
-        """A request succeeded: raise the rate back toward the configured one.
-
-        The climb is additive in time (:data:`RECOVERY_PER_S`), so recovery takes as
-        long whether requests are small and many or large and few.
-        """
-        now = self._clock()
-        if self._factor >= 1.0 or now <= self._recovered_at:
+    def _learn(self, reading: _Reading) -> None:
+        if reading.waiting > 0:
             return
-        self._set_factor(min(1.0, self._factor + RECOVERY_PER_S * (now - self._recovered_at)))
-        self._recovered_at = now
+        if reading.tokens is not None:
+            self._tokens.learn(reading.tokens)
+        if reading.requests is not None:
+            self._requests.learn(reading.requests)
         self._wake_sleeper()
 
     def _delay_s(self, tokens: int) -> float:
-        delay = self._paused_until - self._clock()
-        if self._tokens is not None:
-            delay = max(delay, self._tokens.delay_s(tokens))
-        if self._requests is not None:
-            delay = max(delay, self._requests.delay_s(1))
+        if self._in_flight and not self._settled_one:
+            # Nothing heard yet: one request goes first, to learn the room from its answer.
+            return DEFAULT_COOLDOWN_S
+        delay = max(
+            self._paused_until - self._clock(), self._tokens.delay_s(tokens), self._requests.delay_s(1)
+        )
         return delay if delay > _EPSILON else 0.0
 
-    def _take(self, tokens: int) -> None:
-        if self._tokens is not None:
-            self._tokens.take(tokens)
-        if self._requests is not None:
-            self._requests.take(1)
+    def _take(self, tokens: int, waited: float) -> Grant:
+        self._waited_s += waited
+        grant = Grant(tokens, waited, (self._tokens.take(tokens), self._requests.take(1)))
+        self._in_flight.add(grant)
+        return grant
 
-    def _set_factor(self, factor: float) -> None:
-        self._factor = factor
-        for bucket, rate in self._base_rates:
-            bucket.set_rate(rate * factor)
+    def _replace(self, turn: asyncio.Future[None]) -> asyncio.Future[None]:
+        """A fresh future in ``turn``'s place in the queue (a head demoted by a retry)."""
+        fresh: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue[self._queue.index(turn)] = fresh
+        return fresh
 
     async def _nap(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less if :meth:`_wake_sleeper` is called."""
@@ -292,10 +409,11 @@ class RateLimiter:
             await kick
         finally:
             timer.cancel()
-            self._kick = None
+            if self._kick is kick:
+                self._kick = None
 
     def _wake_sleeper(self) -> None:
-        """Capacity came back early: let the head waiter recompute its delay."""
+        """Room came back early, or the head changed: let the head recompute its delay."""
         if self._kick is not None:
             _resolve(self._kick)
 

@@ -16,8 +16,9 @@ The engine owns all retries (the SDK's are turned off), and asks
 | 401, 403, 404, 422                      | config_error (raise :func:`config_error_for`)   |
 | 400 and any other status or error       | give_up (the engine bisects 400s)               |
 
-Retries stop after ``max_attempts`` attempts, or when the next wait would end
-past ``total_timeout_s`` since the first attempt.
+Retries stop when the next wait would end past ``total_timeout_s`` since the first
+attempt, and, except after a 429, after ``max_attempts`` attempts: a busy quota is not an
+error, so only time bounds the wait for it.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class RetryPolicy:
         else:
             return Decision("give_up", reason=f"unexpected {type(error).__name__}: {error}")
 
-        if attempt >= self._config.max_attempts:
+        throttled = isinstance(error, ServiceError) and error.status == 429
+        if attempt >= self._config.max_attempts and not throttled:
             return Decision("give_up", reason=f"{label}; gave up after {attempt} attempts")
         if wait is not None:
             delay = wait + self._random() * min(RETRY_AFTER_JITTER * wait, RETRY_AFTER_JITTER_MAX_S)
@@ -159,6 +161,15 @@ def retry_after_s(headers: Mapping[str, str], *, now: Callable[[], float] = time
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         return None
     return max(0.0, when.timestamp() - now())
+
+
+def remaining_quota(headers: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(tokens, requests) the service says are left, from ``x-ratelimit-remaining-tokens`` and
+    ``x-ratelimit-remaining-requests``; None where absent or malformed."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    tokens = _non_negative(lowered.get("x-ratelimit-remaining-tokens"))
+    requests = _non_negative(lowered.get("x-ratelimit-remaining-requests"))
+    return (None if tokens is None else int(tokens)), (None if requests is None else int(requests))
 
 
 def _non_negative(raw: str | None) -> float | None:

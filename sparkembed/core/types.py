@@ -25,6 +25,8 @@ class BackendResponse:
         total_tokens: reported ``usage.total_tokens``.
         model: model name as reported by the service.
         request_id: the response ``id``, else the client request id.
+        remaining_tokens: ``x-ratelimit-remaining-tokens``, if the service sent it.
+        remaining_requests: ``x-ratelimit-remaining-requests``, likewise.
     """
 
     vectors: np.ndarray
@@ -32,6 +34,8 @@ class BackendResponse:
     total_tokens: int
     model: str | None
     request_id: str | None
+    remaining_tokens: int | None = None
+    remaining_requests: int | None = None
 
 
 class Backend(Protocol):

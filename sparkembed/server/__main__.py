@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sparkembed.core.memory import keep_freed_memory
 from sparkembed.server.app import create_app
+from sparkembed.server.quota import LIMITER_MODELS
 from sparkembed.server.settings import ServerSettings
 
 KEY_ENV_VAR = "SPARKEMBED_SERVE_KEY"
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-input-tokens", type=_positive_int, default=8191, help="most tokens per input")
     add("--tpm", type=_positive_int, default=None, help="quota in tokens per minute")
     add("--rpm", type=_positive_int, default=None, help="quota in requests per minute, checked per 10 s")
+    add("--limiter", choices=LIMITER_MODELS, default="token-bucket", help="how TPM and RPM are metered")
+    add("--tpm-jitter", type=_jitter, default=0.0, help="TPM limit wanders by ± this fraction, e.g. 0.05")
+    add("--window-scale", type=_positive_float, default=1.0, help="multiply the 60 s / 10 s quota windows")
+    add("--no-quota-headers", action="store_true", help="never send x-ratelimit-remaining-* headers")
     add("--latency-ms", type=_milliseconds, default=0.0, help="milliseconds added to every response")
     add("--error-rate", type=_fraction, default=0.0, help="fraction answered 500/503")
     add("--reset-rate", type=_fraction, default=0.0, help="fraction whose connection is dropped")
@@ -69,6 +74,20 @@ def _milliseconds(value: str) -> float:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not (number > 0 and number < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
+
+
+def _jitter(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1)")
+    return number
+
+
 def _fraction(value: str) -> float:
     number = float(value)
     if not 0.0 <= number <= 1.0:
@@ -91,6 +110,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_input_tokens=args.max_input_tokens,
         tokens_per_minute=args.tpm,
         requests_per_minute=args.rpm,
+        limiter=args.limiter,
+        tpm_jitter=args.tpm_jitter,
+        window_scale=args.window_scale,
+        quota_headers=not args.no_quota_headers,
         latency_ms=args.latency_ms,
         error_rate=args.error_rate,
         reset_rate=args.reset_rate,

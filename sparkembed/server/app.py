@@ -83,13 +83,23 @@ def create_app(
     Args:
         settings: server settings.
         model: the model to serve; built from ``settings.model`` when None.
-        clock: monotonic clock in seconds, for the quota.
+        clock: monotonic clock in seconds, for the quota (fixed windows start at its
+            multiples of the window length).
     """
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STATE] = EndpointState(
         settings=settings,
         model=model or load_model(settings.model, settings.dimensions),
-        quota=Quota(settings.tokens_per_minute, settings.requests_per_minute, clock),
+        quota=Quota(
+            settings.tokens_per_minute,
+            settings.requests_per_minute,
+            clock,
+            limiter=settings.limiter,
+            window_scale=settings.window_scale,
+            tpm_jitter=settings.tpm_jitter,
+            report_remaining=settings.quota_headers,
+            seed=settings.seed,
+        ),
         faults=Faults(settings),
         stats=Stats(),
     )

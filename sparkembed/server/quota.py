@@ -1,19 +1,26 @@
 """Azure-like quota for the local endpoint: tokens per minute and requests per 10 seconds.
 
-Azure charges a request against the deployment's quota when it admits it. We model both
-limits as token buckets that start full:
+Azure charges a request against the deployment's quota when it admits it. How it meters is
+not documented precisely, so ``--limiter`` picks one of three models (see
+:mod:`sparkembed.server.meters`), each applied to both limits:
 
-- tokens: capacity ``tpm`` tokens, refilled at ``tpm / 60`` tokens per second, so one full
-  minute of tokens gets through at start;
-- requests: RPM is enforced over 10-second windows, so capacity ``rpm / 6`` requests,
-  refilled at ``rpm / 60`` requests per second.
+- ``token-bucket`` (default): tokens in a bucket of ``tpm`` refilled at ``tpm / 60`` per
+  second, so one full minute of tokens gets through at start; requests in a bucket of
+  ``rpm / 6`` refilled at ``rpm / 60`` per second;
+- ``sliding-window``: at most ``tpm`` tokens admitted in any 60 s, and ``rpm / 6`` requests
+  in any 10 s;
+- ``fixed-window``: the same counts, reset at every multiple of 60 s (10 s) on the clock.
 
-A request larger than a whole bucket would otherwise wait forever; it is admitted when the
-bucket is full and drives the level negative, so later requests pay back the debt.
+``window_scale`` multiplies the window lengths (and the refill periods), so a test can run
+minutes of metering in seconds. ``tpm_jitter`` makes the effective TPM limit wander within
+±that fraction, as a shared regional pool does (:class:`Wander`).
+
+A request larger than the whole limit would otherwise wait forever; it is admitted when
+the bucket is full or the window empty, and the excess is paid back or ages out.
 
 Example::
 
-    quota = Quota(tokens_per_minute=6000, requests_per_minute=60)
+    quota = Quota(tokens_per_minute=6000, requests_per_minute=60, limiter="sliding-window")
     decision = quota.admit(tokens=1200)
     if not decision.admitted:
         wait_s = decision.retry_after_s
@@ -21,50 +28,65 @@ Example::
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
+
+from sparkembed.server.meters import FixedWindow, Meter, SlidingWindow, TokenBucket
+
+LimiterModel = Literal["token-bucket", "sliding-window", "fixed-window"]
+LIMITER_MODELS: tuple[LimiterModel, ...] = ("token-bucket", "sliding-window", "fixed-window")
+TOKENS_WINDOW_S = 60.0
+"""TPM is counted over this many seconds (times ``window_scale``) ..."""
+REQUESTS_WINDOW_S = 10.0
+"""... and RPM over this many, at ``rpm / 6`` requests a window."""
+WANDER_PERIOD_S = 10.0
+"""The jittered limit moves between new random targets this many seconds apart (scaled)."""
+
+_METERS: dict[str, Callable[[Callable[[], float], float, Callable[[], float]], Meter]] = {
+    "token-bucket": TokenBucket,
+    "sliding-window": SlidingWindow,
+    "fixed-window": FixedWindow,
+}
 
 
-class TokenBucket:
-    """A bucket of ``capacity`` units refilled at ``rate`` units per second on ``clock``."""
+class Wander:
+    """A factor in ``[1 - spread, 1 + spread]`` that drifts slowly and reproducibly.
 
-    __slots__ = ("_capacity", "_clock", "_level", "_rate", "_updated")
+    Targets are drawn every ``period_s`` seconds of the clock from ``seed``, and the factor
+    moves in a straight line from one to the next, so it never jumps::
 
-    def __init__(self, capacity: float, rate: float, clock: Callable[[], float]) -> None:
-        self._capacity = capacity
-        self._rate = rate
+        factor = Wander(0.05, 10.0, seed=7, clock=time.monotonic)
+        limit = 240_000 * factor()      # within 228,000 .. 252,000
+    """
+
+    __slots__ = ("_clock", "_period_s", "_seed", "_spread", "_targets")
+
+    def __init__(self, spread: float, period_s: float, seed: int, clock: Callable[[], float]) -> None:
+        self._spread = spread
+        self._period_s = period_s
+        self._seed = seed
         self._clock = clock
-        self._level = capacity
-        self._updated = clock()
+        self._targets: dict[int, float] = {}
 
-    @property
-    def level(self) -> float:
-        """Units available now (negative while paying back an oversized request)."""
-        self._refill()
-        return self._level
+    def __call__(self) -> float:
+        position = self._clock() / self._period_s
+        step = math.floor(position)
+        along = position - step
+        offset = self._target(step) * (1 - along) + self._target(step + 1) * along
+        return 1.0 + self._spread * offset
 
-    def wait_s(self, cost: float) -> float:
-        """Seconds until ``cost`` units can be taken; 0 when they can be taken now."""
-        needed = min(cost, self._capacity)
-        missing = needed - self.level
-        return max(0.0, missing / self._rate)
-
-    def take(self, cost: float) -> None:
-        """Take ``cost`` units (callers check :meth:`wait_s` first)."""
-        self._refill()
-        self._level -= cost
-
-    def refill_fully(self) -> None:
-        """Make the bucket full again, as at start."""
-        self._level = self._capacity
-        self._updated = self._clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        elapsed = max(0.0, now - self._updated)
-        self._level = min(self._capacity, self._level + elapsed * self._rate)
-        self._updated = now
+    def _target(self, step: int) -> float:
+        """The target at ``step``, in [-1, 1]: the same for a seed whatever the order of calls."""
+        target = self._targets.get(step)
+        if target is None:
+            if len(self._targets) > 64:
+                self._targets.clear()
+            target = self._targets[step] = random.Random(f"{self._seed}:{step}").uniform(-1.0, 1.0)
+        return target
 
 
 @dataclass(frozen=True)
@@ -85,25 +107,47 @@ class Admission:
 
 
 class Quota:
-    """Tokens-per-minute and requests-per-minute limits; either may be None (unlimited)."""
+    """Tokens-per-minute and requests-per-minute limits; either may be None (unlimited).
 
-    __slots__ = ("_clock", "_requests", "_tokens")
+    Args:
+        tokens_per_minute: TPM quota, or None.
+        requests_per_minute: RPM quota (checked per 10 s), or None.
+        clock: seconds; fixed windows start at its multiples of the window length.
+        limiter: how both limits are metered.
+        window_scale: multiplies the 60 s and 10 s windows (e.g. 0.05 for 3 s "minutes").
+        tpm_jitter: the TPM limit wanders within ± this fraction (0 keeps it fixed).
+        seed: seed of the wander; None draws one.
+    """
+
+    __slots__ = ("_report", "_requests", "_tokens")
 
     def __init__(
         self,
         tokens_per_minute: int | None,
         requests_per_minute: int | None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        limiter: LimiterModel = "token-bucket",
+        window_scale: float = 1.0,
+        tpm_jitter: float = 0.0,
+        seed: int | None = None,
+        report_remaining: bool = True,
     ) -> None:
-        self._clock = clock
-        self._tokens = (
-            TokenBucket(tokens_per_minute, tokens_per_minute / 60.0, clock) if tokens_per_minute else None
-        )
-        self._requests = (
-            TokenBucket(requests_per_minute / 6.0, requests_per_minute / 60.0, clock)
-            if requests_per_minute
-            else None
-        )
+        meter = _METERS[limiter]
+        self._report = report_remaining
+        self._tokens: Meter | None = None
+        self._requests: Meter | None = None
+        if tokens_per_minute:
+            tpm = float(tokens_per_minute)
+            if tpm_jitter:
+                seed = random.randrange(2**32) if seed is None else seed
+                wander = Wander(tpm_jitter, WANDER_PERIOD_S * window_scale, seed, clock)
+                self._tokens = meter(lambda: tpm * wander(), TOKENS_WINDOW_S * window_scale, clock)
+            else:
+                self._tokens = meter(lambda: tpm, TOKENS_WINDOW_S * window_scale, clock)
+        if requests_per_minute:
+            per_window = requests_per_minute * REQUESTS_WINDOW_S / TOKENS_WINDOW_S
+            self._requests = meter(lambda: per_window, REQUESTS_WINDOW_S * window_scale, clock)
 
     def admit(self, tokens: int) -> Admission:
         """Charge one request of ``tokens`` tokens if both limits allow it, else charge nothing."""
@@ -120,13 +164,13 @@ class Quota:
         return Admission(True, 0.0, self._remaining_tokens(), self._remaining_requests())
 
     def reset(self) -> None:
-        """Refill both buckets, as at server start."""
-        for bucket in (self._tokens, self._requests):
-            if bucket:
-                bucket.refill_fully()
+        """Forget every charge, as at server start."""
+        for meter in (self._tokens, self._requests):
+            if meter:
+                meter.reset()
 
     def _remaining_tokens(self) -> int | None:
-        return max(0, int(self._tokens.level)) if self._tokens else None
+        return int(self._tokens.remaining()) if self._tokens and self._report else None
 
     def _remaining_requests(self) -> int | None:
-        return max(0, int(self._requests.level)) if self._requests else None
+        return int(self._requests.remaining()) if self._requests and self._report else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sparkembed.server.quota import LimiterModel
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -23,6 +25,12 @@ class ServerSettings:
         max_input_tokens: most tokens in one input.
         tokens_per_minute: TPM quota, or None for unlimited.
         requests_per_minute: RPM quota (enforced per 10 s), or None for unlimited.
+        limiter: how both quotas are metered: ``token-bucket``, ``sliding-window`` or
+            ``fixed-window`` (see :mod:`sparkembed.server.quota`).
+        tpm_jitter: the TPM limit wanders within ± this fraction (e.g. 0.05), seeded by ``seed``.
+        window_scale: multiplies the 60 s and 10 s quota windows, so tests run in seconds.
+        quota_headers: send ``x-ratelimit-remaining-tokens`` / ``-requests``; off models a
+            service that never says what is left, so a client learns only from 429s.
         latency_ms: milliseconds added to every response.
         error_rate: fraction of requests answered 500 or 503.
         reset_rate: fraction of requests whose connection is dropped with no response.
@@ -46,6 +54,10 @@ class ServerSettings:
     max_input_tokens: int = 8191
     tokens_per_minute: int | None = None
     requests_per_minute: int | None = None
+    limiter: LimiterModel = "token-bucket"
+    tpm_jitter: float = 0.0
+    window_scale: float = 1.0
+    quota_headers: bool = True
     latency_ms: float = 0.0
     error_rate: float = 0.0
     reset_rate: float = 0.0

@@ -26,10 +26,12 @@ from sparkembed.backends.http import decode_response, map_error
 from sparkembed.config import EmbedConfig
 from sparkembed.core.engine import Embedder, get_embedder, request_token_cap
 from sparkembed.core.metrics import Metrics
+from sparkembed.core.ratelimit import HEADROOM, Grant
 from sparkembed.core.streaming import ChunkAssembly
 from sparkembed.core.tokens import estimate_tokens
 from sparkembed.core.types import BackendResponse
 from sparkembed.errors import (
+    ConfigError,
     EndpointConfigError,
     QuotaExhaustedError,
     ServiceError,
@@ -85,19 +87,23 @@ class RecordingLimiter:
         self.settled: list[tuple[int, int]] = []
         self.throttles: list[float | None] = []
         self.successes = 0
+        self.cap: float | None = None
 
-    async def acquire(self, tokens: int) -> float:
+    async def acquire(self, tokens: int, *, retry: bool = False) -> Grant:
         self.acquired.append(tokens)
-        return 0.25
+        return Grant(tokens, waited_s=0.25)
 
-    def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
-        self.settled.append((estimated_tokens, actual_tokens))
+    def settle(self, grant: Grant, actual_tokens: int) -> None:
+        self.settled.append((grant.tokens, actual_tokens))
 
-    def on_throttle(self, retry_after_s: float | None) -> None:
+    def on_throttle(self, grant: Grant | None, retry_after_s: float | None) -> None:
         self.throttles.append(retry_after_s)
 
-    def on_success(self) -> None:
+    def on_success(self, grant: Grant, remaining_tokens: int | None, remaining_requests: int | None) -> None:
         self.successes += 1
+
+    def request_cap(self) -> float | None:
+        return self.cap
 
 
 def make_config(**sections: dict) -> EmbedConfig:
@@ -334,6 +340,14 @@ def test_a_429_waits_its_retry_after_and_cools_the_limiter() -> None:
     assert metrics.throttled == 1
 
 
+def test_a_batch_larger_than_the_limiter_allows_is_split_before_it_is_sent() -> None:
+    rig = Rig(batching={"max_inputs": 8})
+    rig.limiter.cap = 2 * estimate_tokens("text number 0") + 1  # room for two texts a request
+    results = rig.embedder.embed(texts(8))
+    assert_ok_vectors(results, texts(8))
+    assert sorted(len(call) for call in rig.backend.calls) == [2, 2, 2, 2]  # none sent whole
+
+
 def test_transport_errors_are_retried() -> None:
     rig = Rig(failing_first(1, lambda: TransportError("connection reset")))
     results = rig.embedder.embed(["a"])
@@ -563,7 +577,9 @@ class Base64RefusingClient:
     def __init__(self) -> None:
         self.formats: list[str] = []
 
-    async def embed(self, *, input: list[str], encoding_format: str, request_id: str) -> dict:
+    async def embed(
+        self, *, input: list[str], encoding_format: str, request_id: str, **_options: Any
+    ) -> dict:
         self.formats.append(encoding_format)
         if encoding_format == "base64":
             error = {"code": "UnsupportedParameter", "message": "no encoding_format base64"}
@@ -646,3 +662,12 @@ def test_a_retry_sends_only_what_the_crashed_attempt_was_not_answered(tmp_path) 
     assert results.prompt_tokens[:20].tolist() == list(range(1, 21))
     assert metrics.reused_tokens == sum(range(1, 21))
     assert metrics.prompt_tokens == sum(len(t.split()) for t in inputs[20:])  # only what was sent now
+
+
+def test_max_share_shrinks_the_limits_and_needs_the_quota() -> None:
+    config = make_config(limits={"tokens_per_minute": 100_000, "requests_per_minute": 600, "max_share": 0.7})
+    assert request_token_cap(config, share=1 / 2) == 3_500  # a tenth of 70,000 / 2
+    limiter = Embedder(config, FakeBackend(), share=1 / 2)._limiter
+    assert limiter.token_limit == pytest.approx(35_000 * (1 - HEADROOM))
+    with pytest.raises(ConfigError, match="max_share needs limits.tokens_per_minute"):
+        make_config(limits={"max_share": 0.7})

@@ -1,4 +1,4 @@
-"""Rate limiter arithmetic on virtual time: exact assertions, no real sleeps.
+"""Pacer arithmetic on virtual time: exact assertions, no real sleeps.
 
 The limiter runs on :class:`VirtualTimeLoop`, an asyncio loop whose clock jumps
 straight to the next timer instead of sleeping, so ``await asyncio.sleep(30)``
@@ -15,13 +15,12 @@ from typing import Any, TypeVar
 import pytest
 
 from sparkembed.core.ratelimit import (
-    DECREASE,
+    BOUND_HORIZON_WINDOWS,
     DEFAULT_COOLDOWN_S,
-    HOLDOFF_S,
-    MIN_RATE_FACTOR,
-    RECOVERY_PER_S,
+    REQUESTS_PER_LIMIT,
+    WINDOW_MARGIN,
     RateLimiter,
-    TokenBucket,
+    SendWindow,
 )
 
 T = TypeVar("T")
@@ -77,487 +76,189 @@ class FakeClock:
 
 
 def exact(limiter_tpm: float | None, limiter_rpm: float | None, loop: VirtualTimeLoop):
-    """A limiter on the loop's clock with no headroom, so shares are exact."""
-    return RateLimiter(limiter_tpm, limiter_rpm, clock=loop.time, headroom=0.0)
+    """A limiter on the loop's clock with no headroom, so shares are exact, that has heard
+    its first answer (the first request goes alone until then)."""
+    limiter = RateLimiter(limiter_tpm, limiter_rpm, clock=loop.time, headroom=0.0)
+    limiter.settle(limiter._take(0, 0.0), 0)
+    return limiter
+
+
+MINUTE = 60 * (1 + WINDOW_MARGIN)
+"""The pacer's token window, in seconds."""
 
 
 async def acquire_logged(
     limiter: RateLimiter, tokens: int, name: str, log: list[tuple[str, float, float]]
 ) -> None:
-    waited = await limiter.acquire(tokens)
-    log.append((name, asyncio.get_running_loop().time(), waited))
+    grant = await limiter.acquire(tokens)
+    log.append((name, asyncio.get_running_loop().time(), grant.waited_s))
 
 
-# --- TokenBucket ----------------------------------------------------------------------
+
+# --- SendWindow ----------------------------------------------------------------------
 
 
-def test_bucket_starts_full() -> None:
-    bucket = TokenBucket(60_000, 1_000, clock=FakeClock())
-    assert bucket.level == 60_000
-    assert bucket.delay_s(60_000) == 0.0
-
-
-def test_bucket_delay_is_the_missing_units_over_the_rate() -> None:
+def test_window_admits_up_to_its_limit_then_waits_for_the_oldest_to_age_out() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(60_000, 1_000, clock=clock)
-    bucket.take(60_000)
-    assert bucket.delay_s(1_000) == 1.0
-    clock.now = 0.25
-    assert bucket.delay_s(1_000) == 0.75
-    clock.now = 1.0
-    assert bucket.delay_s(1_000) == 0.0
-
-
-def test_bucket_refill_stops_at_capacity() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(100, 10, clock=clock)
-    bucket.take(50)
+    window = SendWindow(100, None, 60.0, clock=clock)
+    assert window.delay_s(100) == 0.0
+    window.take(60)
+    clock.now = 20.0
+    window.take(30)
+    assert window.delay_s(10) == 0.0
+    assert window.delay_s(20) == 40.0  # the 60 ages out at t=60
+    assert window.delay_s(80) == 60.0  # the 30 too, at t=80
     clock.now = 60.0
-    assert bucket.level == 100
+    assert (window.used(), window.delay_s(70)) == (30.0, 0.0)
 
 
-def test_bucket_lets_an_oversized_take_go_when_full_and_keeps_the_debt() -> None:
+def test_window_lets_an_oversized_cost_into_an_empty_window_only() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(60_000, 1_000, clock=clock)
-    assert bucket.delay_s(90_000) == 0.0
-    bucket.take(90_000)
-    assert bucket.level == -30_000
-    assert bucket.delay_s(1_000) == 31.0
-    assert bucket.delay_s(90_000) == 90.0  # until full again
+    window = SendWindow(100, None, 60.0, clock=clock)
+    window.take(10)
+    clock.now = 5.0
+    assert window.delay_s(250) == 55.0
+    clock.now = 60.0
+    assert window.delay_s(250) == 0.0
 
 
-def test_bucket_refund_stops_at_capacity() -> None:
+def test_window_correction_gives_back_what_was_not_billed() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(100, 10, clock=clock)
-    bucket.take(30)
-    bucket.give(50)
-    assert bucket.level == 100
+    window = SendWindow(100, None, 60.0, clock=clock)
+    charge = window.take(100)
+    assert window.delay_s(50) == 60.0
+    window.correct(charge, 40)
+    assert (window.used(), window.delay_s(50)) == (40.0, 0.0)
 
 
-def test_bucket_drain_empties_but_keeps_debt() -> None:
-    bucket = TokenBucket(100, 10, clock=FakeClock())
-    bucket.drain()
-    assert bucket.level == 0
-    bucket.take(40)
-    bucket.drain()
-    assert bucket.level == -40
+def test_window_without_a_limit_admits_everything_and_still_counts() -> None:
+    window = SendWindow(None, None, 60.0, clock=FakeClock())
+    window.take(10**9)
+    assert (window.limit, window.delay_s(10**9), window.used()) == (None, 0.0, 10**9)
 
 
-def test_bucket_rate_change_applies_from_now_on() -> None:
+def test_the_tightest_recent_bound_is_the_limit_until_it_grows_old() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(100, 10, clock=clock)
-    bucket.take(100)
-    clock.now = 2.0
-    bucket.set_rate(5)
-    clock.now = 4.0
-    assert bucket.level == 30  # 2 s at 10/s, then 2 s at 5/s
+    window = SendWindow(None, 1_000, 60.0, clock=clock)
+    window.learn(5_000)
+    assert window.limit == 1_000  # never above the ceiling
+    window.learn(700)
+    clock.now = 30.0
+    window.learn(900)
+    assert window.limit == 700
+    clock.now = BOUND_HORIZON_WINDOWS * 60.0 + 1
+    window.learn(950)
+    assert window.limit == 900  # the 700 is too old; the 900 is not yet
+    clock.now += 30.0
+    window.learn(990)
+    assert window.limit == 950
 
 
-@pytest.mark.parametrize(("capacity", "rate"), [(0, 1), (1, 0), (-1, 1)])
-def test_bucket_refuses_a_non_positive_shape(capacity: float, rate: float) -> None:
-    with pytest.raises(ValueError):
-        TokenBucket(capacity, rate)
+def test_headroom_is_taken_off_limits_and_bounds() -> None:
+    window = SendWindow(1_000, 2_000, 60.0, clock=FakeClock(), headroom=0.1)
+    assert window.limit == 900
+    window.learn(1_500)
+    assert window.limit == 1_350
 
 
-# --- unlimited ----------------------------------------------------------------------------
+# --- pacing -------------------------------------------------------------------------------
+
+
+def test_the_first_request_goes_alone_until_it_is_answered(loop: VirtualTimeLoop) -> None:
+    limiter = RateLimiter(None, None, clock=loop.time)
+    log: list[tuple[str, float, float]] = []
+
+    async def main() -> None:
+        first = await limiter.acquire(100)
+        second = asyncio.ensure_future(acquire_logged(limiter, 100, "second", log))
+        await asyncio.sleep(0.3)
+        assert log == []
+        limiter.settle(first, 100)
+        await second
+
+    run(loop, main)
+    assert log == [("second", 0.3, 0.3)]
 
 
 def test_no_quota_admits_everything_at_once(loop: VirtualTimeLoop) -> None:
     limiter = exact(None, None, loop)
 
     async def main() -> list[float]:
-        return [await limiter.acquire(1_000_000) for _ in range(100)]
+        return [(await limiter.acquire(1_000_000)).waited_s for _ in range(100)]
 
     assert run(loop, main) == [0.0] * 100
-    assert loop.now == 0.0
-    assert limiter.waited_s == 0.0
 
 
-def test_no_quota_still_pauses_everyone_on_a_429(loop: VirtualTimeLoop) -> None:
-    limiter = exact(None, None, loop)
-    log: list[tuple[str, float, float]] = []
-
-    async def main() -> None:
-        limiter.on_throttle(1.5)
-        await asyncio.gather(*(acquire_logged(limiter, 10, f"r{i}", log) for i in range(3)))
-
-    run(loop, main)
-    assert log == [("r0", 1.5, 1.5), ("r1", 1.5, 1.5), ("r2", 1.5, 1.5)]
-    assert limiter.waited_s == 4.5
-
-
-# --- tokens per minute --------------------------------------------------------------------
-
-
-def test_a_fresh_minute_of_quota_goes_at_once(loop: VirtualTimeLoop) -> None:
+def test_a_minute_of_quota_goes_at_once_then_waits_for_it_to_age_out(loop: VirtualTimeLoop) -> None:
+    # Safe under every model: a bucket would refill sooner, but a window would not.
     limiter = exact(60_000, None, loop)
 
     async def main() -> list[float]:
-        return [await limiter.acquire(1_000) for _ in range(60)]
+        waits = [(await limiter.acquire(1_000)).waited_s for _ in range(60)]
+        return waits + [(await limiter.acquire(1_000)).waited_s]
 
-    assert run(loop, main) == [0.0] * 60
-    assert loop.now == 0.0
-
-
-def test_after_the_burst_1000_tokens_wait_exactly_one_second(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        await limiter.acquire(60_000)
-        return await limiter.acquire(1_000)
-
-    assert run(loop, main) == 1.0
-    assert loop.now == 1.0
-    assert limiter.waited_s == 1.0
+    assert run(loop, main) == [0.0] * 60 + [pytest.approx(MINUTE)]
 
 
-def test_after_the_burst_requests_are_paced_at_the_share_rate(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-    log: list[tuple[str, float, float]] = []
-
-    async def main() -> None:
-        await limiter.acquire(60_000)
-        await asyncio.gather(*(acquire_logged(limiter, 500, f"r{i}", log) for i in range(6)))
-
-    run(loop, main)
-    assert [(name, t) for name, t, _ in log] == [
-        ("r0", 0.5),
-        ("r1", 1.0),
-        ("r2", 1.5),
-        ("r3", 2.0),
-        ("r4", 2.5),
-        ("r5", 3.0),
-    ]
-    assert limiter.waited_s == 0.5 + 1.0 + 1.5 + 2.0 + 2.5 + 3.0
-
-
-def test_only_the_head_waiter_sleeps_once_per_admission(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> None:
-        await limiter.acquire(60_000)
-        loop.timers = 0
-        await asyncio.gather(*(limiter.acquire(1_000) for _ in range(10)))
-
-    run(loop, main)
-    assert loop.now == 10.0
-    assert loop.timers == 10  # one timer per admission: nobody polls
-
-
-def test_the_default_headroom_keeps_one_percent_of_the_share(loop: VirtualTimeLoop) -> None:
-    limiter = RateLimiter(60_000, None, clock=loop.time)
-
-    async def main() -> float:
-        await limiter.acquire(59_400)
-        return await limiter.acquire(990)
-
-    assert run(loop, main) == 1.0
-
-
-def test_a_request_larger_than_the_bucket_goes_when_full(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-    log: list[tuple[str, float, float]] = []
-
-    async def main() -> None:
-        await acquire_logged(limiter, 90_000, "huge", log)
-        await acquire_logged(limiter, 1_000, "next", log)
-
-    run(loop, main)
-    assert log == [("huge", 0.0, 0.0), ("next", 31.0, 31.0)]
-
-
-def test_an_oversized_request_behind_traffic_waits_for_a_full_bucket(
-    loop: VirtualTimeLoop,
-) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        await limiter.acquire(30_000)
-        return await limiter.acquire(100_000)
-
-    assert run(loop, main) == 30.0
-
-
-def test_waiters_are_served_in_order_so_a_large_request_is_not_starved(
-    loop: VirtualTimeLoop,
-) -> None:
-    limiter = exact(60_000, None, loop)
-    log: list[tuple[str, float, float]] = []
-
-    async def main() -> None:
-        await limiter.acquire(60_000)
-        big = asyncio.ensure_future(acquire_logged(limiter, 30_000, "big", log))
-        await asyncio.sleep(0)
-        smalls = [acquire_logged(limiter, 1_000, f"small{i}", log) for i in range(3)]
-        await asyncio.gather(big, *smalls)
-
-    run(loop, main)
-    assert [(name, t) for name, t, _ in log] == [
-        ("big", 30.0),
-        ("small0", 31.0),
-        ("small1", 32.0),
-        ("small2", 33.0),
-    ]
-
-
-def test_a_newcomer_queues_behind_waiters_even_if_its_cost_fits(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-    log: list[tuple[str, float, float]] = []
-
-    async def main() -> None:
-        await limiter.acquire(55_000)  # 5_000 left
-        first = asyncio.ensure_future(acquire_logged(limiter, 10_000, "first", log))
-        await asyncio.sleep(0)
-        await acquire_logged(limiter, 1_000, "newcomer", log)
-        await first
-
-    run(loop, main)
-    assert log == [("first", 5.0, 5.0), ("newcomer", 6.0, 6.0)]
-
-
-# --- requests per minute ------------------------------------------------------------------
-
-
-def test_rpm_allows_a_ten_second_window_then_paces(loop: VirtualTimeLoop) -> None:
-    limiter = exact(None, 600, loop)  # bucket of 100 requests, 10 per second
+def test_rpm_is_paced_over_a_sixth_of_the_minute(loop: VirtualTimeLoop) -> None:
+    limiter = exact(None, 600, loop)
 
     async def main() -> list[float]:
-        return [await limiter.acquire(1) for _ in range(102)]
+        return [(await limiter.acquire(1)).waited_s for _ in range(101)]
 
     waits = run(loop, main)
     assert waits[:100] == [0.0] * 100
-    assert waits[100:] == [pytest.approx(0.1), pytest.approx(0.1)]
-    assert loop.now == pytest.approx(0.2)
+    assert waits[100] == pytest.approx(MINUTE / 6)
 
 
-def test_the_stricter_bucket_sets_the_wait(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, 60, loop)  # 10 requests per 10 s, 1 per second; 1000 tokens/s
-
-    async def main() -> list[float]:
-        await limiter.acquire(59_990)  # 9 requests left, 10 tokens
-        waits = [await limiter.acquire(1) for _ in range(9)]
-        waits.append(await limiter.acquire(1))  # requests bucket empty: 1 s
-        waits.append(await limiter.acquire(5_000))  # tokens: 5 s
-        return waits
-
-    assert run(loop, main) == [0.0] * 9 + [1.0, pytest.approx(4.0)]
-    assert loop.now == pytest.approx(5.0)
-
-
-# --- settling from reported usage ------------------------------------------------------------
-
-
-def test_an_overestimate_is_refunded_and_wakes_the_waiter_early(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        await limiter.acquire(60_000)
-        waiter = asyncio.ensure_future(limiter.acquire(10_000))  # due at t=10
-        await asyncio.sleep(2.0)
-        limiter.settle(estimated_tokens=5_000, actual_tokens=1_000)  # 2_000 + 4_000 now
-        return await waiter
-
-    assert run(loop, main) == 6.0
-
-
-def test_an_underestimate_is_charged(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        await limiter.acquire(60_000)
-        limiter.settle(estimated_tokens=1_000, actual_tokens=3_000)
-        return await limiter.acquire(1_000)
-
-    assert run(loop, main) == 3.0
-
-
-def test_a_refund_never_overfills_the_bucket(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        await limiter.acquire(1_000)
-        limiter.settle(estimated_tokens=50_000, actual_tokens=0)
-        await limiter.acquire(60_000)
-        return await limiter.acquire(1_000)
-
-    assert run(loop, main) == 1.0
-
-
-@pytest.mark.parametrize("settle_first", [True, False])
-def test_a_refused_request_refunds_nothing_into_a_cooldown(loop: VirtualTimeLoop, settle_first: bool) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        await limiter.acquire(10_000)
-        # Either order leaves the bucket empty, refilling at 700/s from t=0.
-        if settle_first:
-            limiter.settle(estimated_tokens=10_000, actual_tokens=0)
-        limiter.on_throttle(1.0)
-        if not settle_first:
-            limiter.settle(estimated_tokens=10_000, actual_tokens=0)
-        return await limiter.acquire(1_400)
-
-    assert run(loop, main) == pytest.approx(2.0)
-
-
-def test_settle_without_a_token_limit_changes_nothing(loop: VirtualTimeLoop) -> None:
-    limiter = exact(None, 600, loop)
-
-    async def main() -> float:
-        limiter.settle(estimated_tokens=1_000, actual_tokens=90_000)
-        return await limiter.acquire(1_000)
-
-    assert run(loop, main) == 0.0
-
-
-# --- 429 feedback -------------------------------------------------------------------------
-
-
-def test_a_429_pauses_all_pending_acquirers_until_its_retry_after(loop: VirtualTimeLoop) -> None:
+def test_waiters_are_served_in_order_so_a_large_request_is_not_starved(loop: VirtualTimeLoop) -> None:
     limiter = exact(60_000, None, loop)
     log: list[tuple[str, float, float]] = []
 
     async def main() -> None:
-        await limiter.acquire(60_000)
-        pending = [asyncio.ensure_future(acquire_logged(limiter, 100, f"r{i}", log)) for i in range(3)]
-        await asyncio.sleep(0.05)  # due at 0.1, 0.2, 0.3
-        limiter.on_throttle(1.5)
-        await asyncio.gather(*pending)
+        for _ in range(6):
+            await limiter.acquire(10_000)
+            await asyncio.sleep(1.0)
+        big = asyncio.ensure_future(acquire_logged(limiter, 30_000, "big", log))
+        await asyncio.sleep(0)
+        await asyncio.gather(big, *(acquire_logged(limiter, 1_000, f"small{i}", log) for i in range(2)))
 
     run(loop, main)
-    # Paused until 1.55; by then 1.5 s at the lowered rate (700/s) refilled 1050 tokens.
-    assert [name for name, _, _ in log] == ["r0", "r1", "r2"]
-    assert [t for _, t, _ in log] == [pytest.approx(1.55)] * 3
+    # The 30,000 need the first three sends gone (t = 2 + MINUTE); the small ones go after it.
+    assert [name for name, _, _ in log] == ["big", "small0", "small1"]
+    assert log[0][1] == pytest.approx(2 + MINUTE)
+    assert log[1][1] == pytest.approx(3 + MINUTE)
 
 
-def test_a_429_without_retry_after_pauses_the_default_cooldown(loop: VirtualTimeLoop) -> None:
-    limiter = exact(None, None, loop)
-
-    async def main() -> float:
-        limiter.on_throttle(None)
-        return await limiter.acquire(1)
-
-    assert run(loop, main) == DEFAULT_COOLDOWN_S
-
-
-def test_a_429_empties_the_buckets_so_traffic_restarts_paced(loop: VirtualTimeLoop) -> None:
+def test_a_request_retried_after_a_429_goes_ahead_of_new_ones(loop: VirtualTimeLoop) -> None:
     limiter = exact(60_000, None, loop)
+    log: list[tuple[str, float, float]] = []
 
-    async def main() -> list[float]:
-        limiter.on_throttle(1.0)  # bucket was full; now empty, refilling at 700/s
-        return [await limiter.acquire(700) for _ in range(3)]
+    async def retried() -> None:
+        grant = await limiter.acquire(20_000, retry=True)
+        log.append(("retried", loop.time(), grant.waited_s))
 
-    assert run(loop, main) == [1.0, pytest.approx(1.0), pytest.approx(1.0)]
-    assert loop.now == pytest.approx(3.0)
+    async def main() -> None:
+        await limiter.acquire(52_000)
+        new = [asyncio.ensure_future(acquire_logged(limiter, 5_000, f"new{i}", log)) for i in range(3)]
+        await asyncio.sleep(1.0)  # new0 went; new1 heads the queue, napping
+        await asyncio.gather(retried(), *new)
 
-
-def test_a_429_cuts_the_rate_multiplicatively(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-    limiter.on_throttle(1.0)
-    assert limiter.rate_factor == DECREASE
-
-
-def test_429s_of_one_congestion_event_cut_the_rate_once(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> list[float]:
-        factors = []
-        limiter.on_throttle(1.0)  # paused until 1, hold-off until 3
-        await asyncio.sleep(0.5)
-        limiter.on_throttle(1.0)  # during the pause: extends it to 1.5
-        factors.append(limiter.rate_factor)
-        await asyncio.sleep(2.0)  # t=2.5, within the hold-off
-        limiter.on_throttle(0.1)
-        factors.append(limiter.rate_factor)
-        await asyncio.sleep(0.5)  # t=3.0: a new event
-        limiter.on_throttle(0.1)
-        factors.append(limiter.rate_factor)
-        return factors
-
-    assert run(loop, main) == [DECREASE, DECREASE, pytest.approx(DECREASE**2)]
+    run(loop, main)
+    assert [name for name, _, _ in log] == ["new0", "retried", "new1", "new2"]
 
 
-def test_a_longer_retry_after_extends_the_pause_and_a_shorter_one_does_not(
-    loop: VirtualTimeLoop,
-) -> None:
-    limiter = exact(None, None, loop)
-
-    async def main() -> list[float]:
-        limiter.on_throttle(5.0)
-        limiter.on_throttle(1.0)
-        first = await limiter.acquire(1)
-        limiter.on_throttle(2.0)
-        limiter.on_throttle(3.0)
-        return [first, await limiter.acquire(1)]
-
-    assert run(loop, main) == [5.0, 3.0]
-    assert loop.now == 8.0
-
-
-def test_the_rate_factor_never_falls_below_its_floor(loop: VirtualTimeLoop) -> None:
+def test_an_overestimate_is_refunded_and_wakes_the_waiter(loop: VirtualTimeLoop) -> None:
     limiter = exact(60_000, None, loop)
 
     async def main() -> float:
-        for _ in range(20):
-            limiter.on_throttle(0.0)
-            await asyncio.sleep(HOLDOFF_S)
-        return limiter.rate_factor
+        grant = await limiter.acquire(60_000)
+        waiter = asyncio.ensure_future(limiter.acquire(10_000))
+        await asyncio.sleep(2.0)
+        limiter.settle(grant, 45_000)
+        return (await waiter).waited_s
 
-    assert run(loop, main) == MIN_RATE_FACTOR
-
-
-def test_success_climbs_back_linearly_after_the_holdoff(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> list[float]:
-        factors = []
-        limiter.on_throttle(1.0)  # factor 0.7; paused until 1; recovery from 3
-        for t in (2.0, 5.0, 7.0, 20.0):
-            await asyncio.sleep(t - loop.time())
-            limiter.on_success()
-            factors.append(limiter.rate_factor)
-        return factors
-
-    assert run(loop, main) == [
-        DECREASE,
-        pytest.approx(DECREASE + 2 * RECOVERY_PER_S),
-        pytest.approx(DECREASE + 4 * RECOVERY_PER_S),
-        1.0,
-    ]
-
-
-def test_success_without_throttling_keeps_the_full_rate(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-    limiter.on_success()
-    assert limiter.rate_factor == 1.0
-
-
-def test_the_lowered_rate_paces_admissions(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        limiter.on_throttle(0.0)  # 700 tokens/s from an empty bucket
-        return await limiter.acquire(1_400)
-
-    assert run(loop, main) == pytest.approx(2.0)
-
-
-def test_recovery_wakes_the_waiter_at_the_higher_rate(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
-
-    async def main() -> float:
-        limiter.on_throttle(0.0)  # 700/s; recovery starts at t=2 (hold-off)
-        waiter = asyncio.ensure_future(limiter.acquire(7_000))  # due at t=10 at 700/s
-        await asyncio.sleep(4.0)
-        limiter.on_success()  # factor 0.7 + 2 s of recovery
-        return await waiter
-
-    # 2_800 tokens by t=4, then 4_200 more at the raised rate
-    raised = 1_000 * (DECREASE + 2 * RECOVERY_PER_S)
-    assert run(loop, main) == pytest.approx(4.0 + 4_200 / raised)
-
-
-# --- cancellation ---------------------------------------------------------------------------
+    assert run(loop, main) == 2.0
 
 
 def test_a_cancelled_head_waiter_hands_its_turn_to_the_next(loop: VirtualTimeLoop) -> None:
@@ -565,7 +266,7 @@ def test_a_cancelled_head_waiter_hands_its_turn_to_the_next(loop: VirtualTimeLoo
     log: list[tuple[str, float, float]] = []
 
     async def main() -> None:
-        await limiter.acquire(60_000)
+        await limiter.acquire(59_000)
         big = asyncio.ensure_future(acquire_logged(limiter, 30_000, "big", log))
         await asyncio.sleep(0)
         small = asyncio.ensure_future(acquire_logged(limiter, 1_000, "small", log))
@@ -574,20 +275,130 @@ def test_a_cancelled_head_waiter_hands_its_turn_to_the_next(loop: VirtualTimeLoo
         await small
 
     run(loop, main)
-    assert log == [("small", 1.0, 1.0)]
+    assert log == [("small", 0.5, 0.5)]
 
 
-def test_a_cancelled_queued_waiter_leaves_the_queue(loop: VirtualTimeLoop) -> None:
-    limiter = exact(60_000, None, loop)
+# --- learning from the service ------------------------------------------------------------
+
+
+def test_the_room_reported_after_a_success_bounds_the_limit(loop: VirtualTimeLoop) -> None:
+    limiter = exact(None, None, loop)
+
+    async def main() -> None:
+        grant = await limiter.acquire(4_000)
+        limiter.settle(grant, 4_200)
+        limiter.on_success(grant, remaining_tokens=15_800, remaining_requests=99)
+
+    run(loop, main)
+    assert (limiter.token_limit, limiter.request_limit) == (20_000, 100)
+    assert limiter.request_cap() == 20_000 / REQUESTS_PER_LIMIT
+
+
+def test_requests_in_flight_count_until_settled_then_the_refused_drop_out(loop: VirtualTimeLoop) -> None:
+    limiter = exact(None, None, loop)
+
+    async def main() -> list[float | None]:
+        first = await limiter.acquire(4_000)
+        second = await limiter.acquire(4_000)  # in flight: the service may have counted it
+        limiter.settle(first, 4_000)
+        limiter.on_success(first, remaining_tokens=16_000)
+        loose = limiter.token_limit
+        limiter.settle(second, 0)  # refused: it was never counted
+        return [loose, limiter.token_limit]
+
+    assert run(loop, main) == [24_000, 20_000]
+
+
+def test_workers_count_their_share_of_the_room(loop: VirtualTimeLoop) -> None:
+    limiter = RateLimiter(10_000, None, share=1 / 4, clock=loop.time, headroom=0.0)
+
+    async def main() -> None:
+        grant = await limiter.acquire(1_000)
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=20_000)
+
+    run(loop, main)
+    assert limiter.token_limit == 6_000  # 1,000 sent + a quarter of the 20,000 left
+
+
+def test_the_limit_never_passes_the_configured_quota(loop: VirtualTimeLoop) -> None:
+    limiter = RateLimiter(10_000, None, share=1 / 2, clock=loop.time, headroom=0.0)
+
+    async def main() -> None:
+        grant = await limiter.acquire(1_000)
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=100_000)
+
+    run(loop, main)
+    assert limiter.token_limit == 20_000  # a tail task may take the whole quota, no more
+
+
+def test_room_kept_for_others_is_not_counted_as_ours(loop: VirtualTimeLoop) -> None:
+    """limits.max_share 0.7 of 10,000: 3,000 a minute stay free for the deployment's other
+    clients, so only the room above that is this worker's to share."""
+    limiter = RateLimiter(7_000 / 2, None, share=1 / 2, leave_tokens=3_000, clock=loop.time, headroom=0.0)
+
+    async def main() -> list[float | None]:
+        grant = await limiter.acquire(1_000)
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=9_000)  # the other clients are idle
+        idle = limiter.token_limit
+        grant = await limiter.acquire(1_000)
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=2_500)  # they took their part back
+        return [idle, limiter.token_limit]
+
+    # 1,000 + half of (9,000 - 3,000); then 2,000 sent and nothing above the 3,000 kept.
+    assert run(loop, main) == [4_000, 2_000]
+
+
+def test_a_429_pauses_all_pending_acquirers_until_its_retry_after(loop: VirtualTimeLoop) -> None:
+    limiter = exact(None, None, loop)
     log: list[tuple[str, float, float]] = []
 
     async def main() -> None:
-        await limiter.acquire(60_000)
-        tasks = [asyncio.ensure_future(acquire_logged(limiter, 1_000, name, log)) for name in ("a", "b", "c")]
-        await asyncio.sleep(0.5)
-        tasks[1].cancel()
-        await asyncio.gather(tasks[0], tasks[2])
+        refused = await limiter.acquire(100)
+        limiter.settle(refused, 0)
+        limiter.on_throttle(refused, 1.5)
+        await asyncio.gather(*(acquire_logged(limiter, 10, f"r{i}", log) for i in range(3)))
 
     run(loop, main)
-    assert log == [("a", 1.0, 1.0), ("c", 2.0, 2.0)]
-    assert limiter.waited_s == 3.0
+    assert [(name, t) for name, t, _ in log] == [("r0", 1.5), ("r1", 1.5), ("r2", 1.5)]
+
+
+def test_a_429_without_retry_after_pauses_the_default_cooldown(loop: VirtualTimeLoop) -> None:
+    limiter = exact(None, None, loop)
+
+    async def main() -> float:
+        limiter.on_throttle(None, None)
+        return (await limiter.acquire(1)).waited_s
+
+    assert run(loop, main) == DEFAULT_COOLDOWN_S
+
+
+def test_a_longer_retry_after_extends_the_pause_and_a_shorter_one_does_not(loop: VirtualTimeLoop) -> None:
+    limiter = exact(None, None, loop)
+
+    async def main() -> list[float]:
+        limiter.on_throttle(None, 5.0)
+        limiter.on_throttle(None, 1.0)
+        return [(await limiter.acquire(1)).waited_s]
+
+    assert run(loop, main) == [5.0]
+
+
+def test_a_429_lowers_the_limit_only_from_a_service_that_reports_no_room(loop: VirtualTimeLoop) -> None:
+    silent, telling = exact(None, None, loop), exact(None, None, loop)
+
+    async def main() -> None:
+        for limiter, room in ((silent, None), (telling, 50_000)):
+            ok = await limiter.acquire(10_000)
+            limiter.settle(ok, 10_000)
+            limiter.on_success(ok, remaining_tokens=room)
+            refused = await limiter.acquire(8_000)
+            limiter.settle(refused, 0)
+            limiter.on_throttle(refused, 0.0)
+
+    run(loop, main)
+    assert silent.token_limit == 18_000  # below what was sent plus the refused cost
+    assert telling.token_limit == 60_000  # the 429 may have been for requests

@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict
 
 from sparkembed.config import RetryConfig
-from sparkembed.core.retry import Decision, RetryPolicy, config_error_for, retry_after_s
+from sparkembed.core.retry import Decision, RetryPolicy, config_error_for, remaining_quota, retry_after_s
 from sparkembed.errors import ConfigError, EndpointConfigError, ServiceError, TransportError
 
 CONFIG = RetryConfig(
@@ -130,6 +130,14 @@ def test_attempts_are_limited() -> None:
     )
 
 
+def test_a_429_is_bounded_by_time_not_by_attempts() -> None:
+    # A busy quota is not an error: the 1,024-row request of issue 15 failed on its 8th 429.
+    p = policy(max_attempts=3, total_timeout_s=100.0)
+    assert p.decide(error(429, retry_after=1.0), attempt=50, elapsed_s=98.0).action == "retry"
+    assert p.decide(error(429), attempt=50, elapsed_s=0.0).action == "retry"
+    assert p.decide(error(429, retry_after=1.0), attempt=50, elapsed_s=99.5).action == "give_up"
+
+
 def test_one_attempt_means_no_retry() -> None:
     decision = policy(max_attempts=1).decide(TransportError("reset"), attempt=1, elapsed_s=0.0)
     assert decision == Decision("give_up", 0.0, "transport error: reset; gave up after 1 attempts")
@@ -213,6 +221,19 @@ def test_backoff_uses_the_real_random_within_bounds() -> None:
 )
 def test_retry_after_headers(headers: dict[str, str], expected: float | None) -> None:
     assert retry_after_s(headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-ratelimit-remaining-tokens": "1500", "x-ratelimit-remaining-requests": "9"}, (1500, 9)),
+        ({"X-RateLimit-Remaining-Tokens": "0"}, (0, None)),
+        ({"x-ratelimit-remaining-tokens": "-1", "x-ratelimit-remaining-requests": "many"}, (None, None)),
+        ({}, (None, None)),
+    ],
+)
+def test_remaining_quota_headers(headers: dict[str, str], expected: tuple[int | None, int | None]) -> None:
+    assert remaining_quota(headers) == expected
 
 
 def test_retry_after_http_date_counts_from_now() -> None:
