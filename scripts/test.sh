@@ -9,6 +9,7 @@ bash scripts/bootstrap.sh
 # Lint and type-check everything; the import contract keeps the layers apart (docs/architecture.md).
 .venv/bin/ruff check .
 .venv/bin/mypy sparkembed
+.venv/bin/mypy --strict --follow-imports=silent sparkembed/core
 .venv/bin/lint-imports
 .venv/bin/python -m pytest -q -rs "$@"
 # The built wheel in a venv with pyspark 3.5 preinstalled (Synapse, Databricks LTS): a real run.

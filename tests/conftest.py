@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,16 @@ from sparkembed.server.launch import LocalEndpoint, start_local_endpoint
 TEST_KEY = "test-key-0123456789"
 
 StartEndpoint = Callable[..., LocalEndpoint]
+FOLDER_MARKERS = {"integration": pytest.mark.integration, "spark": pytest.mark.spark}
+"""Every test in tests/integration talks to a local endpoint; every one in tests/spark runs
+Spark. ``-m "not spark"`` leaves the JVM out."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = FOLDER_MARKERS.get(Path(item.fspath).parent.name)
+        if marker is not None:
+            item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")

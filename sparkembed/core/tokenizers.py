@@ -231,7 +231,8 @@ class TiktokenCounter:
             return byte_ends
         raw = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
         chars_begun = np.cumsum((raw & 0xC0) != 0x80)  # continuation bytes begin no character
-        return chars_begun[byte_ends - 1].astype(np.int64)
+        ends: np.ndarray = chars_begun[byte_ends - 1].astype(np.int64)
+        return ends
 
 
 @lru_cache(maxsize=4)

@@ -72,9 +72,9 @@ def encode(texts: Sequence[str]) -> list[Encoding]:
     batch = list(texts)
     # encode_batch_fast skips character offsets, which we never use.
     fast = getattr(tokenizer, "encode_batch_fast", None)
-    if fast is not None:
-        return fast(batch, add_special_tokens=False)
-    return tokenizer.encode_batch(batch, add_special_tokens=False)
+    encode = fast if fast is not None else tokenizer.encode_batch
+    encodings: list[Encoding] = encode(batch, add_special_tokens=False)
+    return encodings
 
 
 def count_tokens(texts: Sequence[str]) -> list[int]:
@@ -107,9 +107,11 @@ def embed_encodings(encodings: Sequence[Encoding]) -> np.ndarray:
 def _mean_token_vector(matrix: np.ndarray, ids: np.ndarray) -> np.ndarray:
     np.clip(ids, 0, matrix.shape[0] - 1, out=ids)
     if ids.size < _HISTOGRAM_POOLING_MIN_TOKENS:
-        return matrix[ids].mean(axis=0, dtype=np.float32)
+        mean: np.ndarray = matrix[ids].mean(axis=0, dtype=np.float32)
+        return mean
     histogram = np.bincount(ids, minlength=matrix.shape[0]).astype(np.float32)
-    return (histogram @ matrix) / np.float32(ids.size)
+    pooled: np.ndarray = (histogram @ matrix) / np.float32(ids.size)
+    return pooled
 
 
 def _normalize_rows(vectors: np.ndarray) -> np.ndarray:

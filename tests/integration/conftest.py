@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from support import DIMS, MAX_INPUT_TOKENS
 
 from sparkembed.server.launch import LocalEndpoint
-
-HERE = Path(__file__).parent
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test in this folder talks to a local endpoint (``-m "not integration"``)."""
-    for item in items:
-        if HERE in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="module")
