@@ -36,10 +36,13 @@ CHARTS = ("throughput", "throttling", "latency")
 @pytest.fixture(scope="module")
 def throttled_run(start_endpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Metrics]:
     """A run saved by the job's own ``save_run_log``: ~6,600 tokens against a 6,000 TPM
-    quota, with the limiter told twice the quota, so the service answers 429s."""
+    quota, with the limiter told twice the quota and a service that never says what room
+    is left, so it answers 429s."""
     from sparkembed.spark.driver import save_run_log
 
-    endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--tpm", str(QUOTA_TPM), "--no-auth")
+    endpoint = start_endpoint(
+        *("--model", "hash", "--dims", str(DIMS), "--tpm", str(QUOTA_TPM), "--no-auth", "--no-quota-headers")
+    )
     runs = tmp_path_factory.mktemp("runs")
     config = validate_config(
         {
