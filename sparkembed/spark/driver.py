@@ -40,7 +40,12 @@ from sparkembed.errors import (
     TransportError,
 )
 from sparkembed.spark import writers
-from sparkembed.spark.migration import finish_migration, plan_migration, record_start
+from sparkembed.spark.migration import (
+    drop_switched_staging,
+    finish_migration,
+    plan_migration,
+    record_start,
+)
 from sparkembed.spark.planning import plan_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
 from sparkembed.spark.targets import check_target_location, is_path, read_target
@@ -249,6 +254,8 @@ def _run_waves(
     # A new fingerprint is built in a staging table beside the target, never in the target.
     migration = plan_migration(spark, config, context)
     work = migration.staging if migration else config
+    if migration is None and config.target.mode != "overwrite":
+        drop_switched_staging(spark, config, context)
     plan = plan_work(spark, df, work, context)
     if migration is not None:
         record_start(migration, config, context, source_rows=df.count())

@@ -61,10 +61,7 @@ class Migration:
 
 
 def plan_migration(spark: SparkSession, config: EmbedConfig, context: RunContext) -> Migration | None:
-    """Whether this run is a migration; None when it writes the target itself.
-
-    A staging table left behind by a migration that switched (the run stopped before the
-    drop) is dropped here.
+    """Whether this run is a migration; None when it writes the target itself. Reads only.
 
     Raises:
         ConfigError: the target holds another fingerprint and ``--reembed-all`` was not given;
@@ -76,7 +73,6 @@ def plan_migration(spark: SparkSession, config: EmbedConfig, context: RunContext
         return None
     other = other_fingerprints(target, config, context)
     if not other:
-        _drop_switched_staging(spark, staging, config, context)
         return None
     if not config.run.reembed_all:
         raise ConfigError(
@@ -180,10 +176,7 @@ def switch(spark: SparkSession, config: EmbedConfig, migration: Migration, conte
     staged = read_target(spark, migration.staging)
     if staged is None:
         raise ConfigError(f"nothing to switch: {migration.location} does not exist")
-    delta_native.write_native(
-        staged, target, mode="overwrite", id_col=config.source.id_col,
-        app_id=f"sparkembed-switch-{context.run_id}", version=0,
-    )  # fmt: skip
+    delta_native.replace_native(staged, target, app_id=f"sparkembed-switch-{context.run_id}", version=0)
     return None
 
 
@@ -232,12 +225,12 @@ def _describe(agreement: Agreement | None) -> str:
     )
 
 
-def _drop_switched_staging(
-    spark: SparkSession, staging: EmbedConfig, config: EmbedConfig, context: RunContext
-) -> None:
-    """A staging table whose vectors the target already holds is left from a switch: drop it."""
+def drop_switched_staging(spark: SparkSession, config: EmbedConfig, context: RunContext) -> None:
+    """Drop a staging table whose vectors the target already holds: a run stopped between its
+    switch and the drop left it. One holding another fingerprint (a pending migration) stays."""
+    staging = staging_config(config)
     staged = read_target(spark, staging)
-    if staged is None:
+    if staged is None or read_target(spark, config) is None:
         return
     if other_fingerprints(staged, config, context):
         log.warning(

@@ -30,7 +30,7 @@ from sparkembed.core.neighbours import neighbour_agreement
 from sparkembed.errors import ConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import migration_status, read_table, staging_location
-from sparkembed.spark import driver, writers
+from sparkembed.spark import driver, migration, writers
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -310,3 +310,35 @@ def test_neighbour_agreement_is_one_for_a_rotation_and_low_for_unrelated_vectors
     unrelated = neighbour_agreement(old, rng.normal(size=(200, 8)))
     assert unrelated.k == 10 and unrelated.mean < 0.2
     assert neighbour_agreement(old[:3], old[:3] * 2).k == 2  # capped at the sample size - 1
+
+
+def test_a_run_stopped_between_the_switch_and_the_drop_leaves_staging_that_the_next_run_drops(
+    spark: SparkSession,
+    hash_endpoint: LocalEndpoint,
+    endpoint_key: str,
+    tmp_path: Path,
+    old_target: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target, source = old_target, str(tmp_path / "source.parquet")
+    config = migrating(hash_endpoint, endpoint_key, source, target)
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt("driver killed")
+
+    monkeypatch.setattr(migration, "drop", killed)
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(spark, config, progress=lambda _: None)
+    monkeypatch.undo()
+    switched = DeltaTable(target).version()
+    assert set(read_table(target).column("dimensions").to_pylist()) - {None} == {NEW_DIMS}
+    assert Path(staging_location(target)).exists()
+
+    hash_endpoint.reset()
+    summary = driver.run(spark, config, progress=lambda _: None)
+    assert summary.migration is None and summary.counts["ok_rows"] == 0
+    assert not Path(staging_location(target)).exists()
+    history = DeltaTable(target).history()
+    overwrites = [c for c in history if c.get("operationParameters", {}).get("mode") == "Overwrite"]
+    assert len(overwrites) == 1 and overwrites[0]["version"] == switched  # switched once, not twice
+    assert sum(billed_texts(hash_endpoint).values()) == 0
