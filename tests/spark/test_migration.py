@@ -342,3 +342,58 @@ def test_a_run_stopped_between_the_switch_and_the_drop_leaves_staging_that_the_n
     overwrites = [c for c in history if c.get("operationParameters", {}).get("mode") == "Overwrite"]
     assert len(overwrites) == 1 and overwrites[0]["version"] == switched  # switched once, not twice
     assert sum(billed_texts(hash_endpoint).values()) == 0
+
+
+@pytest.mark.slow
+def test_the_cli_killed_mid_migration_leaves_the_target_whole_and_the_rerun_pays_one_wave_again_at_most(
+    start_endpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    endpoint = start_endpoint("--model", "hash", "--dims", str(OLD_DIMS), "--latency-ms", "100")
+    source, target = write_source(tmp_path), tmp_path / "target"
+    wave_rows = 100
+    base = [
+        sys.executable, "-m", "sparkembed.cli", "run", "--source", source, "--target", str(target),
+        "--endpoint", endpoint.url, "--set", f"run.log_dir={tmp_path / 'runs'}",
+        "--set", "batching.max_inputs=20", "--set", "limits.concurrency=1",
+        "--set", f"run.commit_every_rows={wave_rows}",
+    ]  # fmt: skip
+    env = {**os.environ, "AZURE_INFERENCE_CREDENTIAL": endpoint_key}
+    first = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = read_table(str(target)).sort_by([("id", "ascending")])
+    endpoint.reset()
+
+    args = [*base, "--reembed-all", "--set", f"endpoint.dimensions={NEW_DIMS}"]
+    run = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    log = Path(staging_location(str(target))) / "_delta_log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(list(log.glob("*.json"))) >= 2):  # two waves in staging
+        assert run.poll() is None, "the migration ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGKILL)  # the driver and its JVM, at once
+    run.wait()
+    assert read_table(str(target)).sort_by([("id", "ascending")]).equals(before)
+
+    status = subprocess.run(
+        [sys.executable, "-m", "sparkembed.cli", "migrate", "status", str(target)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 0 and json.loads(status.stdout.splitlines()[-1])["pending"]
+
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout.splitlines()[-1])["migration"]["state"] == "switched"
+    after = read_table(str(target)).to_pandas()
+    assert after["embedding_fingerprint"].nunique() == 1 and set(after["dimensions"].dropna()) == {NEW_DIMS}
+    assert set(after["id"]) == set(before.column("id").to_pylist())
+    billed = billed_texts(endpoint)
+    assert sum(1 for n in billed.values() if n > 1) <= wave_rows  # only the wave in flight paid twice
+    assert len(billed) == ROWS - 1  # every text was paid for, none left out
