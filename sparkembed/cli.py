@@ -1,4 +1,4 @@
-"""``sparkembed`` command line: run, estimate, serve, report, cache-tokenizer.
+"""``sparkembed`` command line: run, estimate, serve, report, cache-tokenizer, migrate.
 
 The last line ``run`` prints is a one-line JSON summary. Errors a user can cause end in one
 line, ``sparkembed: error: …`` naming the fix, and the exit code of :data:`EXIT_CODES`; a
@@ -29,6 +29,7 @@ COMMANDS = {
     "serve": "start the local Azure-like embeddings endpoint (demos, tests, benchmarks)",
     "report": "write a run's HTML report: throughput against quota, 429s, failures, cost",
     "cache-tokenizer": "copy cl100k_base.tiktoken where offline executors can read it",
+    "migrate": "a pending model migration of a target: status (rows done, cost, ETA) or abort",
 }
 EXIT_CODES = """exit codes:
   0    every row ended ok or skipped
@@ -70,6 +71,20 @@ def _run_parser(prog: str, description: str = COMMANDS["run"]) -> argparse.Argum
         help="replace a target made with another model, dimensions or input_type",
     )
     p.add_argument(
+        "--check-sample",
+        type=int,
+        metavar="N",
+        help="before a migration's switch, report how far N sample ids' nearest neighbours agree "
+        "between the old and the new vectors",
+    )
+    p.add_argument(
+        "--no-switch",
+        dest="switch",
+        action="store_false",
+        default=None,
+        help="build (and check) a migration's staging table, but leave the target as it is",
+    )
+    p.add_argument(
         "--fail-on-existing-failures",
         action="store_true",
         default=None,
@@ -91,6 +106,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         "model": "endpoint.model", "id_col": "source.id_col", "text_col": "source.text_col",
         "mode": "target.mode", "prune": "run.prune", "retry_failed": "run.retry_failed",
         "reembed_all": "run.reembed_all", "fail_on_existing_failures": "run.fail_on_existing_failures",
+        "check_sample": "run.check_sample", "switch": "run.switch",
     }  # fmt: skip
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
@@ -244,6 +260,13 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
     print(json.dumps(summary.to_json()), flush=True)
     if summary.failed_fraction > config.run.max_failed_fraction:
         return 1
+    if summary.migration is not None and summary.migration["state"] in ("incomplete", "failed_rows"):
+        print(
+            f"sparkembed: the migration of {config.target.path} was not switched; the target keeps its "
+            "old vectors (see above)",
+            file=sys.stderr,
+        )
+        return 1
     if config.run.fail_on_existing_failures and summary.failed_before:
         print(
             f"sparkembed: {summary.failed_before} ids still have failed rows from earlier runs "
@@ -291,6 +314,64 @@ def cache_tokenizer_command(argv: list[str]) -> int:
     return 0
 
 
+def migrate_command(argv: list[str]) -> int:
+    """``migrate status TARGET`` and ``migrate abort TARGET``: a pending migration's staging table."""
+    p = argparse.ArgumentParser(prog="sparkembed migrate", description=COMMANDS["migrate"])
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("status", help="rows done in staging, cost so far, ETA").add_argument("target")
+    actions.add_parser("abort", help="drop the staging table (sparkembed's own files only)").add_argument(
+        "target"
+    )
+    args = p.parse_args(argv)
+    from sparkembed import sinks
+    from sparkembed.spark.targets import is_path
+
+    target, staging = args.target, sinks.staging_location(args.target)
+    if not is_path(target):
+        print(
+            f"sparkembed: error: migrate reads path targets only; for the catalog table {target}, "
+            f"query or DROP TABLE {staging} in SQL",
+            file=sys.stderr,
+        )
+        return 2
+    if args.action == "abort":
+        if not sinks.exists(staging):
+            print(f"no migration pending for {target}")
+            return 0
+        left = sinks.drop_staging(staging)
+        kept = f"; kept {len(left)} entries sparkembed did not write: {', '.join(left[:5])}" if left else ""
+        print(f"dropped {staging}; {target} is unchanged{kept}")
+        return 0
+    status = sinks.migration_status(target)
+    if status is None:
+        print(f"no migration pending for {target}")
+        print(json.dumps({"pending": False}), flush=True)
+        return 0
+    for line in _describe_migration(status):
+        print(line)
+    print(json.dumps({"pending": True} | status.to_json()), flush=True)
+    return 0
+
+
+def _describe_migration(status: Any) -> list[str]:
+    """Human lines of a :class:`sparkembed.sinks.migration.MigrationStatus`."""
+    of = f" of {status.source_rows:,}" if status.source_rows is not None else ""
+    share = f" ({100 * status.ids_done / status.source_rows:.1f} %)" if status.source_rows else ""
+    cost = f", ${status.cost_usd:,.6f}" if status.cost_usd is not None else ""
+    if status.eta_seconds is None:
+        eta = "unknown"
+    elif status.eta_seconds < 120:
+        eta = f"{status.eta_seconds:.0f} s of embedding"
+    else:
+        eta = f"{status.eta_seconds / 60:.0f} min of embedding"
+    return [
+        f"migration pending: {status.staging} (to fingerprint {status.to_fingerprint})",
+        f"  ids done: {status.ids_done:,}{of}{share}; {status.rows:,} rows, {status.failed_rows:,} failed",
+        f"  cost so far: {status.prompt_tokens:,} tokens{cost}",
+        f"  ETA: {eta}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("SPARKEMBED_DEBUG", "") not in ("", "0")
@@ -318,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(rest)
     if command == "cache-tokenizer":
         return cache_tokenizer_command(rest)
+    if command == "migrate":
+        return migrate_command(rest)
     if command == "serve":
         from sparkembed.server.__main__ import main as serve_main
 

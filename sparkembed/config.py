@@ -190,6 +190,14 @@ class RunConfig(_Frozen):
     prune: bool = False
     retry_failed: bool = False
     reembed_all: bool = False
+    """Allow a new fingerprint (model, dimensions, input type, long-text settings) on a target
+    that holds another: the new vectors are built in a staging table and switched in one commit."""
+    switch: bool = True
+    """Switch a migration's target to the staging table once it is complete; false keeps the
+    staging table ready (and checked) for a later run to switch."""
+    check_sample: int = Field(default=0, ge=0, le=20_000)
+    """Before a migration's switch, compare the nearest neighbours of this many sample ids in the
+    old and the new vectors (0: no check)."""
 
 
 class EmbedConfig(_Frozen):

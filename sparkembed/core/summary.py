@@ -40,6 +40,9 @@ class RunSummary:
     """``signal`` when SIGINT/SIGTERM stopped the run after committing what was done."""
     stop_signal: int | None = None
     error: str | None = None
+    migration: dict[str, Any] | None = None
+    """A migration run's outcome: staging table, ``state`` (``switched``, ``held``, ``stopped``,
+    ``incomplete``, ``failed_rows``), the switch's target version, the ``--check-sample`` report."""
 
     def add(self, metrics: dict[str, Any]) -> None:
         for key in COUNTERS:
@@ -54,6 +57,8 @@ class RunSummary:
             extra["stopped"] = self.stopped
         if self.error:
             extra["error"] = self.error
+        if self.migration is not None:
+            extra["migration"] = self.migration
         counts = self.counts
         in_table = counts["prompt_tokens"] + counts["reused_tokens"] - counts["dropped_tokens"]
         return extra | {
@@ -129,6 +134,7 @@ class RunSummary:
             waves=int(data.get("waves", 0)),
             stopped=data.get("stopped"),
             error=data.get("error"),
+            migration=data.get("migration"),
         )
 
     @property

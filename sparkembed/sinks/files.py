@@ -32,6 +32,8 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9._=-]+$")
 OWN_FILE_RE = re.compile(r"^part-\d{8}T\d{6}Z-[0-9a-f]{8}-[A-Za-z0-9-]+-\d{5}-[0-9a-f]{12}\.parquet$")
 """Names of the files sparkembed's runs write: ``part-<run id>-<wave, task...>-<n>-<random>``.
 Anything else in a target folder was not written by sparkembed."""
+MIGRATION_MARKER = "_sparkembed_migration.json"
+"""What a migration's staging folder records about it (:mod:`sparkembed.sinks.migration`)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def foreign_entries(table_uri: str) -> list[str]:
     Returns:
         ``[]`` when nothing is there, when it is a Delta table (it holds ``_delta_log``), or
         when the folder holds only files sparkembed's own runs wrote (a first wave that
-        crashed before its commit). Otherwise the names found: a file where the folder
+        crashed before its commit, a migration's marker). Otherwise the names found: a file where the folder
         should be, or the folder's other entries, sorted.
     """
     fs, root = resolve_root(table_uri)
@@ -79,7 +81,9 @@ def foreign_entries(table_uri: str) -> list[str]:
     entries = fs.get_file_info(pafs.FileSelector(root))
     if any(e.base_name == "_delta_log" and e.type == pafs.FileType.Directory for e in entries):
         return []
-    return sorted(e.base_name for e in entries if not OWN_FILE_RE.match(e.base_name))
+    return sorted(
+        e.base_name for e in entries if not OWN_FILE_RE.match(e.base_name) and e.base_name != MIGRATION_MARKER
+    )
 
 
 def conform(batch: pa.RecordBatch, schema: pa.Schema, *, fill_missing: bool = False) -> pa.RecordBatch:

@@ -160,6 +160,24 @@ def _exists(spark: SparkSession, target: str) -> bool:
     return bool(spark.catalog.tableExists(target))
 
 
+def replace_native(df: DataFrame, target: str, *, app_id: str, version: int) -> None:
+    """Replace every row of an existing Delta table by ``df`` in ONE overwrite commit.
+
+    The table's definition stays: its schema, generated columns and properties (Change Data
+    Feed). A migration's switch (:mod:`sparkembed.spark.migration`); idempotent by
+    ``(app_id, version)`` like the other writes.
+    """
+    from pyspark.sql import functions as F
+
+    name = f"delta.`{target}`" if is_path(target) else target
+    (
+        df.writeTo(name)
+        .option("txnAppId", app_id)
+        .option("txnVersion", str(version))
+        .overwrite(F.lit(True))
+    )
+
+
 def delete_native(ids: DataFrame, target: str, *, id_col: str, app_id: str, version: int) -> None:
     """Delete every target row whose id is in ``ids`` (``--prune``), in one idempotent MERGE."""
     from delta.tables import DeltaTable

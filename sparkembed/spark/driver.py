@@ -40,7 +40,13 @@ from sparkembed.errors import (
     TransportError,
 )
 from sparkembed.spark import writers
-from sparkembed.spark.planning import other_fingerprint_ids, plan_work
+from sparkembed.spark.migration import (
+    drop_switched_staging,
+    finish_migration,
+    plan_migration,
+    record_start,
+)
+from sparkembed.spark.planning import plan_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
 from sparkembed.spark.targets import check_target_location, is_path, read_target
 
@@ -245,7 +251,16 @@ def _run_waves(
 ) -> None:
     started = time.monotonic()
     df, config, context = prepare(spark, config, source, context)
-    plan = plan_work(spark, df, config, context)
+    # A new fingerprint is built in a staging table beside the target, never in the target.
+    migration = plan_migration(spark, config, context)
+    work = migration.staging if migration else config
+    if migration is None and config.target.mode != "overwrite":
+        drop_switched_staging(spark, config, context)
+    plan = plan_work(spark, df, work, context)
+    if migration is not None:
+        record_start(migration, config, context, source_rows=df.count())
+        progress(f"migration to fingerprint {config.fingerprint(context)}: building {migration.location}; "
+                 f"{config.target.path} keeps its vectors until the switch")  # fmt: skip
     summary.failed_before = plan.failed_left
     if plan.failed_left:
         progress(
@@ -267,32 +282,35 @@ def _run_waves(
     ))  # fmt: skip
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s)")
     partitions = config.run.partitions or default_parallelism(spark, config)
-    sink = writers.choose_sink(spark, config, run_dir)
+    sink = writers.choose_sink(spark, work, run_dir)
     bucket = F.expr(f"pmod(xxhash64(`{config.source.id_col}`), {BUCKETS})")
     while not stop.signum and (buckets := planner.next_wave()) is not None:
         wave = planner.waves_done - 1
         part = todo if planner.whole else todo.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
         wave_started = time.monotonic()
         with _Ticker(progress, run_dir, wave, planner, summary, config, started):
-            metrics = sink.write_wave(part.repartition(partitions), config, context, wave)
+            metrics = sink.write_wave(part.repartition(partitions), work, context, wave)
         summary.add(metrics)
         planner.record(seconds=time.monotonic() - wave_started, tokens=int(metrics.get("prompt_tokens", 0)))
         _report_progress(progress, summary, wave, planner.waves_planned, time.monotonic() - started)
     summary.waves = planner.waves_done
     if stop.signum:
-        # Prune and retiring old vectors assume every wave ran: both wait for the rerun.
-        sink.finish(config, summary.run_id)
+        # Prune and a migration's switch assume every wave ran: both wait for the rerun.
+        sink.finish(work, summary.run_id)
+        if migration is not None:
+            summary.migration = {"staging": migration.location, "state": "stopped"}
         return
     if plan.prune is not None:
-        summary.pruned = sink.prune(plan.prune, config, summary.run_id, version=summary.waves)
-        progress(f"pruned {summary.pruned} ids that are gone from the source")
-    stale = other_fingerprint_ids(spark, config, context) if plan.retire_other_fingerprints else None
-    if stale is not None:
-        retired = sink.prune(stale, config, summary.run_id, version=summary.waves + 1)
-        progress(f"deleted {retired} ids left with vectors of the old fingerprint")
-    sink.finish(config, summary.run_id)
+        summary.pruned = sink.prune(plan.prune, work, summary.run_id, version=summary.waves)
+        if summary.pruned:
+            progress(f"pruned {summary.pruned} ids that are gone from the source")
+    sink.finish(work, summary.run_id)
+    if migration is not None:
+        summary.migration = finish_migration(spark, df, config, migration, context, progress)
+        if summary.migration["state"] == "switched":
+            work = config
     if summary.counts["failed_rows"]:
-        summary.error_reasons, summary.error_examples = top_errors(spark, config, summary.run_id)
+        summary.error_reasons, summary.error_examples = top_errors(spark, work, summary.run_id)
 
 
 def _finish_summary(summary: RunSummary, run_dir: str, started: float, config: EmbedConfig) -> None:

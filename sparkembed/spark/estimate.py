@@ -13,6 +13,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.core.longtext import LongTextPlanner
 from sparkembed.core.tokenizers import counter_for
 from sparkembed.spark.driver import prepare, refuse_speculation
+from sparkembed.spark.migration import plan_migration
 from sparkembed.spark.planning import plan_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
 
@@ -45,7 +46,8 @@ def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None 
         # The same checks and preflight as a run (one tiny request), so the fingerprint
         # compared with the target is the one the run would write.
         df, config, context = prepare(spark, config, source)
-        todo = plan_work(spark, df, config, context).todo
+        migration = plan_migration(spark, config, context)  # a new fingerprint: what staging lacks
+        todo = plan_work(spark, df, migration.staging if migration else config, context).todo
     else:
         refuse_speculation(spark)
         todo = select_input(

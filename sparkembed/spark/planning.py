@@ -33,9 +33,6 @@ class WorkPlan:
         overwrite: replace the whole target (``target.mode: overwrite``).
         failed_left: ids whose failed rows stay as they are (no ``--retry-failed``).
         prune: target ids that are gone from the source, when ``--prune`` is on.
-        retire_other_fingerprints: after the waves, delete the rows that another
-            fingerprint made (``--reembed-all``); the waves have replaced every id
-            still in the source, so what is left is ids gone from the source.
     """
 
     todo: DataFrame
@@ -43,25 +40,21 @@ class WorkPlan:
     overwrite: bool = False
     failed_left: int = 0
     prune: DataFrame | None = None
-    retire_other_fingerprints: bool = False
 
 
 def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig, context: RunContext) -> WorkPlan:
     """Anti-join the source against the target rows made with this run's fingerprint.
 
-    A ``--reembed-all`` run is resumable like any other: rows it already replaced
+    ``config.target`` is where the run writes: for a migration, the staging table
+    (:mod:`sparkembed.spark.migration` decides, and checks fingerprints, before this).
+    A migration is resumable like any other run: rows already in its staging table
     carry the new fingerprint and are skipped by its rerun.
-
-    Raises:
-        ConfigError: the target holds vectors made with another fingerprint and
-            neither ``--reembed-all`` nor a new target was given.
     """
     target = read_target(spark, config)
     if target is None or config.target.mode == "overwrite":
         todo = source.withColumn(REPLACES, F.lit(False))
         return WorkPlan(todo=todo, whole_source=True, overwrite=config.target.mode == "overwrite")
     _check_columns(target, source, config)
-    retire = _other_fingerprints(target, config, context)
     id_col, text_col = config.source.id_col, config.source.text_col
     mine = target.filter(F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints(context))))
     per_text = mine.groupBy(id_col, "text_hash").agg(
@@ -88,36 +81,14 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig, conte
     prune = None
     if config.run.prune:
         prune = target.select(id_col).distinct().join(source.select(id_col), id_col, "left_anti")
-    return WorkPlan(todo=todo, failed_left=failed_left, prune=prune, retire_other_fingerprints=retire)
+    return WorkPlan(todo=todo, failed_left=failed_left, prune=prune)
 
 
-def other_fingerprint_ids(spark: SparkSession, config: EmbedConfig, context: RunContext) -> DataFrame | None:
-    """Ids of target rows made with another fingerprint (read afresh, after the waves)."""
-    target = read_target(spark, config)
-    if target is None:
-        return None
-    stale = target.filter(~F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints(context))))
-    return stale.select(config.source.id_col).distinct()
-
-
-def _other_fingerprints(target: DataFrame, config: EmbedConfig, context: RunContext) -> bool:
-    """True when the target holds other fingerprints and ``--reembed-all`` allows replacing them."""
-    current = config.fingerprint(context)
+def other_fingerprints(target: DataFrame, config: EmbedConfig, context: RunContext) -> list[str]:
+    """Fingerprints in ``target`` other than this run's (and its equivalents), at most five."""
     same = config.equivalent_fingerprints(context)
-    found = [r[0] for r in target.select("embedding_fingerprint").distinct().limit(5).collect()]
-    other = [fp for fp in found if fp not in same]
-    if not other:
-        return False
-    if not config.run.reembed_all:
-        raise ConfigError(
-            f"target {config.target.path} holds vectors made with another model, dimensions, "
-            f"input_type or long-text strategy (fingerprint {other[0]}, this run {current}). "
-            "Mixing them would make the table wrong: rerun with --reembed-all (also to finish "
-            "one that stopped), or give a new --target"
-        )
-    if config.target.mode != "upsert":
-        raise ConfigError("--reembed-all replaces rows by id: it needs target.mode upsert")
-    return True
+    found = [r[0] for r in target.select("embedding_fingerprint").distinct().limit(6).collect()]
+    return [fp for fp in found if fp not in same][:5]
 
 
 def _check_columns(target: DataFrame, source: DataFrame, config: EmbedConfig) -> None:

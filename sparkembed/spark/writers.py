@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 from pyspark import TaskContext
@@ -43,10 +43,7 @@ class WaveSink(Protocol):
 
 def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = None) -> WaveSink:
     """The sink for this session; ``run_dir`` is where tasks log their spend (:mod:`..core.runlog`)."""
-    kind = config.target.sink
-    if kind == "auto":
-        kind = "native" if delta_native.native_available(spark) else "delta-rs"
-    if kind == "native":
+    if sink_kind(spark, config) == "native":
         return NativeSink(run_dir)
     target = str(config.target.path)
     if not is_path(target):
@@ -55,6 +52,14 @@ def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = 
             "(the delta-rs sink writes paths only): give a path, or run where Delta is installed"
         )
     return DeltaRsSink(target, run_dir)
+
+
+def sink_kind(spark: SparkSession, config: EmbedConfig) -> Literal["native", "delta-rs"]:
+    """``target.sink``, with ``auto`` decided by whether this session has Delta."""
+    kind = config.target.sink
+    if kind == "auto":
+        return "native" if delta_native.native_available(spark) else "delta-rs"
+    return kind
 
 
 def _write_partition(

@@ -24,7 +24,7 @@ from sparkembed.core.summary import RunSummary
 from sparkembed.errors import ConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
-from sparkembed.sinks import read_table
+from sparkembed.sinks import read_table, staging_location
 from sparkembed.spark import driver, writers
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
@@ -241,10 +241,13 @@ def test_changed_fingerprint_is_refused_and_reembed_all_resumes_after_a_crash(
     with pytest.raises(KeyboardInterrupt):
         driver.run(spark, again, progress=lambda _: None)
     monkeypatch.undo()
-    mixed = read_table(target).to_pandas()
-    first_wave = mixed[mixed["dimensions"] == 32]
-    assert 0 < len(first_wave) < len(mixed)
-    with pytest.raises(ConfigError, match="also to finish"):  # half-replaced: still refused without the flag
+    # The target is untouched (one fingerprint, issue 19): the first wave sits in the staging table.
+    untouched = read_table(target).to_pandas()
+    assert set(untouched["dimensions"].dropna()) == {DIMS}
+    assert untouched["embedding_fingerprint"].nunique() == 1
+    first_wave = read_table(staging_location(target)).to_pandas()
+    assert 0 < first_wave["id"].nunique() < len(rows["id"]) and set(first_wave["dimensions"].dropna()) == {32}
+    with pytest.raises(ConfigError, match="also to finish"):  # half-built: still refused without the flag
         driver.run(spark, smaller, progress=lambda _: None)
 
     # ...and its rerun pays only for what the crash left undone.
