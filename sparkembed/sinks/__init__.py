@@ -21,6 +21,7 @@ from typing import Any
 # Lazy, so executors importing write_part load no deltalake.
 _HOMES = {
     "ABSENT": "deltars",
+    "add_columns": "deltars",
     "commit_files": "deltars",
     "read_table": "deltars",
     "table_version": "deltars",
@@ -41,6 +42,7 @@ __all__ = [
     "DeltaSinkError",
     "FileMeta",
     "TargetSchemaError",
+    "add_columns",
     "commit_files",
     "delete_ids",
     "read_table",
