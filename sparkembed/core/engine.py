@@ -276,9 +276,18 @@ class Embedder:
             if self._pooled:
                 route.breaker.admit()
             attempt += 1
-            # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
-            grant = await route.limiter.acquire(tokens, retry=throttled)
+            try:
+                # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
+                grant = await route.limiter.acquire(tokens, retry=throttled)
+            except BaseException:  # cancelled: a probe that never went must not keep the others out
+                if probe:
+                    route.breaker.release()
+                raise
             waited += grant.waited_s
+            if self._pooled and not probe and route.breaker.state != "closed":
+                route.limiter.settle(grant, 0)  # it went out while this waited: choose again
+                attempt -= 1
+                continue
             if stop():  # the wait for quota may have been long: hand the quota back
                 route.limiter.settle(grant, 0)
                 if probe:
@@ -303,7 +312,12 @@ class Embedder:
                     continue
                 metrics.limiter_wait_s += waited
                 return self._give_up(route, error, decision, attempt, len(texts))
+            except BaseException:
+                if probe:
+                    route.breaker.release()
+                raise
             route.breaker.succeeded()
+            route.last_failure = None
             route.limiter.settle(grant, response.prompt_tokens)
             route.limiter.on_success(grant, response.remaining_tokens, response.remaining_requests)
             metrics.limiter_wait_s += waited
@@ -434,10 +448,12 @@ class Embedder:
 
 def request_token_cap(config: EmbedConfig, share: float = 1.0) -> int:
     """Estimated tokens per request: ``batching.max_request_tokens``, and with a TPM quota at
-    most 1/:data:`REQUESTS_PER_QUOTA_MINUTE` of this worker's ``share`` of it."""
+    most 1/:data:`REQUESTS_PER_QUOTA_MINUTE` of this worker's ``share`` of it (of a pool's
+    smallest deployment's)."""
     cap = config.batching.max_request_tokens
     limits = config.limits
-    quota = config.quota_tokens_per_minute
+    # In a pool, the smallest deployment's quota: a request must fit whichever one it goes to.
+    quota = min((m.tokens_per_minute for m in config.endpoint.pool), default=limits.tokens_per_minute)
     if quota:
         mine = quota * limits.max_share * share
         cap = min(cap, max(1, int(mine / REQUESTS_PER_QUOTA_MINUTE)))

@@ -288,7 +288,7 @@ def _run_waves(
     run_limits = config.run
     planner = WavePlanner(total, tokens, WaveLimits(
         rows=run_limits.commit_every_rows, tokens=run_limits.commit_every_tokens,
-        seconds=run_limits.commit_every_seconds, tokens_per_minute=config.limits.tokens_per_minute,
+        seconds=run_limits.commit_every_seconds, tokens_per_minute=config.quota_tokens_per_minute,
     ))  # fmt: skip
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s)")
     partitions = config.run.partitions or default_parallelism(spark, config)
@@ -397,7 +397,7 @@ class _Ticker:
             spend = read_spend(run_dir, wave=wave)
             elapsed = time.monotonic() - self._wave_started
             rate = spend.tokens_billed / elapsed * 60 if elapsed else 0.0
-            quota = config.limits.tokens_per_minute
+            quota = config.quota_tokens_per_minute
             of_quota = f" ({100 * rate / quota:.0f} % of quota)" if quota else ""
             committed = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
             done = committed + spend.texts_answered

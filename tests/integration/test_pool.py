@@ -147,3 +147,20 @@ def test_rows_fail_only_when_every_deployment_is_out(start_endpoint: Any, endpoi
     results, _ = run(config, corpus(50))
     assert results.status == ["failed"] * 50
     assert all(e and e.startswith("every deployment of the pool is out: ") for e in results.error)
+
+
+def test_a_deployment_refusing_the_key_is_taken_out_and_the_others_serve(
+    start_endpoint: Any, endpoint_key: str
+) -> None:
+    from sparkembed.spark.secrets import apply_secret  # driver-side; imports no pyspark
+
+    a, b = start(start_endpoint, 20_000), start(start_endpoint, 20_000)
+    config = pool_config(endpoint_key, (a, 20_000), (b, 20_000))
+    members = (config.endpoint.pool[0], config.endpoint.pool[1].model_copy(update={"key_env": "KEY_B"}))
+    config = config.model_copy(update={"endpoint": config.endpoint.model_copy(update={"pool": members})})
+    config = apply_secret(config, environ={"KEY_B": "a-wrong-key-0123456789"})
+    texts = corpus(500)
+    results, _ = run(config, texts)
+    assert results.status == ["ok"] * len(texts), set(results.error)
+    assert set(results.deployment) == {name(a)}
+    assert b.stats(billed=False)["responses"] == {"401": 1}  # out at the first refusal

@@ -3,6 +3,9 @@ pool, a table written before the column existed, and a pool the preflight refuse
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +135,28 @@ def test_a_pool_whose_vectors_disagree_is_refused_naming_the_deployment(
         driver.preflight(config)
     assert f"deployment {deployment_name(b.url)} {said}" in str(refused.value)
     assert endpoint_key not in str(refused.value)
+
+
+def test_the_cli_refuses_a_mixed_pool_in_one_line_before_spark_starts(
+    start_endpoint: Any, endpoint_key: str, tmp_path: Path
+) -> None:
+    a = start_endpoint("--model", "hash", "--dims", str(DIMS))
+    b = start_endpoint("--model", "hash", "--dims", "32")
+    source, _ = write_source(tmp_path, 5)
+    (tmp_path / "pool.yaml").write_text(
+        "endpoint:\n  pool:\n"
+        f"    - {{url: '{a.url}', tokens_per_minute: 240000}}\n"
+        f"    - {{url: '{b.url}', tokens_per_minute: 120000, key_env: KEY_B}}\n"
+    )
+    env = {**os.environ, "AZURE_INFERENCE_CREDENTIAL": endpoint_key, "KEY_B": endpoint_key}
+    env.pop("SPARKEMBED_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparkembed.cli", "run", "--config", "pool.yaml", "--source", source,
+         "--target", "./t"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines[-1].startswith(f"sparkembed: error: endpoint.pool: deployment {deployment_name(b.url)} ")
+    assert "Traceback" not in proc.stderr and endpoint_key not in proc.stderr + proc.stdout
+    assert not (tmp_path / "t").exists()
