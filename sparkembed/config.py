@@ -40,11 +40,53 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class DeploymentConfig(_Frozen):
+    """One deployment of a pool (``endpoint.pool``): the rest of ``endpoint`` applies to all."""
+
+    url: str
+    """An https URL, as ``endpoint.url``."""
+    tokens_per_minute: int = Field(gt=0)
+    """This deployment's quota (TPM) for the whole job."""
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    """This deployment's quota (RPM) for the whole job."""
+    key_env: str | None = None
+    """The env var holding this deployment's key; default ``auth.key_env``."""
+    model: str | None = None
+    """The deployment name on the v1 route, when it is not ``endpoint.model``."""
+    name: str | None = None
+    """What the ``deployment`` column and the summary call it; default the URL's host and path."""
+    key: SecretStr | None = None
+    """Resolved on the driver from ``key_env``; never set this in a file."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_shape(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"a pool entry's url must be an http(s) URL, got {v!r}")
+        return v
+
+    @property
+    def label(self) -> str:
+        """``name``, else the URL's host and path (and the deployment name, when set here)."""
+        return self.name or deployment_name(self.url, self.model)
+
+
+def deployment_name(url: str | None, model: str | None = None) -> str:
+    """``https://a.openai.azure.com/openai/v1`` -> ``a.openai.azure.com/openai/v1`` (``/model``
+    appended when a pool entry names its own deployment on a shared URL)."""
+    parts = urlsplit(url or "")
+    name = (parts.netloc + parts.path.rstrip("/")) or (url or "")
+    return f"{name}/{model}" if model else name
+
+
 class EndpointConfig(_Frozen):
     """Where and what to call."""
 
     url: str | None = None
     """``local`` starts the bundled endpoint; otherwise an https URL. Unset: $AZURE_INFERENCE_ENDPOINT."""
+    pool: tuple[DeploymentConfig, ...] = ()
+    """Several deployments of the same model, used together in proportion to their quota
+    (instead of ``url``)."""
     api: Literal["auto", "azure-ai-inference", "openai-v1"] = "auto"
     """``auto`` picks by the URL: ``…/openai/v1`` is the OpenAI-compatible v1 route (what Microsoft
     now recommends), anything else (``…/models``, ``…/openai/deployments/<d>``, self-hosted)
@@ -115,12 +157,6 @@ class LimitsConfig(_Frozen):
     max_share: float = Field(default=1.0, gt=0, le=1)
     """The part of the quota the job may use (``0.7``): online traffic on the same deployment
     keeps the rest, even when the job could take it. Needs ``tokens_per_minute``."""
-
-    @model_validator(mode="after")
-    def _share_needs_the_quota(self) -> LimitsConfig:
-        if self.max_share < 1 and not self.tokens_per_minute:
-            raise ValueError("limits.max_share needs limits.tokens_per_minute: the share is of that quota")
-        return self
 
 
 class RetryConfig(_Frozen):
@@ -216,7 +252,55 @@ class EmbedConfig(_Frozen):
     def _url_shape(cls, v: EndpointConfig) -> EndpointConfig:
         if v.url is not None and v.url != "local" and not v.url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint.url must be 'local' or an http(s) URL, got {v.url!r}")
+        if v.pool and v.url is not None:
+            raise ValueError(
+                "endpoint.url and endpoint.pool exclude each other: give one URL, or a pool of deployments"
+            )
+        labels = [member.label for member in v.pool]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"endpoint.pool lists {', '.join(twice)} twice: give each entry its own name")
         return v
+
+    @model_validator(mode="after")
+    def _quotas(self) -> EmbedConfig:
+        limits = self.limits
+        if self.endpoint.pool and (limits.tokens_per_minute or limits.requests_per_minute):
+            raise ValueError(
+                "limits.tokens_per_minute and requests_per_minute do not apply to a pool: "
+                "give each endpoint.pool entry its own tokens_per_minute"
+            )
+        if limits.max_share < 1 and not (limits.tokens_per_minute or self.endpoint.pool):
+            raise ValueError("limits.max_share needs limits.tokens_per_minute: the share is of that quota")
+        return self
+
+    def deployments(self) -> tuple[tuple[str, EmbedConfig], ...]:
+        """(name, config) per deployment: each pool entry as a one-URL config with its own URL,
+        model, key and quota; or this config alone, named after ``endpoint.url``."""
+        endpoint = self.endpoint
+        if not endpoint.pool:
+            return ((deployment_name(endpoint.url), self),)
+        found = []
+        for member in endpoint.pool:
+            model = member.model or endpoint.model
+            one = endpoint.model_copy(update={"url": member.url, "model": model, "pool": ()})
+            key_env = member.key_env or self.auth.key_env
+            auth = self.auth.model_copy(update={"key": member.key or self.auth.key, "key_env": key_env})
+            quota = {
+                "tokens_per_minute": member.tokens_per_minute,
+                "requests_per_minute": member.requests_per_minute,
+            }
+            limits = self.limits.model_copy(update=quota)
+            parts = {"endpoint": one, "auth": auth, "limits": limits}
+            found.append((member.label, self.model_copy(update=parts)))
+        return tuple(found)
+
+    @property
+    def quota_tokens_per_minute(self) -> int | None:
+        """The job's TPM quota: ``limits.tokens_per_minute``, or a pool's sum."""
+        if self.endpoint.pool:
+            return sum(member.tokens_per_minute for member in self.endpoint.pool)
+        return self.limits.tokens_per_minute
 
     def fingerprint(self, context: RunContext | None = None) -> str:
         """What the vectors mean: a new value means old vectors must not be mixed in.
@@ -271,7 +355,8 @@ class EmbedConfig(_Frozen):
     def client_key(self) -> str:
         """Identity of the per-process client: everything that shapes requests, and the secret."""
         raw = self.model_dump_json(include={"endpoint", "auth", "limits", "retry", "batching"})
-        secret = self.auth.key.get_secret_value() if self.auth.key else ""
+        keys = [self.auth.key, *(member.key for member in self.endpoint.pool)]
+        secret = "/".join(key.get_secret_value() if key else "" for key in keys)
         return hashlib.sha256((raw + secret).encode()).hexdigest()
 
 
@@ -364,6 +449,9 @@ def load_config(
         _set_dotted(tree, key, value)
     if tree.get("auth", {}).get("key") is not None:
         raise ConfigError("auth.key must not be written in config; name an env var in auth.key_env")
+    pool = tree.get("endpoint", {}).get("pool") or []
+    if any(isinstance(member, dict) and member.get("key") is not None for member in pool):
+        raise ConfigError("endpoint.pool keys must not be written in config; name an env var in key_env")
     return validate_config(tree)
 
 
@@ -392,7 +480,7 @@ def resolve_endpoint(config: EmbedConfig, environ: Mapping[str, str]) -> EmbedCo
     Raises:
         ConfigError: neither is set.
     """
-    if config.endpoint.url is not None:
+    if config.endpoint.url is not None or config.endpoint.pool:
         return config
     url = environ.get("AZURE_INFERENCE_ENDPOINT")
     if not url:

@@ -28,14 +28,14 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sparkembed.core.metrics import RequestRecord
-from sparkembed.core.summary import RunSummary
+from sparkembed.core.summary import RunSummary, deployment_usage
 from sparkembed.core.types import Status
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def load_run_log(run_id: str, runs_dir: str | Path = "runs") -> RunLog:
     summary = RunSummary.from_file(json.loads((folder / "summary.json").read_text()))
     timeline_file = folder / "timeline.json"
     raw = json.loads(timeline_file.read_text()) if timeline_file.exists() else []
-    records = [RequestRecord(**{k: r[k] for k in _RECORD_FIELDS}) for r in raw]
+    records = [RequestRecord(**{k: r[k] for k in _RECORD_FIELDS if k in r}) for r in raw]
     return RunLog(run_id=run_id, summary=summary, records=records)
 
 
@@ -344,6 +344,7 @@ def render_html(log: RunLog, charts: list[tuple[str, str]], tokens_per_minute: i
         "<h2>Rows</h2>" + _rows_table(s),
         "<h2>Top error reasons</h2>" + _reasons_table(s),
         "<h2>Requests</h2>" + _requests_table(s, log.records, tokens_per_minute),
+        "<h2>Deployments</h2>" + _deployments_table(s, log.records),
         "<h2>Tokens and cost</h2>" + _cost_table(s),
     ]
     if charts:
@@ -401,6 +402,28 @@ def _requests_table(s: RunSummary, records: list[RequestRecord], tpm: int | None
         p50, p95, p99 = np.percentile(ok_ms, [50, 95, 99])
         rows.append(("latency of ok attempts p50 / p95 / p99", f"{p50:,.0f} / {p95:,.0f} / {p99:,.0f} ms"))
     return _table(("", ""), rows)
+
+
+def _deployments_table(s: RunSummary, records: list[RequestRecord]) -> str:
+    """Tokens per minute per deployment against its quota (a pool's, or the one URL's)."""
+    usage = s.deployments or deployment_usage([asdict(r) for r in records])
+    if not usage:
+        return "<p>Not recorded in this run log.</p>"
+    rows = []
+    for name, row in usage.items():
+        quota, share = row.get("quota_tokens_per_minute"), row.get("share_of_quota")
+        rows.append((
+            name or "(not recorded)",
+            f"{row['prompt_tokens']:,}",
+            f"{row['tokens_per_minute']:,}",
+            f"{quota:,}" if quota else "not given",
+            f"{100 * share:.0f} %" if share is not None else "",
+            f"{row['requests']:,}",
+            f"{row['throttled_429']:,}",
+            f"{row['errors']:,}",
+        ))  # fmt: skip
+    header = ("deployment", "tokens", "tokens/min", "TPM quota", "of quota", "attempts", "429", "errors")
+    return _table(header, rows)
 
 
 def _cost_table(s: RunSummary) -> str:

@@ -4,7 +4,7 @@ again only for the requests that were in flight.
     <run.log_dir>/.answers/<host>-<pid>.slab     one per Python worker process, reused
 
 Each answered request is appended to the process's slab (text digest, vector, the row's share
-of the usage, the request's attempts, id and model) before its rows count as done, and the
+of the usage, the request's attempts, id, model and deployment) before its rows count as done, and the
 slab's header then records which run and task it holds and how many bytes are complete. When
 a Python worker dies, the next attempt of the same task reads the slab the dead process left
 (its complete requests) and fills those texts without sending them.
@@ -47,6 +47,7 @@ class Answer(NamedTuple):
     attempts: int
     request_id: str | None
     model: str | None
+    deployment: str | None = None
 
 
 class _Slab:
@@ -102,6 +103,7 @@ class AnswerLog:
         attempts: int,
         request_id: str | None,
         model: str | None,
+        deployment: str | None = None,
     ) -> None:
         """Keep one answered request: ``vectors[i]`` and the token shares belong to ``texts[i]``."""
         slab = self._slab
@@ -109,7 +111,7 @@ class AnswerLog:
             return
         # A fixed head, then digests, vectors and token shares straight from their buffers
         # (no copy in Python), then the request id and model.
-        names = json.dumps([request_id, model]).encode()
+        names = json.dumps([request_id, model, deployment]).encode()
         parts: list[bytes | memoryview] = [
             _ANSWER.pack(*vectors.shape, attempts, len(names)),
             b"".join(_digest(t) for t in texts),
@@ -206,11 +208,12 @@ def _read(data: bytes) -> dict[bytes, Answer]:
         prompt = np.frombuffer(data, np.int64, n, offset)
         total = np.frombuffer(data, np.int64, n, offset + 8 * n)
         offset += 16 * n
-        request_id, model = json.loads(data[offset : offset + names_size])
+        request_id, model, *rest = json.loads(data[offset : offset + names_size])
+        deployment = rest[0] if rest else None
         offset += names_size
         for i in range(n):
             found[digests[32 * i : 32 * i + 32]] = Answer(
-                vectors[i].copy(), int(prompt[i]), int(total[i]), attempts, request_id, model
+                vectors[i].copy(), int(prompt[i]), int(total[i]), attempts, request_id, model, deployment
             )
     return found
 

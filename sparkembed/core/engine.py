@@ -10,6 +10,10 @@ batches the service refused with a 400.
     embedder = get_embedder(config, make_backend)   # one per Python worker process
     for results in embedder.embed_stream(chunks_of_texts, metrics):
         results.vectors, results.status        # one EmbedResults per input chunk
+
+With ``endpoint.pool`` each deployment is a :class:`~sparkembed.core.pool.Route` with its own
+backend, limiter and circuit breaker: every attempt goes to the least booked deployment that
+is in, and a request whose deployment fails moves to another (see :mod:`sparkembed.core.pool`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sparkembed.config import EmbedConfig, LimitsConfig
 from sparkembed.core.answers import AnswerLog
 from sparkembed.core.memory import keep_freed_memory
 from sparkembed.core.metrics import Metrics, RequestRecord
+from sparkembed.core.pool import Breaker, Route, choose, ready_in_s, verdict
 from sparkembed.core.ratelimit import Grant, RateLimiter
 from sparkembed.core.retry import Decision, RetryPolicy, config_error_for
 from sparkembed.core.streaming import EmbedResults, RowStream, Segment
@@ -60,13 +65,15 @@ def _never() -> bool:
 
 
 class Embedder:
-    """Embeds streams of texts through one backend, limiter and retry policy.
+    """Embeds streams of texts through one backend (or a pool of them), limiter and retry policy.
 
     Args:
         config: the run configuration (endpoint, limits, batching, retry).
-        backend: the service seam (:func:`sparkembed.backends.make_backend`).
+        backend: the service seam (:func:`sparkembed.backends.make_backend`), for one deployment.
         share: the part of the quota this embedder may use (:attr:`RunContext.quota_share`).
         limiter: default: ``share`` of the configured TPM and RPM.
+        routes: the deployments of a pool, instead of ``backend`` and ``limiter``
+            (:func:`build_routes`).
         clock: monotonic seconds, for retry time limits.
         sleep: awaits a retry delay in seconds (tests pass a fake).
         policy: default ``RetryPolicy(config.retry)``.
@@ -75,24 +82,31 @@ class Embedder:
     def __init__(
         self,
         config: EmbedConfig,
-        backend: Backend,
+        backend: Backend | None = None,
         *,
         share: float = 1.0,
         limiter: RateLimiter | None = None,
+        routes: Sequence[Route] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         policy: RetryPolicy | None = None,
     ) -> None:
+        if routes is None:
+            if backend is None or config.endpoint.pool:
+                raise ValueError("an Embedder needs one backend, or routes for a pool (build_routes)")
+            name = config.deployments()[0][0]
+            routes = [Route(name, backend, limiter or _share_limiter(config.limits, share), config)]
         self.config = config
-        self._backend = backend
+        self._routes = list(routes)
+        self._pooled = len(self._routes) > 1
+        self._backend = self._routes[0].backend
+        self._limiter = self._routes[0].limiter
         self._share = share
-        self._limiter = limiter or _share_limiter(config.limits, share)
         self._policy = policy or RetryPolicy(config.retry)
         self._clock = clock
         self._sleep = sleep
         self._loop = _process_loop()
         self._dims: int | None = config.endpoint.dimensions
-        self._exhausted: tuple[float, str] | None = None  # (until, reason) after quota exhaustion
         self._attempt_timeout_s = config.retry.connect_timeout_s + config.retry.read_timeout_s
         self.closed = False
 
@@ -100,6 +114,11 @@ class Embedder:
     def dimensions(self) -> int | None:
         """Vector size: configured, or learned from the first response."""
         return self._dims
+
+    @property
+    def deployments(self) -> list[str]:
+        """The names of the deployments this embedder sends to."""
+        return [route.name for route in self._routes]
 
     def embed_stream(
         self,
@@ -159,19 +178,29 @@ class Embedder:
             EndpointConfigError: 401/403/404/422, with the fix named.
             ServiceError, TransportError, QuotaExhaustedError: the request failed otherwise.
         """
-        estimates = np.array([estimate_tokens(PREFLIGHT_TEXT)])
-        segment = self._run(self._send([PREFLIGHT_TEXT], estimates, Metrics(), fail_fast=True))
+        response = self.probe()
+        return response.vectors.shape[1], response.model
+
+    def probe(self, text: str = PREFLIGHT_TEXT) -> BackendResponse:
+        """Embed one short text (the preflight's); the answer, with its vector.
+
+        Raises:
+            as :meth:`preflight`.
+        """
+        estimates = np.array([estimate_tokens(text)])
+        segment = self._run(self._send([text], estimates, Metrics(), fail_fast=True))
         assert segment is not None  # one text is never split
         if segment.response is None:
             assert segment.failure is not None
             raise segment.failure
-        return segment.response.vectors.shape[1], segment.response.model
+        return segment.response
 
     def close(self) -> None:
-        """Close the backend's connections; later calls build nothing and fail."""
+        """Close the backends' connections; later calls build nothing and fail."""
         if not self.closed:
             self.closed = True
-            self._loop.submit(self._backend.close()).result(timeout=CLOSE_TIMEOUT_S)
+            for route in self._routes:
+                self._loop.submit(route.backend.close()).result(timeout=CLOSE_TIMEOUT_S)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._loop.submit(coroutine).result()
@@ -216,64 +245,141 @@ class Embedder:
 
         ``fail_fast`` (the preflight): a host that cannot be reached at all is a wrong
         ``endpoint.url``, raised at once instead of retried.
+
+        In a pool, each attempt goes to the deployment :func:`~sparkembed.core.pool.choose`
+        picks. An attempt that takes its deployment out moves the request to another at once,
+        and does not count against ``retry.max_attempts``.
         """
-        if self._exhausted and self._clock() < self._exhausted[0]:
-            reason = self._exhausted[1]
-            return Segment(0, len(texts), 0, error=reason, failure=QuotaExhaustedError(reason))
         tokens = int(estimates.sum())
-        started, waited, attempt, throttled = self._clock(), 0.0, 0, False
+        started, waited, attempt, counted, throttled = self._clock(), 0.0, 0, 0, False
+        failed: Segment | None = None  # why the rows fail, if every deployment stays out
         while True:
             if stop():
                 metrics.limiter_wait_s += waited
                 return Segment(0, len(texts), attempt, unsent=True)
-            cap = self._limiter.request_cap()
+            route = self._routes[0] if not self._pooled else choose(self._routes, tokens)
+            if route is None:  # every deployment of the pool is out
+                given_up = await self._wait_for_a_deployment(started + waited, failed, len(texts), attempt)
+                if given_up is not None:
+                    metrics.limiter_wait_s += waited
+                    return given_up
+                continue
+            if route.exhausted and self._clock() < route.exhausted[0] and not self._pooled:
+                reason = route.exhausted[1]
+                failure = QuotaExhaustedError(reason)
+                return Segment(0, len(texts), attempt, error=reason, failure=failure, deployment=route.name)
+            cap = route.limiter.request_cap()
             if cap is not None and tokens > cap and len(texts) > 1:
                 metrics.limiter_wait_s += waited
                 return None
+            probe = self._pooled and route.breaker.state == "half-open"
+            if self._pooled:
+                route.breaker.admit()
             attempt += 1
-            # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
-            grant = await self._limiter.acquire(tokens, retry=throttled)
+            try:
+                # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
+                grant = await route.limiter.acquire(tokens, retry=throttled)
+            except BaseException:  # cancelled: a probe that never went must not keep the others out
+                if probe:
+                    route.breaker.release()
+                raise
             waited += grant.waited_s
+            if self._pooled and not probe and route.breaker.state != "closed":
+                route.limiter.settle(grant, 0)  # it went out while this waited: choose again
+                attempt -= 1
+                continue
             if stop():  # the wait for quota may have been long: hand the quota back
-                self._limiter.settle(grant, 0)
+                route.limiter.settle(grant, 0)
+                if probe:
+                    route.breaker.release()
                 metrics.limiter_wait_s += waited
                 return Segment(0, len(texts), attempt - 1, unsent=True)
             try:
-                response = await self._attempt(texts, attempt, metrics)
+                response = await self._attempt(route, texts, attempt, metrics)
             except (ServiceError, TransportError) as error:
                 if fail_fast and isinstance(error, TransportError) and error.unreachable:
                     raise EndpointConfigError(f"{error}: check endpoint.url") from None
                 # Time in the limiter is pacing, not hanging: the total timeout leaves it out.
                 elapsed_s = self._clock() - started - waited
-                decision = self._after_failure(error, grant, attempt, elapsed_s)
+                decision = self._after_failure(route, error, grant, counted + 1, elapsed_s)
+                if self._pooled and self._took_out(route, error, decision):
+                    failed = self._give_up(route, error, decision, attempt, len(texts), pooled=True)
+                    continue  # to another deployment, at once
+                counted += 1
                 if decision.action == "retry":
                     throttled = isinstance(error, ServiceError) and error.status == 429
                     await self._sleep(decision.delay_s)
                     continue
                 metrics.limiter_wait_s += waited
-                return self._give_up(error, decision, attempt, len(texts))
-            self._limiter.settle(grant, response.prompt_tokens)
-            self._limiter.on_success(grant, response.remaining_tokens, response.remaining_requests)
+                return self._give_up(route, error, decision, attempt, len(texts))
+            except BaseException:
+                if probe:
+                    route.breaker.release()
+                raise
+            route.breaker.succeeded()
+            route.last_failure = None
+            route.limiter.settle(grant, response.prompt_tokens)
+            route.limiter.on_success(grant, response.remaining_tokens, response.remaining_requests)
             metrics.limiter_wait_s += waited
-            return Segment(0, len(texts), attempt, response=response)
+            return Segment(0, len(texts), attempt, response=response, deployment=route.name)
+
+    def _took_out(self, route: Route, error: ServiceError | TransportError, decision: Decision) -> bool:
+        """Tell ``route``'s breaker; whether the deployment is out now."""
+        hold_s = error.retry_after_s if isinstance(error, ServiceError) else None
+        route.breaker.failed(verdict(error, decision.action), hold_s)
+        return route.breaker.state != "closed"
+
+    async def _wait_for_a_deployment(
+        self, paused_since: float, failed: Segment | None, n: int, attempts: int
+    ) -> Segment | None:
+        """Every deployment is out: wait for one to be probed again, unless that would pass
+        ``retry.total_timeout_s``; the rows' failed segment when giving up.
+
+        Raises:
+            EndpointConfigError: every deployment refused the setup (401/403/404).
+            QuotaExhaustedError: every deployment's quota is exhausted, with ``on_quota_exhausted: stop``.
+        """
+        causes = {route.name: route.exhausted for route in self._routes}
+        refused = all(isinstance(route.last_failure, EndpointConfigError) for route in self._routes)
+        if refused and failed is not None and failed.failure is not None:
+            raise failed.failure
+        now = self._clock()
+        if all(until is not None and now < until[0] for until in causes.values()):
+            reason = "every deployment's quota is exhausted: " + "; ".join(
+                until[1] for until in causes.values() if until is not None
+            )
+            if self.config.retry.on_quota_exhausted == "stop":
+                raise QuotaExhaustedError(reason)
+            return Segment(0, n, attempts, error=reason, failure=QuotaExhaustedError(reason))
+        wait_s = ready_in_s(self._routes)
+        if now + wait_s - paused_since > self.config.retry.total_timeout_s:
+            why = failed.error if failed is not None else "no deployment answered"
+            reason = f"every deployment of the pool is out: {why}"
+            failure = failed.failure if failed is not None else None
+            deployment = failed.deployment if failed is not None else None
+            return Segment(0, n, attempts, error=reason, failure=failure, deployment=deployment)
+        await self._sleep(wait_s)
+        return None
 
     def _after_failure(
-        self, error: ServiceError | TransportError, grant: Grant, attempt: int, elapsed_s: float
+        self, route: Route, error: ServiceError | TransportError, grant: Grant, attempt: int, elapsed_s: float
     ) -> Decision:
         """Tell the limiter, then ask the policy what to do."""
-        self._limiter.settle(grant, 0)  # a refused request costs no quota
+        route.limiter.settle(grant, 0)  # a refused request costs no quota
         decision = self._policy.decide(error, attempt, elapsed_s)
         # The quota is shared: a 429 cools down all traffic, not only this request. (An
         # exhausted quota fails rows instead: pausing everyone for hours would hang the run.)
         if isinstance(error, ServiceError) and error.status == 429 and decision.action != "quota_exhausted":
-            self._limiter.on_throttle(grant, error.retry_after_s)
+            route.limiter.on_throttle(grant, error.retry_after_s)
         return decision
 
-    async def _attempt(self, texts: list[str], attempt: int, metrics: Metrics) -> BackendResponse:
+    async def _attempt(
+        self, route: Route, texts: list[str], attempt: int, metrics: Metrics
+    ) -> BackendResponse:
         """One HTTP attempt under a hard time cap, recorded in the timeline."""
         start, status, usage = time.time(), 0, (0, 0)
         try:
-            response = await asyncio.wait_for(self._backend.embed(texts), timeout=self._attempt_timeout_s)
+            response = await asyncio.wait_for(route.backend.embed(texts), timeout=self._attempt_timeout_s)
             self._check_dims(response)
             status, usage = 200, (response.prompt_tokens, response.total_tokens)
             return response
@@ -283,7 +389,7 @@ class Embedder:
             status = error.status
             raise
         finally:
-            record = RequestRecord(start, time.time(), len(texts), usage[0], status, attempt)
+            record = RequestRecord(start, time.time(), len(texts), usage[0], status, attempt, route.name)
             metrics.record(record, total_tokens=usage[1])
 
     def _check_dims(self, response: BackendResponse) -> None:
@@ -294,42 +400,73 @@ class Embedder:
             raise ServiceError(502, "invalid_response", f"{dims} dimensions, expected {self._dims}")
 
     def _give_up(
-        self, error: ServiceError | TransportError, decision: Decision, attempts: int, n: int
+        self,
+        route: Route,
+        error: ServiceError | TransportError,
+        decision: Decision,
+        attempts: int,
+        n: int,
+        *,
+        pooled: bool = False,
     ) -> Segment:
-        """Raise for config errors and ``stop``; otherwise the rows fail with the reason."""
+        """Raise for config errors and ``stop``; otherwise the rows fail with the reason.
+
+        ``pooled``: ``route`` is out and the request moves on; the segment is kept only
+        in case every deployment stays out, and config errors are raised only then.
+        """
+        named = f"{route.name}: " if self._pooled else ""
         if decision.action == "config_error" and isinstance(error, ServiceError):
-            endpoint = self.config.endpoint
-            raise config_error_for(
+            endpoint = route.config.endpoint
+            problem = config_error_for(
                 error,
                 model=endpoint.model,
                 dimensions=endpoint.dimensions,
                 input_type=endpoint.input_type,
-                key_env=self.config.auth.key_env,
+                key_env=route.config.auth.key_env,
                 url=endpoint.url,
-            ) from error
+            )
+            if self._pooled and error.status in (401, 403, 404):
+                problem = EndpointConfigError(f"deployment {named}{problem}", status=error.status)
+                route.last_failure = problem
+                if pooled:
+                    return Segment(0, n, attempts, error=str(problem), failure=problem, deployment=route.name)
+            raise problem from error
+        route.last_failure = None
         if decision.action == "quota_exhausted":
-            reason = f"quota exhausted: {decision.reason}"
-            if self.config.retry.on_quota_exhausted == "stop":
-                raise QuotaExhaustedError(reason) from error
+            reason = f"{named}quota exhausted: {decision.reason}"
             # Until the service's retry-after passes, fail rows without sending.
             retry_after = (error.retry_after_s if isinstance(error, ServiceError) else None) or 0.0
-            self._exhausted = (self._clock() + retry_after, reason)
-            return Segment(0, n, attempts, error=reason, failure=QuotaExhaustedError(reason))
-        return Segment(0, n, attempts, error=decision.reason or str(error), failure=error)
+            route.exhausted = (self._clock() + retry_after, reason)
+            if self.config.retry.on_quota_exhausted == "stop" and not pooled:
+                raise QuotaExhaustedError(reason) from error
+            return Segment(
+                0, n, attempts, error=reason, failure=QuotaExhaustedError(reason), deployment=route.name
+            )
+        reason = named + (decision.reason or str(error))
+        return Segment(0, n, attempts, error=reason, failure=error, deployment=route.name)
 
 
 def request_token_cap(config: EmbedConfig, share: float = 1.0) -> int:
     """Estimated tokens per request: ``batching.max_request_tokens``, and with a TPM quota at
-    most 1/:data:`REQUESTS_PER_QUOTA_MINUTE` of this worker's ``share`` of it."""
+    most 1/:data:`REQUESTS_PER_QUOTA_MINUTE` of this worker's ``share`` of it (of a pool's
+    smallest deployment's)."""
     cap = config.batching.max_request_tokens
     limits = config.limits
-    if limits.tokens_per_minute:
-        mine = limits.tokens_per_minute * limits.max_share * share
+    # In a pool, the smallest deployment's quota: a request must fit whichever one it goes to.
+    quota = min((m.tokens_per_minute for m in config.endpoint.pool), default=limits.tokens_per_minute)
+    if quota:
+        mine = quota * limits.max_share * share
         cap = min(cap, max(1, int(mine / REQUESTS_PER_QUOTA_MINUTE)))
     return cap
 
 
-def _share_limiter(limits: LimitsConfig, share: float) -> RateLimiter:
+def _share_limiter(
+    limits: LimitsConfig,
+    share: float,
+    *,
+    minute_s: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> RateLimiter:
     """This worker's ``share`` of the job's part of the quota (learned from the service if unset).
 
     With ``limits.max_share`` below 1 the job keeps the rest of the quota free for others: its
@@ -342,7 +479,30 @@ def _share_limiter(limits: LimitsConfig, share: float) -> RateLimiter:
         share=share,
         leave_tokens=tpm * (1 - mine) if tpm else 0.0,
         leave_requests=rpm * (1 - mine) if rpm else 0.0,
+        minute_s=minute_s,
+        clock=clock,
     )
+
+
+def build_routes(
+    config: EmbedConfig,
+    make_backend: Callable[[EmbedConfig], Backend],
+    share: float = 1.0,
+    *,
+    minute_s: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[Route]:
+    """One :class:`Route` per deployment of ``config`` (a pool's, or its one URL): its backend,
+    this worker's ``share`` of its quota, and a breaker.
+
+    Args:
+        minute_s: the service's minute in seconds (tests against a scaled endpoint shorten it).
+    """
+    routes = []
+    for name, one in config.deployments():
+        limiter = _share_limiter(one.limits, share, minute_s=minute_s, clock=clock)
+        routes.append(Route(name, make_backend(one), limiter, one, Breaker(clock=clock)))
+    return routes
 
 
 def _token_midpoint(estimates: np.ndarray) -> int:
@@ -400,7 +560,12 @@ def get_embedder(
         _process_loop()
         embedder = _embedders.get(key)
         if embedder is None or embedder.closed:
-            embedder = _embedders[key] = Embedder(config, make_backend(config), share=share)
+            if config.endpoint.pool:
+                routes = build_routes(config, make_backend, share)
+                embedder = Embedder(config, share=share, routes=routes)
+            else:
+                embedder = Embedder(config, make_backend(config), share=share)
+            _embedders[key] = embedder
         return embedder
 
 

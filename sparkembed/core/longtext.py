@@ -367,6 +367,7 @@ def combine(plan: Plan, results: EmbedResults) -> Combined:
         attempts=np.asarray(results.attempts, dtype=np.int32),
         request_id=list(results.request_id),
         model=list(results.model),
+        deployment=list(results.deployment),
     )
     if plan.strategy != "mean" or not units:
         return combined
@@ -382,7 +383,7 @@ def _mean_rows(units: Combined, tokens: np.ndarray) -> Combined:
 
     A row with one unit keeps that unit's result unchanged. A row of chunks gets the
     token-weighted mean of its ok chunks' vectors, L2-renormalised; tokens summed, the most
-    attempts, the first chunk's request id and model. It is ``failed`` with the first failed
+    attempts, the first chunk's request id, model and deployment. It is ``failed`` with the first failed
     chunk's error if any chunk failed; blank chunks (whitespace runs) are left out.
     """
     n = len(units)
@@ -425,4 +426,5 @@ def _mean_rows(units: Combined, tokens: np.ndarray) -> Combined:
         attempts=np.maximum.reduceat(units.attempts, firsts),
         request_id=[units.request_id[i] for i in firsts],
         model=[units.model[i] for i in firsts],
+        deployment=[units.deployment[i] for i in firsts],
     )

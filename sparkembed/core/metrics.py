@@ -24,6 +24,7 @@ class RequestRecord:
         prompt_tokens: reported usage; 0 unless the attempt succeeded.
         status: HTTP status; 0 when there was no HTTP answer (timeout, reset).
         attempt: 1 for the first try of a request, 2 for its first retry, ...
+        deployment: the deployment it went to ("" in logs from before pools).
     """
 
     start_s: float
@@ -32,6 +33,7 @@ class RequestRecord:
     prompt_tokens: int
     status: int
     attempt: int
+    deployment: str = ""
 
 
 @dataclass

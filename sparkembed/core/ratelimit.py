@@ -201,7 +201,7 @@ class RateLimiter:
 
     __slots__ = (
         "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
-        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_settled_one", "_leave",
+        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_settled_one", "_leave", "_waiting",
     )  # fmt: skip
 
     def __init__(
@@ -241,6 +241,7 @@ class RateLimiter:
         self._told_room = False  # the service reports the tokens it has left
         self._in_flight: weakref.WeakSet[Grant] = weakref.WeakSet()  # granted, not yet settled
         self._settled_one = False
+        self._waiting = [0, 0]  # tokens and requests of the callers waiting in acquire
 
     @property
     def waited_s(self) -> float:
@@ -263,6 +264,21 @@ class RateLimiter:
         limit = self._tokens.limit
         return None if limit is None else limit / REQUESTS_PER_LIMIT
 
+    def load(self, tokens: int) -> float:
+        """How booked this limiter would be with ``tokens`` more: what was sent in the window,
+        what waits, and ``tokens``, over the limit (1.0: a full window), plus a 429's pause in
+        windows. Of several deployments, the least booked sends soonest (:mod:`.pool`).
+        0 with no limit known."""
+        windows = max(0.0, self._paused_until - self._clock()) / self._tokens.window_s
+        waiting_tokens, waiting_requests = self._waiting
+        token_limit, request_limit = self._tokens.limit, self._requests.limit
+        booked = 0.0
+        if token_limit:
+            booked = (self._tokens.used() + waiting_tokens + tokens) / token_limit
+        if request_limit:
+            booked = max(booked, (self._requests.used() + waiting_requests + 1) / request_limit)
+        return windows + booked
+
     async def acquire(self, tokens: int, *, retry: bool = False) -> Grant:
         """Wait until a request of ``tokens`` estimated tokens may be sent; charge it.
 
@@ -281,6 +297,8 @@ class RateLimiter:
             self._queue.append(turn)
         if self._queue[0] is turn:
             self._wake_sleeper()  # a retry took the head: the old head must wait its turn
+        self._waiting[0] += tokens
+        self._waiting[1] += 1
         try:
             while True:
                 if self._queue[0] is not turn:
@@ -295,6 +313,8 @@ class RateLimiter:
             waited = self._clock() - start
             return self._take(tokens, waited)
         finally:
+            self._waiting[0] -= tokens
+            self._waiting[1] -= 1
             if self._queue.index(turn) < self._retries:
                 self._retries -= 1
             self._queue.remove(turn)

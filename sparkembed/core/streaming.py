@@ -37,6 +37,7 @@ class Segment:
         error: why the rows failed, when not.
         failure: the last error, for bisection and for preflight to raise.
         unsent: the run is stopping and the rows were not sent (they are neither ok nor failed).
+        deployment: the deployment that answered (when failed: the last one tried).
     """
 
     start: int
@@ -46,6 +47,7 @@ class Segment:
     error: str | None = None
     failure: SparkEmbedError | None = None
     unsent: bool = False
+    deployment: str | None = None
 
 
 Send = Callable[[list[str], np.ndarray], "concurrent.futures.Future[list[Segment]]"]
@@ -65,6 +67,7 @@ class EmbedResults:
         attempts: int32 HTTP attempts of the request that produced the row (0 if skipped).
         request_id: the response ``id`` of that request.
         model: the model the service reported.
+        deployment: the deployment of a pool that served the row (when failed: the last one tried).
     """
 
     vectors: np.ndarray
@@ -75,6 +78,7 @@ class EmbedResults:
     attempts: np.ndarray
     request_id: list[str | None]
     model: list[str | None]
+    deployment: list[str | None]
 
     def __len__(self) -> int:
         return len(self.status)
@@ -99,6 +103,7 @@ class ChunkAssembly:
             attempts=np.zeros(n, dtype=np.int32),
             request_id=[None] * n,
             model=[None] * n,
+            deployment=[None] * n,
         )
 
     @property
@@ -113,9 +118,11 @@ class ChunkAssembly:
             r.error[row] = error
         self.pending -= len(rows)
 
-    def fail(self, rows: np.ndarray, error: str, attempts: int) -> None:
-        """Mark rows failed with ``error`` after ``attempts`` HTTP attempts."""
+    def fail(self, rows: np.ndarray, error: str, attempts: int, deployment: str | None = None) -> None:
+        """Mark rows failed with ``error`` after ``attempts`` HTTP attempts (the last to ``deployment``)."""
         self._results.attempts[rows] = attempts
+        for row in rows.tolist():
+            self._results.deployment[row] = deployment
         self.finish_rows(rows.tolist(), Status.FAILED, error)
 
     def fill(
@@ -128,6 +135,7 @@ class ChunkAssembly:
         attempts: int,
         request_id: str | None,
         model: str | None,
+        deployment: str | None = None,
     ) -> None:
         """Store ok rows: ``vectors[i]`` belongs to ``rows[i]``."""
         if self._vectors is None:
@@ -146,6 +154,7 @@ class ChunkAssembly:
             span = slice(first, first + count)
             r.request_id[span] = [request_id] * count
             r.model[span] = [model] * count
+            r.deployment[span] = [deployment] * count
             r.status[span] = [Status.OK] * count
             r.error[span] = [None] * count
             self.pending -= count
@@ -154,6 +163,7 @@ class ChunkAssembly:
         for row in rows.tolist():
             r.request_id[row] = request_id
             r.model[row] = model
+            r.deployment[row] = deployment
         self.finish_rows(rows.tolist(), Status.OK, None)
 
     def results(self, dims: int | None) -> EmbedResults:
@@ -286,6 +296,7 @@ def _fill_known(chunk: ChunkAssembly, row: int, known: Answer) -> None:
         attempts=known.attempts,
         request_id=known.request_id,
         model=known.model,
+        deployment=known.deployment,
     )
 
 
@@ -300,6 +311,7 @@ def _scatter(rows: list[_Row], segment: Segment, answers: AnswerLog | None = Non
             answers.record(
                 [row[2] for row in rows], response.vectors, prompt, total,
                 attempts=segment.attempts, request_id=response.request_id, model=response.model,
+                deployment=segment.deployment,
             )  # fmt: skip
     offset = 0
     for chunk, positions in _runs_by_chunk(rows):
@@ -309,7 +321,7 @@ def _scatter(rows: list[_Row], segment: Segment, answers: AnswerLog | None = Non
             chunk.finish_rows(positions.tolist(), Status.UNSENT, None)
             continue
         if response is None:
-            chunk.fail(positions, segment.error or "failed", segment.attempts)
+            chunk.fail(positions, segment.error or "failed", segment.attempts, segment.deployment)
             continue
         chunk.fill(
             positions,
@@ -319,6 +331,7 @@ def _scatter(rows: list[_Row], segment: Segment, answers: AnswerLog | None = Non
             attempts=segment.attempts,
             request_id=response.request_id,
             model=response.model,
+            deployment=segment.deployment,
         )
 
 

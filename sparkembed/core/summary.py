@@ -6,10 +6,45 @@ One typed object from the driver to the CLI's JSON line, ``summary.json`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sparkembed.core.metrics import COUNTERS
+
+
+def deployment_usage(
+    timeline: Iterable[Mapping[str, Any]], quotas: Mapping[str, int | None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per deployment: tokens per minute against its quota, from a run's request timeline.
+
+    The rate is over the whole run's span of requests (first sent to last answered), so the
+    deployments' rates add up to the run's, and one taken out midway shows it.
+
+    Args:
+        timeline: :class:`~sparkembed.core.metrics.RequestRecord` dicts.
+        quotas: TPM quota per deployment name, where known.
+    """
+    records = list(timeline)
+    quotas = quotas or {}
+    if not records:
+        return {}
+    span_s = max(r["end_s"] for r in records) - min(r["start_s"] for r in records)
+    minutes = max(span_s, 1e-3) / 60.0
+    usage: dict[str, dict[str, Any]] = {}
+    for record in records:
+        name = record.get("deployment") or ""
+        row = usage.setdefault(name, {"prompt_tokens": 0, "requests": 0, "throttled_429": 0, "errors": 0})
+        row["prompt_tokens"] += record["prompt_tokens"]
+        row["requests"] += 1
+        row["throttled_429"] += record["status"] == 429
+        row["errors"] += record["status"] not in (200, 429)
+    for name, row in usage.items():
+        rate, quota = row["prompt_tokens"] / minutes, quotas.get(name)
+        row["tokens_per_minute"] = round(rate)
+        row["quota_tokens_per_minute"] = quota
+        row["share_of_quota"] = round(rate / quota, 3) if quota else None
+    return dict(sorted(usage.items()))
 
 
 @dataclass
@@ -44,6 +79,16 @@ class RunSummary:
     """A migration run's outcome: staging table, ``state`` (``switched``, ``held``, ``stopped``,
     ``incomplete``, ``failed_rows``), the switch's target version, the ``--check-sample`` report."""
 
+    deployment_quotas: dict[str, int | None] = field(default_factory=dict)
+    """TPM quota per deployment name (a pool's entries, or the one URL's ``limits.tokens_per_minute``)."""
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per deployment: tokens, tokens per minute and its quota, requests, 429s and errors
+    (:func:`deployment_usage`, set at the end of the run)."""
+
+    def count_deployments(self) -> None:
+        """Fill :attr:`deployments` from the timeline and the quotas."""
+        self.deployments = deployment_usage(self.timeline, self.deployment_quotas)
+
     def add(self, metrics: dict[str, Any]) -> None:
         for key in COUNTERS:
             self.counts[key] += int(metrics.get(key, 0))
@@ -59,6 +104,8 @@ class RunSummary:
             extra["error"] = self.error
         if self.migration is not None:
             extra["migration"] = self.migration
+        if self.deployments:
+            extra["deployments"] = self.deployments
         counts = self.counts
         in_table = counts["prompt_tokens"] + counts["reused_tokens"] - counts["dropped_tokens"]
         return extra | {
@@ -115,6 +162,7 @@ class RunSummary:
             "reused_tokens": reused,
             "dropped_tokens": prompt + reused - int(data.get("tokens_in_table", prompt + reused)),
         }
+        deployments = dict(data.get("deployments") or {})
         reasons = data.get("error_reasons") or data.get("top_errors") or {}
         pairs = reasons.items() if isinstance(reasons, dict) else reasons  # or [reason, rows] pairs
         return cls(
@@ -135,6 +183,10 @@ class RunSummary:
             stopped=data.get("stopped"),
             error=data.get("error"),
             migration=data.get("migration"),
+            deployment_quotas={
+                name: row.get("quota_tokens_per_minute") for name, row in deployments.items()
+            },
+            deployments=deployments,
         )
 
     @property

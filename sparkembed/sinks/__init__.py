@@ -21,6 +21,7 @@ from typing import Any
 # Lazy, so executors importing write_part load no deltalake.
 _HOMES = {
     "ABSENT": "deltars",
+    "add_columns": "deltars",
     "commit_files": "deltars",
     "read_table": "deltars",
     "table_version": "deltars",
@@ -47,6 +48,7 @@ __all__ = [
     "DeltaSinkError",
     "FileMeta",
     "TargetSchemaError",
+    "add_columns",
     "commit_files",
     "drop_staging",
     "exists",

@@ -99,6 +99,33 @@ def commit_files(
     return commit_actions(table, actions, mode, schema, app_id, version, expected_version)
 
 
+def add_columns(table_uri: str, schema: pa.Schema, *, expected_version: int | None = None) -> int:
+    """Add the columns of ``schema`` an existing table lacks, nullable, after its own (rows
+    written before read null there), in one commit; return the table's version after it.
+
+    A table from an older release (without ``deployment``) thus takes the rows of this one.
+    An absent table is left absent (:data:`ABSENT`).
+
+    Raises:
+        ConcurrentWriteError: the table is not at ``expected_version``.
+    """
+    table = load(table_uri)
+    if table is None:
+        return ABSENT
+    if expected_version is not None and table.version() != expected_version:
+        raise ConcurrentWriteError(
+            f"{table_uri} is at version {table.version()}, but this run expected "
+            f"{expected_version}: another writer committed in between"
+        )
+    have = set(table.schema().to_arrow().names)
+    missing = [field.with_nullable(True) for field in schema if field.name not in have]
+    if not missing:
+        return table.version()
+    log.info("adding column(s) %s to %s", ", ".join(f.name for f in missing), table_uri)
+    table.alter.add_columns(list(DeltaSchema.from_arrow(pa.schema(missing)).fields))
+    return DeltaTable(table_uri).version()
+
+
 def create_with_files(
     table_uri: str,
     files: list[FileMeta],

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from delta.tables import DeltaTable
     from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql.types import StructType
 
 _OP = "_sparkembed_op"
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
@@ -89,6 +90,21 @@ def write_native(
         writer.save(target)
     else:
         writer.saveAsTable(target)
+
+
+def add_columns(spark: SparkSession, target: str, schema: StructType) -> None:
+    """Add the columns of ``schema`` an existing table lacks (older releases wrote no
+    ``deployment``), after its own: rows written before read null there."""
+    if not _exists(spark, target):
+        return
+    reader = spark.read.format("delta")
+    have = set((reader.load(target) if is_path(target) else spark.table(target)).columns)
+    missing = [field for field in schema.fields if field.name not in have]
+    if not missing:
+        return
+    name = f"delta.`{target}`" if is_path(target) else target
+    columns = ", ".join(f"`{field.name}` {field.dataType.simpleString()}" for field in missing)
+    spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({columns})")
 
 
 def _merge(spark: SparkSession, df: DataFrame, target: str, id_col: str, app_id: str, version: int) -> None:

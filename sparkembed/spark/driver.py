@@ -26,6 +26,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.core.answers import remove_stale
 from sparkembed.core.context import RunContext
 from sparkembed.core.engine import Embedder
+from sparkembed.core.pool import check_same_space
 from sparkembed.core.runlog import read_spend, request_stop
 from sparkembed.core.summary import RunSummary
 from sparkembed.core.tokens import BYTES_PER_TOKEN
@@ -82,7 +83,7 @@ def prepare(
         context: the preflight's findings and the tasks that share the quota.
     """
     refuse_speculation(spark)
-    check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
+    check_endpoint_urls(config)
     hide_bridge_traffic()
     if not config.target.path:
         raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
@@ -134,25 +135,48 @@ _TASK_ERRORS: dict[str, type[SparkEmbedError]] = {
 }
 
 
+def check_endpoint_urls(config: EmbedConfig) -> None:
+    """:func:`check_endpoint_url` for ``endpoint.url``, or each deployment of a pool."""
+    for _, one in config.deployments():
+        check_endpoint_url(one.endpoint.url, allow_insecure_http=one.endpoint.allow_insecure_http)
+
+
 def preflight(config: EmbedConfig) -> RunContext:
     """One tiny request, before any money is spent: it checks the key, route, deployment and
     options, and learns what the service runs. Needs no Spark.
+
+    A pool's deployments each embed the same text, and must agree on model, dimensions and
+    vector (:func:`~sparkembed.core.pool.check_same_space`): one table never mixes spaces.
 
     Returns:
         A context holding what the service runs: ``served_model`` and ``served_dimensions``.
 
     Raises:
-        EndpointConfigError: 401/403/404/422, or a host that cannot be reached; names the fix.
+        EndpointConfigError: 401/403/404/422, or a host that cannot be reached; names the fix
+            (and, in a pool, the deployment).
+        ConfigError: the deployments of a pool disagree.
         ServiceError, TransportError, QuotaExhaustedError: the request failed otherwise.
     """
-    check_endpoint_url(config.endpoint.url, allow_insecure_http=config.endpoint.allow_insecure_http)
-    embedder = Embedder(config, make_backend(config))
-    try:
-        dims, model = embedder.preflight()
-    finally:
-        embedder.close()
+    check_endpoint_urls(config)
+    pooled = bool(config.endpoint.pool)
+    answers = []
+    for name, one in config.deployments():
+        embedder = Embedder(one, make_backend(one))
+        try:
+            answers.append((name, embedder.probe()))
+        except EndpointConfigError as exc:
+            if not pooled:
+                raise
+            raise EndpointConfigError(f"deployment {name}: {exc}", status=exc.status) from exc
+        finally:
+            embedder.close()
+    check_same_space([(name, answer.model, answer.vectors[0]) for name, answer in answers])
+    first = answers[0][1]
+    dims, model = first.vectors.shape[1], first.model
     auto = config.endpoint.api == "auto"
     route = config.endpoint.route + (", picked by endpoint.api: auto" if auto else "")
+    if pooled:
+        route = f"a pool of {len(answers)} deployments ({', '.join(name for name, _ in answers)})"
     log.info("preflight ok: model %s, %d dimensions; route %s", model, dims, route)
     return RunContext(served_model=model, served_dimensions=dims)
 
@@ -216,8 +240,9 @@ def run(
     summary = RunSummary(
         run_id=run_id or new_run_id(),
         price_per_million_tokens=config.endpoint.price_per_million_tokens,
-        tokens_per_minute=config.limits.tokens_per_minute,
+        tokens_per_minute=config.quota_tokens_per_minute,
         requests_per_minute=config.limits.requests_per_minute,
+        deployment_quotas={name: one.limits.tokens_per_minute for name, one in config.deployments()},
     )
     run_dir = str(Path(config.run.log_dir).absolute() / summary.run_id)
     try:
@@ -278,7 +303,7 @@ def _run_waves(
     run_limits = config.run
     planner = WavePlanner(total, tokens, WaveLimits(
         rows=run_limits.commit_every_rows, tokens=run_limits.commit_every_tokens,
-        seconds=run_limits.commit_every_seconds, tokens_per_minute=config.limits.tokens_per_minute,
+        seconds=run_limits.commit_every_seconds, tokens_per_minute=config.quota_tokens_per_minute,
     ))  # fmt: skip
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s)")
     partitions = config.run.partitions or default_parallelism(spark, config)
@@ -317,6 +342,7 @@ def _finish_summary(summary: RunSummary, run_dir: str, started: float, config: E
     """What was billed (every task attempt, committed or not), the time, and the run log."""
     spend = read_spend(run_dir)
     summary.tokens_billed = max(spend.tokens_billed, summary.counts["prompt_tokens"])
+    summary.count_deployments()
     remove_stale(Path(run_dir).parent)  # answer slabs of processes gone for a day
     summary.seconds = time.monotonic() - started
     try:
@@ -389,7 +415,7 @@ class _Ticker:
             spend = read_spend(run_dir, wave=wave)
             elapsed = time.monotonic() - self._wave_started
             rate = spend.tokens_billed / elapsed * 60 if elapsed else 0.0
-            quota = config.limits.tokens_per_minute
+            quota = config.quota_tokens_per_minute
             of_quota = f" ({100 * rate / quota:.0f} % of quota)" if quota else ""
             committed = sum(summary.counts[k] for k in ("ok_rows", "skipped_rows", "failed_rows"))
             done = committed + spend.texts_answered

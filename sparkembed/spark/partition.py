@@ -53,13 +53,18 @@ OUTPUT_FIELDS = (
     ("embedded_at", T.TimestampType()),
     ("embedding_fingerprint", T.StringType()),
 )
+LATER_FIELDS = (("deployment", T.StringType()),)
+"""Columns added since the first tables were written: they come last, after the passthrough
+columns, where adding them to an existing table puts them (see :func:`add_new_columns`)."""
 
 
 def output_schema(input_schema: T.StructType, id_col: str, passthrough: tuple[str, ...]) -> T.StructType:
-    """The output table: id, the fixed columns of DESIGN.md, then passthrough columns."""
+    """The output table: id, the fixed columns of DESIGN.md, passthrough columns, then the
+    columns added since (:data:`LATER_FIELDS`)."""
     fields = [input_schema[id_col]]
     fields += [T.StructField(name, dtype, nullable=True) for name, dtype in OUTPUT_FIELDS]
     fields += [input_schema[c] for c in passthrough]
+    fields += [T.StructField(name, dtype, nullable=True) for name, dtype in LATER_FIELDS]
     return T.StructType(fields)
 
 
@@ -158,6 +163,7 @@ class PartitionJob:
             "run_id": _repeat(self.context.run_id, pa.string(), n),
             "embedded_at": _repeat(now, pa.timestamp("us", tz="UTC"), n),
             "embedding_fingerprint": _repeat(self.config.fingerprint(self.context), pa.string(), n),
+            "deployment": pa.array(out.deployment, pa.string()),
         }
         for name in self.passthrough:
             columns[name] = batch.column(name).take(rows)

@@ -93,11 +93,14 @@ def other_fingerprints(target: DataFrame, config: EmbedConfig, context: RunConte
 
 def _check_columns(target: DataFrame, source: DataFrame, config: EmbedConfig) -> None:
     """Refuse, before anything is paid for, a target whose columns this run's rows won't fit."""
-    from sparkembed.spark.partition import output_schema
+    from sparkembed.spark.partition import LATER_FIELDS, output_schema
 
     want = output_schema(source.schema, config.source.id_col, config.source.passthrough)
     wanted = {f.name: f.dataType.simpleString() for f in want}
     have = {f.name: f.dataType.simpleString() for f in target.schema}
+    for name, _ in LATER_FIELDS:  # a table from before they existed: the sink adds them
+        if name not in have:
+            wanted.pop(name)
     if wanted != have:
         diff = sorted({f"{k} {v}" for k, v in have.items() ^ wanted.items()})
         raise ConfigError(

@@ -87,8 +87,12 @@ def apply_secret(
     Raises:
         ConfigError: as :func:`resolve_key`.
     """
-    if config.auth.mode != "key" or config.auth.key is not None:
+    if config.auth.mode != "key":
         return config
+    config = _apply_pool_keys(config, os.environ if environ is None else environ)
+    pool = config.endpoint.pool
+    if config.auth.key is not None or (pool and all(member.key is not None for member in pool)):
+        return config  # every pool entry has its own key: the shared one is not needed
     key = resolve_key(config.auth, environ=environ, spark=spark)
     length = len(key.get_secret_value()) if key is not None else 0
     if 0 < length < SHORT_KEY:
@@ -97,6 +101,21 @@ def apply_secret(
             "the right value is set", length
         )  # fmt: skip
     return config.model_copy(update={"auth": config.auth.model_copy(update={"key": key})})
+
+
+def _apply_pool_keys(config: EmbedConfig, environ: Mapping[str, str]) -> EmbedConfig:
+    """Each pool entry's ``key_env`` read as the shared key is (entries without one use that)."""
+    pool = config.endpoint.pool
+    if not any(member.key_env and member.key is None for member in pool):
+        return config
+    members = []
+    for member in pool:
+        if member.key_env and member.key is None:
+            auth = config.auth.model_copy(update={"key_env": member.key_env})
+            member = member.model_copy(update={"key": _from_env(auth, environ)})
+        members.append(member)
+    endpoint = config.endpoint.model_copy(update={"pool": tuple(members)})
+    return config.model_copy(update={"endpoint": endpoint})
 
 
 def _from_env(auth: AuthConfig, environ: Mapping[str, str]) -> SecretStr:

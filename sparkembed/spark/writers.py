@@ -112,6 +112,7 @@ class DeltaRsSink:
         # makes our next commit fail instead of mixing two runs' rows.
         self._expected = sinks.table_version(target)
         self._run_dir = run_dir
+        self._columns_checked = False
 
     def write_wave(
         self, df: DataFrame, config: EmbedConfig, context: RunContext, wave: int
@@ -127,6 +128,10 @@ class DeltaRsSink:
                 replacing = pa.array([r[0] for r in known], job.arrow_schema.field(job.id_col).type)
             df = df.drop(REPLACES)
         target = str(config.target.path)
+        if not self._columns_checked and config.target.mode != "overwrite":
+            # A table from an older release lacks newer columns (deployment): add them first.
+            self._expected = sinks.add_columns(target, job.arrow_schema, expected_version=self._expected)
+            self._columns_checked = True
         meta = df.mapInArrow(
             lambda batches: _write_partition(job, target, wave, batches), META_SCHEMA
         ).collect()
@@ -206,6 +211,7 @@ class NativeSink:
     def __init__(self, run_dir: str | None = None) -> None:
         self._reported: dict[str, int] = {}
         self._run_dir = run_dir
+        self._columns_checked = False
 
     def write_wave(
         self, df: DataFrame, config: EmbedConfig, context: RunContext, wave: int
@@ -215,6 +221,9 @@ class NativeSink:
         )
         run_id = context.run_id
         mode = config.target.mode
+        if not self._columns_checked and mode != "overwrite":
+            delta_native.add_columns(out.sparkSession, str(config.target.path), out.schema)
+            self._columns_checked = True
         if mode == "overwrite" and wave > 0:
             mode = "append"
         delta_native.write_native(

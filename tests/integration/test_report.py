@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,29 @@ def test_tokens_billed_but_not_in_the_table_show_as_waste() -> None:
     page = render_html(RunLog("r1", RunSummary.from_file(summary), []), [], None)
     assert "<td>tokens billed (every answered request)</td><td class=n>1,000</td>" in page
     assert "retried task attempts, lost races)</td><td class=n>100 (10.0 %)</td>" in page
+
+
+def test_the_report_shows_tokens_per_minute_per_deployment_against_its_quota() -> None:
+    summary = RunSummary(run_id="pool", deployment_quotas={"a.example/openai/v1": 240_000, "b.example": None})
+    summary.timeline = [
+        asdict(RequestRecord(0.0, 30.0, 10, 90_000, 200, 1, "a.example/openai/v1")),
+        asdict(RequestRecord(30.0, 60.0, 10, 30_000, 200, 1, "a.example/openai/v1")),
+        asdict(RequestRecord(0.0, 60.0, 10, 60_000, 200, 1, "b.example")),
+        asdict(RequestRecord(0.0, 1.0, 10, 0, 429, 1, "b.example")),
+    ]
+    summary.count_deployments()
+    assert summary.deployments["a.example/openai/v1"] == {
+        "prompt_tokens": 120_000, "requests": 2, "throttled_429": 0, "errors": 0,
+        "tokens_per_minute": 120_000, "quota_tokens_per_minute": 240_000, "share_of_quota": 0.5,
+    }  # fmt: skip
+    assert summary.deployments["b.example"]["throttled_429"] == 1
+    back = RunSummary.from_file(json.loads(json.dumps(summary.to_file())))
+    assert back.deployments == summary.deployments
+    assert back.deployment_quotas == summary.deployment_quotas
+    page = render_html(RunLog("pool", back, []), [], None)
+    assert (
+        "<td>a.example/openai/v1</td><td class=n>120,000</td><td class=n>120,000</td>"
+        "<td class=n>240,000</td><td class=n>50 %</td>"
+    ) in page
+    b_row = "<td>b.example</td><td class=n>60,000</td><td class=n>60,000</td><td class=n>not given</td>"
+    assert b_row in page

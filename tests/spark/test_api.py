@@ -8,6 +8,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 import sparkembed
+from sparkembed.config import deployment_name
 from sparkembed.core.context import RunContext
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import read_table
@@ -37,7 +38,10 @@ def test_embed_is_lazy_and_uses_the_configs_columns(
     out = sparkembed.embed(df, config=config_for(endpoint, tmp_path))
     assert endpoint.stats(billed=False)["requests"] == 0  # nothing sent yet
     rows = {r["doc"]: r for r in out.collect()}
-    assert out.columns[0] == "doc" and out.columns[-1] == "title"
+    # Passthrough columns, then those added since the first tables (deployment), as tables evolve.
+    assert out.columns[0] == "doc" and out.columns[-2:] == ["title", "deployment"]
+    served = deployment_name(endpoint.url)
+    assert [rows[i]["deployment"] for i in (1, 2, 3)] == [served, None, served]  # a skipped row: none
     assert [rows[i]["status"] for i in (1, 2, 3)] == ["ok", "skipped", "ok"]
     assert rows[3]["title"] == "c" and len(rows[1]["embedding"]) == 16
     assert endpoint.stats()["texts_billed"] == 2

@@ -34,6 +34,7 @@ def answer(plan: Plan, dims: int = 8, seed: int = 0) -> EmbedResults:
         attempts=np.where(sent, 1 + np.arange(n) % 3, 0).astype(np.int32),
         request_id=[f"req-{i // 4}" if s else None for i, s in enumerate(sent)],
         model=["wordllama" if s else None for s in sent],
+        deployment=["a.example/openai/v1" if s else None for s in sent],
     )
 
 
