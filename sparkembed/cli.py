@@ -34,7 +34,7 @@ COMMANDS = {
 EXIT_CODES = """exit codes:
   0    every row ended ok or skipped
   1    failed rows exceed run.max_failed_fraction (or remain, with --fail-on-existing-failures)
-  2    a config, input, endpoint (preflight) or concurrent-write error: the message names the fix
+  2    a config, input, endpoint (preflight), budget or concurrent-write error: the message names the fix
   130  stopped by Ctrl-C (143: SIGTERM) after committing what was answered: rerun to continue"""
 
 
@@ -85,6 +85,13 @@ def _run_parser(prog: str, description: str = COMMANDS["run"]) -> argparse.Argum
         help="build (and check) a migration's staging table, but leave the target as it is",
     )
     p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        default=None,
+        help="start a run estimated over run.max_tokens/run.max_cost_usd: embed up to the cap, "
+        "commit it, and leave the rest to a later run",
+    )
+    p.add_argument(
         "--fail-on-existing-failures",
         action="store_true",
         default=None,
@@ -106,7 +113,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         "model": "endpoint.model", "id_col": "source.id_col", "text_col": "source.text_col",
         "mode": "target.mode", "prune": "run.prune", "retry_failed": "run.retry_failed",
         "reembed_all": "run.reembed_all", "fail_on_existing_failures": "run.fail_on_existing_failures",
-        "check_sample": "run.check_sample", "switch": "run.switch",
+        "check_sample": "run.check_sample", "switch": "run.switch", "allow_partial": "run.allow_partial",
     }  # fmt: skip
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
@@ -257,6 +264,12 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
         )
         print(json.dumps(summary.to_json()), flush=True)
         return 128 + summary.stop_signal
+    if summary.stopped == "budget":
+        print(
+            f"sparkembed: stopped at the budget's cap after wave {summary.waves}: what was embedded is "
+            "committed; rerun to continue",
+            file=sys.stderr,
+        )
     print(json.dumps(summary.to_json()), flush=True)
     if summary.failed_fraction > config.run.max_failed_fraction:
         return 1

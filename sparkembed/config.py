@@ -234,6 +234,16 @@ class RunConfig(_Frozen):
     check_sample: int = Field(default=0, ge=0, le=20_000)
     """Before a migration's switch, compare the nearest neighbours of this many sample ids in the
     old and the new vectors (0: no check)."""
+    dedup: bool = True
+    """Send each distinct text once per run (and not at all when the target already holds it):
+    rows sharing a text copy the vector of the row that paid, named in ``dedup_of``."""
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Prompt tokens this run may be billed at most (after dedup)."""
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    """USD this run may cost at most, at ``endpoint.price_per_million_tokens``."""
+    allow_partial: bool = False
+    """A run estimated over ``max_tokens``/``max_cost_usd`` starts anyway, stops sending at the
+    cap and commits what is done (``--allow-partial``); without it such a run is refused."""
 
 
 class EmbedConfig(_Frozen):

@@ -3,7 +3,8 @@
     SparkEmbedError
      ├── ConfigError              bad config or flags; raised before any money is spent
      │    ├── InputError          bad source: missing column, null or duplicate ids
-     │    └── EndpointConfigError the service refused the setup (401/403/404/422); names the fix
+     │    ├── EndpointConfigError the service refused the setup (401/403/404/422); names the fix
+     │    └── BudgetError         the run's estimate is over run.max_tokens / run.max_cost_usd
      ├── QuotaExhaustedError      a 429 asked to wait longer than retry.max_wait_s
      ├── ServiceError             one request's non-2xx answer (status, code, message)
      └── TransportError          timeout or dropped connection (no HTTP answer)
@@ -33,6 +34,10 @@ class EndpointConfigError(ConfigError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class BudgetError(ConfigError):
+    """The run's estimate is over its token or cost cap (and ``--allow-partial`` was not given)."""
 
 
 class QuotaExhaustedError(SparkEmbedError):

@@ -20,12 +20,15 @@ class RunContext:
         workers: concurrent tasks sharing the quota (the cluster's task slots, or fewer).
         served_model: the model the service reported in the preflight.
         served_dimensions: the vector size the service answered in the preflight.
+        tokens_left: prompt tokens the tasks of this wave may bill together (the run's cap,
+            less what earlier waves billed); None: no cap (:mod:`sparkembed.core.budget`).
     """
 
     run_id: str = ""
     workers: int = 1
     served_model: str | None = None
     served_dimensions: int | None = None
+    tokens_left: int | None = None
 
     @property
     def quota_share(self) -> float:

@@ -33,6 +33,7 @@ import numpy as np
 
 from sparkembed.config import EmbedConfig, LimitsConfig
 from sparkembed.core.answers import AnswerLog
+from sparkembed.core.budget import BudgetGuard
 from sparkembed.core.memory import keep_freed_memory
 from sparkembed.core.metrics import Metrics, RequestRecord
 from sparkembed.core.pool import Breaker, Route, choose, ready_in_s, verdict
@@ -126,6 +127,7 @@ class Embedder:
         metrics: Metrics | None = None,
         stop: Callable[[], bool] = _never,
         answers: AnswerLog | None = None,
+        budget: BudgetGuard | None = None,
     ) -> Generator[EmbedResults, None, None]:
         """Embed chunks of texts lazily; yield one :class:`EmbedResults` per chunk, in order.
 
@@ -141,13 +143,18 @@ class Embedder:
         ``answers`` keeps each answered request, and fills texts an earlier attempt of the
         same task was answered for (see :mod:`sparkembed.core.answers`).
 
+        ``budget`` reserves each request's tokens against the run's cap before it is sent
+        (:mod:`sparkembed.core.budget`); a request it refuses leaves its rows ``unsent``.
+
         Raises:
             EndpointConfigError: the service refused the setup (401/403/404/422).
             QuotaExhaustedError: with ``retry.on_quota_exhausted: stop``.
         """
         metrics = metrics if metrics is not None else Metrics()
         stream = RowStream(
-            lambda texts, estimates: self._loop.submit(self._embed_batch(texts, estimates, metrics, stop)),
+            lambda texts, estimates: self._loop.submit(
+                self._embed_batch(texts, estimates, metrics, stop, budget)
+            ),
             max_inputs=self.config.batching.max_inputs,
             max_request_tokens=request_token_cap(self.config, self._share),
             concurrency=self.config.limits.concurrency,
@@ -208,16 +215,21 @@ class Embedder:
     # -- async core: runs on the process loop -------------------------------------------
 
     async def _embed_batch(
-        self, texts: list[str], estimates: np.ndarray, metrics: Metrics, stop: Callable[[], bool]
+        self,
+        texts: list[str],
+        estimates: np.ndarray,
+        metrics: Metrics,
+        stop: Callable[[], bool],
+        budget: BudgetGuard | None = None,
     ) -> list[Segment]:
         """Embed one packed batch; on a 400, bisect until the bad inputs stand alone. A batch
         too large for the quota the limiter learned is split in two halves of its tokens."""
-        segment = await self._send(texts, estimates, metrics, stop)
+        segment = await self._send(texts, estimates, metrics, stop, budget=budget)
         if segment is None:  # the halves go side by side, as the batch would have
             mid = _token_midpoint(estimates)
             left, right = await asyncio.gather(
-                self._embed_batch(texts[:mid], estimates[:mid], metrics, stop),
-                self._embed_batch(texts[mid:], estimates[mid:], metrics, stop),
+                self._embed_batch(texts[:mid], estimates[:mid], metrics, stop, budget),
+                self._embed_batch(texts[mid:], estimates[mid:], metrics, stop, budget),
             )
         else:
             failure = segment.failure
@@ -225,8 +237,8 @@ class Embedder:
             if len(texts) == 1 or not bisect:
                 return [segment]
             mid = len(texts) // 2
-            left = await self._embed_batch(texts[:mid], estimates[:mid], metrics, stop)
-            right = await self._embed_batch(texts[mid:], estimates[mid:], metrics, stop)
+            left = await self._embed_batch(texts[:mid], estimates[:mid], metrics, stop, budget)
+            right = await self._embed_batch(texts[mid:], estimates[mid:], metrics, stop, budget)
         return left + [replace(s, start=s.start + mid, stop=s.stop + mid) for s in right]
 
     async def _send(
@@ -237,6 +249,7 @@ class Embedder:
         stop: Callable[[], bool] = _never,
         *,
         fail_fast: bool = False,
+        budget: BudgetGuard | None = None,
     ) -> Segment | None:
         """One request with retries: a response, why its rows failed, or unsent when stopping.
 
@@ -288,7 +301,9 @@ class Embedder:
                 route.limiter.settle(grant, 0)  # it went out while this waited: choose again
                 attempt -= 1
                 continue
-            if stop():  # the wait for quota may have been long: hand the quota back
+            # The wait for quota may have been long: hand the quota back. A budget at its cap
+            # leaves the rows unsent too, like a stop.
+            if stop() or (budget is not None and not budget.take(tokens)):
                 route.limiter.settle(grant, 0)
                 if probe:
                     route.breaker.release()
@@ -297,6 +312,8 @@ class Embedder:
             try:
                 response = await self._attempt(route, texts, attempt, metrics)
             except (ServiceError, TransportError) as error:
+                if budget is not None:
+                    budget.settle(tokens, 0)
                 if fail_fast and isinstance(error, TransportError) and error.unreachable:
                     raise EndpointConfigError(f"{error}: check endpoint.url") from None
                 # Time in the limiter is pacing, not hanging: the total timeout leaves it out.
@@ -313,9 +330,13 @@ class Embedder:
                 metrics.limiter_wait_s += waited
                 return self._give_up(route, error, decision, attempt, len(texts))
             except BaseException:
+                if budget is not None:
+                    budget.settle(tokens, 0)
                 if probe:
                     route.breaker.release()
                 raise
+            if budget is not None:
+                budget.settle(tokens, response.prompt_tokens)
             route.breaker.succeeded()
             route.last_failure = None
             route.limiter.settle(grant, response.prompt_tokens)

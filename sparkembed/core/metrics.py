@@ -50,6 +50,7 @@ class Metrics:
         limiter_wait_s: seconds requests spent waiting on the rate limiter (summed over requests).
         dropped_tokens: billed tokens of rows a stopping run left out (texts it did not finish).
         reused_tokens: tokens of rows filled from an earlier attempt's answers (billed then).
+        unsent_rows: output rows a stopping run left out, not sent (the next run embeds them).
         timeline: one :class:`RequestRecord` per attempt.
         on_record: called after each attempt is counted (on the engine's loop: keep it quick).
     """
@@ -65,6 +66,7 @@ class Metrics:
     limiter_wait_s: float = 0.0
     dropped_tokens: int = 0
     reused_tokens: int = 0
+    unsent_rows: int = 0
     timeline: list[RequestRecord] = field(default_factory=list)
     on_record: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
@@ -120,6 +122,7 @@ COUNTERS = (
     "skipped_rows",
     "dropped_tokens",
     "reused_tokens",
+    "unsent_rows",
 )
 """The integer counters of a :class:`Metrics`, which a run summary adds up: defined here only."""
 _SUMMED = (*COUNTERS, "limiter_wait_s")

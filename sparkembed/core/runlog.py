@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +56,8 @@ class Spend:
             its task attempt committed or not.
         texts_answered: inputs of those responses (a chunk of a long text counts as one).
         rows_done: output rows the attempts finished (ok, skipped or failed).
+        tokens_reserved: estimated tokens of requests in flight, when a budget is kept
+            (:mod:`sparkembed.core.budget`).
     """
 
     attempts: int = 0
@@ -63,6 +66,12 @@ class Spend:
     tokens_billed: int = 0
     texts_answered: int = 0
     rows_done: int = 0
+    tokens_reserved: int = 0
+
+    @property
+    def committed(self) -> int:
+        """Tokens billed or reserved: what a budget counts as spent."""
+        return self.tokens_billed + self.tokens_reserved
 
 
 def request_stop(run_dir: str | Path) -> None:
@@ -72,12 +81,14 @@ def request_stop(run_dir: str | Path) -> None:
     (folder / STOP_FILE).touch()
 
 
-def read_spend(run_dir: str | Path, *, wave: int | None = None) -> Spend:
-    """Driver side: the sum over task attempt files (of one wave, if given); unreadable ones count 0."""
+def read_spend(run_dir: str | Path, *, wave: int | None = None, exclude: Path | None = None) -> Spend:
+    """The sum over task attempt files (of one wave, if given; but ``exclude``); unreadable ones count 0."""
     pattern = "*.json" if wave is None else f"w{wave:05d}-*.json"
-    keys = ("requests", "throttled", "tokens_billed", "texts_answered", "rows_done")
+    keys = ("requests", "throttled", "tokens_billed", "texts_answered", "rows_done", "tokens_reserved")
     totals = dict.fromkeys(("attempts", *keys), 0)
     for path in (Path(run_dir) / TASKS_DIR).glob(pattern):
+        if path == exclude:
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -105,14 +116,23 @@ class TaskLog:
         name: names the wave, partition and task attempt.
         metrics: the attempt's live counters, read every ``interval_s`` seconds.
         interval_s: seconds between writes.
+        reserved: tokens of requests in flight (a budget's reservations), written beside the spend.
     """
 
     __slots__ = (
         "_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint",
-        "_seen", "_answered",
+        "_seen", "_answered", "_reserved",
     )  # fmt: skip
 
-    def __init__(self, run_dir: str | Path, name: str, metrics: Metrics, interval_s: float = WRITE_EVERY_S):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        name: str,
+        metrics: Metrics,
+        interval_s: float = WRITE_EVERY_S,
+        reserved: Callable[[], int] | None = None,
+    ):
+        self._reserved = reserved
         self._dir = Path(run_dir)
         self._path = self._dir / TASKS_DIR / f"{name}-{uuid.uuid4().hex[:8]}.json"
         self._metrics = metrics
@@ -124,6 +144,15 @@ class TaskLog:
         self._sigint: Any = None
         self._seen = 0  # timeline records already summed into _answered
         self._answered = 0
+
+    @property
+    def path(self) -> Path:
+        """This attempt's spend file."""
+        return self._path
+
+    def changed(self) -> None:
+        """Write the spend file now (from the log's own thread): a reservation was made."""
+        self._wake.set()
 
     def stop_requested(self) -> bool:
         """Whether the driver asked the run to stop (seen within ``interval_s``)."""
@@ -174,6 +203,7 @@ class TaskLog:
             "tokens_billed": m.prompt_tokens,
             "texts_answered": self._answered,
             "rows_done": m.ok_rows + m.skipped_rows + m.failed_rows,
+            "tokens_reserved": self._reserved() if self._reserved is not None else 0,
             "final": final,
         }
         try:

@@ -72,7 +72,10 @@ class RunSummary:
     """Ids with failed rows from earlier runs, left as they are."""
     waves: int = 0
     stopped: str | None = None
-    """``signal`` when SIGINT/SIGTERM stopped the run after committing what was done."""
+    """``signal`` when SIGINT/SIGTERM stopped the run after committing what was done; ``budget``
+    when it reached ``run.max_tokens``/``run.max_cost_usd`` (with ``run.allow_partial``)."""
+    deduplicated: int = 0
+    """Rows that copied the vector of a row with the same text instead of being sent (dedup)."""
     stop_signal: int | None = None
     error: str | None = None
     migration: dict[str, Any] | None = None
@@ -113,6 +116,7 @@ class RunSummary:
             "rows_ok": self.counts["ok_rows"],
             "rows_skipped": self.counts["skipped_rows"],
             "rows_failed": self.counts["failed_rows"],
+            "rows_deduplicated": self.deduplicated,
             "requests": self.counts["requests"],
             "retries": self.counts["retries"],
             "throttled_429": self.counts["throttled"],
@@ -180,6 +184,7 @@ class RunSummary:
             tokens_billed=int(data.get("tokens_billed", prompt)),
             failed_before=int(data.get("failed_before", 0)),
             waves=int(data.get("waves", 0)),
+            deduplicated=int(data.get("rows_deduplicated", 0)),
             stopped=data.get("stopped"),
             error=data.get("error"),
             migration=data.get("migration"),

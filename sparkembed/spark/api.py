@@ -89,16 +89,22 @@ def write(
     passthrough: tuple[str, ...] | None = None,
     mode: Literal["append", "overwrite", "upsert"] | None = None,
     config: EmbedConfig | dict[str, Any] | str | Path | None = None,
+    allow_partial: bool | None = None,
 ) -> RunSummary:
     """Embed ``df`` into the Delta ``target`` (path or table) with checks, preflight and waves.
 
     Keyword arguments left as None keep the config's values (``target.mode`` defaults to upsert).
+
+    Args:
+        allow_partial: ``run.allow_partial``: a run estimated over ``run.max_tokens`` or
+            ``run.max_cost_usd`` embeds up to the cap (the summary's ``stopped`` is then
+            ``budget``) instead of raising :class:`~sparkembed.errors.BudgetError`.
     """
     cfg = _as_config(
         df.sparkSession,
         config, **{"source.text_col": text_col, "source.id_col": id_col,
                    "source.passthrough": passthrough, "target.path": target,
-                   "target.mode": mode}
+                   "target.mode": mode, "run.allow_partial": allow_partial}
     )  # fmt: skip
     return run(df.sparkSession, cfg, source=df)
 

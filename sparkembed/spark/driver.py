@@ -19,11 +19,13 @@ from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from sparkembed.backends import make_backend
 from sparkembed.backends.transport import check_endpoint_url, hide_bridge_traffic
 from sparkembed.config import EmbedConfig
 from sparkembed.core.answers import remove_stale
+from sparkembed.core.budget import check_estimate, token_cap
 from sparkembed.core.context import RunContext
 from sparkembed.core.engine import Embedder
 from sparkembed.core.pool import check_same_space
@@ -41,13 +43,16 @@ from sparkembed.errors import (
     TransportError,
 )
 from sparkembed.spark import writers
+from sparkembed.spark.dedup import COPY_OF, FROM_TARGET, HASH, copy_rows, mark_copies
 from sparkembed.spark.migration import (
     drop_switched_staging,
     finish_migration,
     plan_migration,
     record_start,
 )
-from sparkembed.spark.planning import plan_work
+from sparkembed.spark.partition import output_schema
+from sparkembed.spark.planning import REPLACES, WorkPlan, plan_work
+from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
 from sparkembed.spark.targets import check_target_location, is_path, read_target
 
@@ -258,7 +263,7 @@ def run(
             raise ours from exc
         exc.run_summary = summary  # type: ignore[attr-defined]
         raise
-    summary.stopped = "signal" if stop.signum else None
+    summary.stopped = "signal" if stop.signum else summary.stopped
     summary.stop_signal = stop.signum
     _finish_summary(summary, run_dir, started, config)
     return summary
@@ -292,41 +297,64 @@ def _run_waves(
             f"{plan.failed_left} ids have failed rows from earlier runs; left as they are "
             "(rerun with --retry-failed to embed them again)"
         )
-    todo = _materialize(plan.todo)
+    todo, copies = _split_copies(spark, plan, work, context)
     text = F.col(config.source.text_col)
     sizes = todo.agg(
         F.count("*").alias("rows"),
         F.sum(F.when(text.isNotNull(), F.ceil(F.octet_length(text) / BYTES_PER_TOKEN) + 1)).alias("tokens"),
     ).first()
     total, tokens = (int(sizes["rows"]), int(sizes["tokens"] or 0)) if sizes else (0, 0)
-    summary.rows_total = total
+    copied = copies.count() if copies is not None else 0
+    summary.rows_total = total + copied
+    cap = _check_budget(todo, config, progress)
     run_limits = config.run
     planner = WavePlanner(total, tokens, WaveLimits(
         rows=run_limits.commit_every_rows, tokens=run_limits.commit_every_tokens,
         seconds=run_limits.commit_every_seconds, tokens_per_minute=config.quota_tokens_per_minute,
     ))  # fmt: skip
-    progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s)")
+    also = f"; {copied} more copy the vectors of rows with the same text" if copied else ""
+    progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s){also}")
     partitions = config.run.partitions or default_parallelism(spark, config)
     sink = writers.choose_sink(spark, work, run_dir)
     bucket = F.expr(f"pmod(xxhash64(`{config.source.id_col}`), {BUCKETS})")
     while not stop.signum and (buckets := planner.next_wave()) is not None:
         wave = planner.waves_done - 1
+        wave_context = context
+        if cap is not None:
+            left = cap - max(read_spend(run_dir).tokens_billed, summary.counts["prompt_tokens"])
+            if left <= 0:
+                summary.stopped = "budget"
+                break
+            wave_context = replace(context, tokens_left=left)
         part = todo if planner.whole else todo.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
         wave_started = time.monotonic()
         with _Ticker(progress, run_dir, wave, planner, summary, config, started):
-            metrics = sink.write_wave(part.repartition(partitions), work, context, wave)
+            metrics = sink.write_wave(part.repartition(partitions), work, wave_context, wave)
         summary.add(metrics)
         planner.record(seconds=time.monotonic() - wave_started, tokens=int(metrics.get("prompt_tokens", 0)))
         _report_progress(progress, summary, wave, planner.waves_planned, time.monotonic() - started)
-    summary.waves = planner.waves_done
-    if stop.signum:
+        if cap is not None and metrics.get("unsent_rows", 0) and not stop.signum:
+            summary.stopped = "budget"
+            break
+    summary.waves = version = planner.waves_done
+    target = read_target(spark, work) if copies is not None and copied else None
+    if copies is not None and target is not None:
+        rows = copy_rows(target, copies, work, context, _output_schema(todo, config))
+        summary.add(done := sink.write_rows(rows, work, context.run_id, version))
+        summary.deduplicated = sum(int(done.get(f"{s.value}_rows", 0)) for s in Status)
+        version += 1
+        progress(f"{summary.deduplicated} rows copied the vectors of rows with the same text")
+    if stop.signum or summary.stopped == "budget":
+        if summary.stopped == "budget":
+            progress(f"stopped at the budget's cap of {cap:,} tokens: what was embedded is committed; "
+                     "rerun to continue")  # fmt: skip
         # Prune and a migration's switch assume every wave ran: both wait for the rerun.
         sink.finish(work, summary.run_id)
         if migration is not None:
             summary.migration = {"staging": migration.location, "state": "stopped"}
         return
     if plan.prune is not None:
-        summary.pruned = sink.prune(plan.prune, work, summary.run_id, version=summary.waves)
+        summary.pruned = sink.prune(plan.prune, work, summary.run_id, version=version)
         if summary.pruned:
             progress(f"pruned {summary.pruned} ids that are gone from the source")
     sink.finish(work, summary.run_id)
@@ -336,6 +364,40 @@ def _run_waves(
             work = config
     if summary.counts["failed_rows"]:
         summary.error_reasons, summary.error_examples = top_errors(spark, work, summary.run_id)
+
+
+def _split_copies(
+    spark: SparkSession, plan: WorkPlan, config: EmbedConfig, context: RunContext
+) -> tuple[DataFrame, DataFrame | None]:
+    """The rows to send (computed once), and with ``run.dedup`` the rows that copy another's
+    result instead (:mod:`sparkembed.spark.dedup`)."""
+    if not config.run.dedup:
+        return _materialize(plan.todo), None
+    target = None if plan.whole_source else read_target(spark, config)
+    marked = _materialize(mark_copies(plan.todo, target, config, context))
+    todo = marked.filter(F.col(COPY_OF).isNull()).drop(COPY_OF, HASH, FROM_TARGET)
+    return todo, marked.filter(F.col(COPY_OF).isNotNull())
+
+
+def _output_schema(todo: DataFrame, config: EmbedConfig) -> T.StructType:
+    source = config.source
+    return output_schema(todo.drop(REPLACES).schema, source.id_col, source.passthrough)
+
+
+def _check_budget(todo: DataFrame, config: EmbedConfig, progress: Callable[[str], None]) -> int | None:
+    """The run's token cap, once the rows to send fit it; None without a cap.
+
+    Raises:
+        BudgetError: over the cap, without ``run.allow_partial``: before any request.
+    """
+    cap = token_cap(config)
+    if cap is None:
+        return None
+    estimated = count_work(todo, config)["tokens"]
+    if not check_estimate(estimated, config):
+        progress(f"estimated {estimated:,} tokens, over the cap of {cap:,}: embedding up to the cap "
+                 "(--allow-partial); a rerun continues")  # fmt: skip
+    return cap
 
 
 def _finish_summary(summary: RunSummary, run_dir: str, started: float, config: EmbedConfig) -> None:

@@ -1,71 +1,83 @@
-"""``sparkembed estimate``: rows, tokens and cost of a run, without embedding anything."""
+"""``sparkembed estimate``: rows, tokens, cost and ETA of a run, without embedding anything."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkembed.config import EmbedConfig
-from sparkembed.core.longtext import LongTextPlanner
+from sparkembed.core.budget import cost_usd, token_cap
+from sparkembed.core.context import RunContext
 from sparkembed.core.tokenizers import counter_for
+from sparkembed.spark.dedup import COPY_OF, mark_copies
 from sparkembed.spark.driver import prepare, refuse_speculation
 from sparkembed.spark.migration import plan_migration
-from sparkembed.spark.planning import plan_work
+from sparkembed.spark.planning import REPLACES, plan_work
+from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
-
-_COUNTS = "rows long, units long, tokens long"
-
-
-def _count_partition(config: EmbedConfig, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    planner = LongTextPlanner(config)
-    rows = units = tokens = 0
-    for batch in batches:
-        plan = planner.plan(batch.column(0).to_pylist())
-        sendable = [
-            i for i, u in enumerate(plan.units) if u.text and u.text.strip() and i not in plan.unit_errors
-        ]
-        rows += batch.num_rows
-        units += len(sendable)
-        tokens += sum(plan.units[i].tokens for i in sendable)
-    yield pa.RecordBatch.from_pydict({"rows": [rows], "units": [units], "tokens": [tokens]})
+from sparkembed.spark.targets import read_target
 
 
 def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None = None) -> dict[str, Any]:
-    """What the next run would embed: only rows the target lacks, after long-text planning.
+    """What the next run would embed: only rows the target lacks, after dedup and long-text
+    planning; its cost, and its duration at the configured quota.
 
     Nothing is embedded; with a target, one preflight request checks the endpoint.
 
     Token counts are exact where the model's tokenizer is available offline, else an
-    upper bound (UTF-8 bytes); ``tokens_exact`` says which.
+    upper bound (UTF-8 bytes); ``tokens_exact`` says which. The ETA counts tokens per
+    minute and requests per minute of the quota (None without ``limits.tokens_per_minute``).
     """
+    context = RunContext()
+    target = None
     if config.target.path:
         # The same checks and preflight as a run (one tiny request), so the fingerprint
         # compared with the target is the one the run would write.
         df, config, context = prepare(spark, config, source)
         migration = plan_migration(spark, config, context)  # a new fingerprint: what staging lacks
-        todo = plan_work(spark, df, migration.staging if migration else config, context).todo
+        work = migration.staging if migration else config
+        plan = plan_work(spark, df, work, context)
+        todo = plan.todo
+        target = None if plan.whole_source else read_target(spark, work)
     else:
         refuse_speculation(spark)
         todo = select_input(
             source if source is not None else read_source(spark, config.source), config.source
-        )
+        ).withColumn(REPLACES, F.lit(False))
         check_ids(todo, config.source.id_col)
-    totals = (
-        todo.select(config.source.text_col)
-        .mapInArrow(lambda batches: _count_partition(config, batches), _COUNTS)
-        .agg(*(F.sum(c).alias(c) for c in ("rows", "units", "tokens")))
-        .collect()[0]
-    )
-    tokens = int(totals["tokens"] or 0)
-    return {
-        "rows_to_embed": int(totals["rows"] or 0),
-        "inputs_to_send": int(totals["units"] or 0),
+    copied = 0
+    if config.run.dedup:
+        marked = mark_copies(todo, target, config, context).cache()
+        copied = marked.filter(F.col(COPY_OF).isNotNull()).count()
+        todo = marked.filter(F.col(COPY_OF).isNull())
+    totals = count_work(todo, config)
+    tokens, cap = totals["tokens"], token_cap(config)
+    result: dict[str, Any] = {
+        "rows_to_embed": totals["rows"] + copied,
+        "rows_deduplicated": copied,
+        "inputs_to_send": totals["units"],
         "estimated_tokens": tokens,
         "tokens_exact": counter_for(config).exact,
-        "estimated_cost_usd": round(tokens * config.endpoint.price_per_million_tokens / 1e6, 6),
+        "estimated_cost_usd": cost_usd(tokens, config),
         "price_per_million_tokens": config.endpoint.price_per_million_tokens,
+        "tokens_per_minute": config.quota_tokens_per_minute,
+        "eta_seconds": _eta_seconds(tokens, totals["units"], config),
     }
+    if cap is not None:
+        result |= {"cap_tokens": cap, "cap_usd": cost_usd(cap, config), "over_budget": tokens > cap}
+    return result
+
+
+def _eta_seconds(tokens: int, inputs: int, config: EmbedConfig) -> float | None:
+    """Seconds of embedding at the configured quota (tokens, and requests of full batches)."""
+    per_minute = config.quota_tokens_per_minute
+    if not per_minute:
+        return None
+    minutes = tokens / per_minute
+    requests_per_minute = config.limits.requests_per_minute
+    if requests_per_minute and not config.endpoint.pool:
+        requests = -(-inputs // config.batching.max_inputs)
+        minutes = max(minutes, requests / requests_per_minute)
+    return round(minutes * 60, 1)

@@ -9,6 +9,7 @@ to Arrow as one flat float32 buffer: no Python float objects.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ from sparkembed.backends import make_backend
 from sparkembed.backends.transport import hide_bridge_traffic
 from sparkembed.config import EmbedConfig
 from sparkembed.core.answers import AnswerLog
+from sparkembed.core.budget import BudgetGuard
 from sparkembed.core.context import RunContext
 from sparkembed.core.engine import get_embedder
 from sparkembed.core.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.core.metrics import Metrics
-from sparkembed.core.runlog import TaskLog
+from sparkembed.core.runlog import TaskLog, read_spend
 from sparkembed.core.streaming import EmbedResults
 from sparkembed.core.types import Status
 
@@ -53,18 +55,22 @@ OUTPUT_FIELDS = (
     ("embedded_at", T.TimestampType()),
     ("embedding_fingerprint", T.StringType()),
 )
-LATER_FIELDS = (("deployment", T.StringType()),)
+DEDUP_OF = "dedup_of"
+"""Null when the row's text was sent; else the id whose request paid for the same text."""
+LATER_FIELDS: tuple[tuple[str, T.DataType | None], ...] = (("deployment", T.StringType()), (DEDUP_OF, None))
 """Columns added since the first tables were written: they come last, after the passthrough
-columns, where adding them to an existing table puts them (see :func:`add_new_columns`)."""
+columns, where adding them to an existing table puts them (see :func:`add_new_columns`).
+A type of None: the id column's type."""
 
 
 def output_schema(input_schema: T.StructType, id_col: str, passthrough: tuple[str, ...]) -> T.StructType:
     """The output table: id, the fixed columns of DESIGN.md, passthrough columns, then the
     columns added since (:data:`LATER_FIELDS`)."""
+    id_type = input_schema[id_col].dataType
     fields = [input_schema[id_col]]
     fields += [T.StructField(name, dtype, nullable=True) for name, dtype in OUTPUT_FIELDS]
     fields += [input_schema[c] for c in passthrough]
-    fields += [T.StructField(name, dtype, nullable=True) for name, dtype in LATER_FIELDS]
+    fields += [T.StructField(name, dtype or id_type, nullable=True) for name, dtype in LATER_FIELDS]
     return T.StructType(fields)
 
 
@@ -99,9 +105,31 @@ class PartitionJob:
         ctx = TaskContext.get()
         part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
         answers = AnswerLog(Path(self.run_dir).parent, self.context.run_id, (self.wave, part, attempt))
-        with TaskLog(self.run_dir, _attempt_name(self.wave), metrics) as task_log:
-            yield from self._embed(batches, metrics, task_log.stop_requested, answers)
+        guards: list[BudgetGuard] = []  # the spend file publishes the guard's reservations
+        reserved = lambda: guards[0].reserved if guards else 0  # noqa: E731
+        with TaskLog(self.run_dir, _attempt_name(self.wave), metrics, reserved=reserved) as task_log:
+            stop = task_log.stop_requested
+            if self.context.tokens_left is not None:
+                guards.append(guard := self._budget(task_log))
+                stop = lambda: task_log.stop_requested() or guard.exhausted  # noqa: E731
+            yield from self._embed(batches, metrics, stop, answers, guards[0] if guards else None)
         answers.finish()  # reached only when every batch was handed on: a failed attempt's stay
+
+    def _budget(self, task_log: TaskLog) -> BudgetGuard:
+        """The run's cap for this attempt: what the wave may bill, less every other attempt's
+        spend and reservations (their files: re-read every half second, and before each
+        request near the cap)."""
+        assert self.context.tokens_left is not None and self.run_dir is not None
+        run_dir, wave, own = self.run_dir, self.wave, task_log.path
+        seen = [0.0, 0]
+
+        def others(fresh: bool) -> int:
+            now = time.monotonic()
+            if fresh or now - seen[0] >= 0.5:
+                seen[:] = [now, read_spend(run_dir, wave=wave, exclude=own).committed]
+            return int(seen[1])
+
+        return BudgetGuard(self.context.tokens_left, others, on_reserve=task_log.changed)
 
     def _embed(
         self,
@@ -109,6 +137,7 @@ class PartitionJob:
         metrics: Metrics,
         stop: Callable[[], bool],
         answers: AnswerLog | None = None,
+        budget: BudgetGuard | None = None,
     ) -> Iterator[pa.RecordBatch]:
         planner = LongTextPlanner(self.config)
         pending: deque[tuple[pa.RecordBatch, Plan]] = deque()
@@ -122,7 +151,7 @@ class PartitionJob:
                 yield plan
 
         embedder = get_embedder(self.config, make_backend, self.context.quota_share)
-        for results in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers):
+        for results in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers, budget=budget):
             batch, plan = pending.popleft()
             out = combine(plan, results)
             metrics.count_rows(results.status, sign=-1)  # count output rows, not the engine's units
@@ -130,6 +159,7 @@ class PartitionJob:
             if Status.UNSENT in results.status:
                 keep = _sent_rows(plan, results, out)
                 metrics.dropped_tokens += int(out.prompt_tokens[~keep].sum())
+                metrics.unsent_rows += int((~keep).sum())
                 rows = rows.filter(pa.array(keep))
                 status = [s for s, k in zip(status, keep, strict=True) if k]
             metrics.count_rows(status)
@@ -164,6 +194,7 @@ class PartitionJob:
             "embedded_at": _repeat(now, pa.timestamp("us", tz="UTC"), n),
             "embedding_fingerprint": _repeat(self.config.fingerprint(self.context), pa.string(), n),
             "deployment": pa.array(out.deployment, pa.string()),
+            DEDUP_OF: pa.nulls(n, self.arrow_schema.field(self.id_col).type),
         }
         for name in self.passthrough:
             columns[name] = batch.column(name).take(rows)

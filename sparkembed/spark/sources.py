@@ -126,5 +126,5 @@ def _short(text: str, limit: int = 80) -> str:
 RESERVED_COLUMNS = (
     "chunk_index", "chunk_start", "chunk_end", "text_hash", "embedding", "dimensions", "model",
     "input_type", "prompt_tokens", "total_tokens", "status", "error", "attempts", "request_id",
-    "run_id", "embedded_at", "embedding_fingerprint",
+    "run_id", "embedded_at", "embedding_fingerprint", "deployment", "dedup_of",
 )  # fmt: skip

@@ -26,7 +26,7 @@ from sparkembed.core.context import RunContext
 from sparkembed.core.metrics import Metrics
 from sparkembed.errors import ConfigError
 from sparkembed.spark import delta_native
-from sparkembed.spark.partition import PartitionJob, make_job
+from sparkembed.spark.partition import PartitionJob, make_job, to_arrow_schema
 from sparkembed.spark.planning import REPLACES
 from sparkembed.spark.targets import is_path, read_target
 
@@ -34,6 +34,10 @@ from sparkembed.spark.targets import is_path, read_target
 class WaveSink(Protocol):
     def write_wave(
         self, df: DataFrame, config: EmbedConfig, context: RunContext, wave: int
+    ) -> dict[str, Any]: ...
+
+    def write_rows(
+        self, rows: DataFrame, config: EmbedConfig, run_id: str, version: int
     ) -> dict[str, Any]: ...
 
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int: ...
@@ -73,6 +77,24 @@ def _write_partition(
     files = sinks.write_part(
         target, job.embed_batches(batches, metrics), schema=job.arrow_schema, file_prefix=prefix
     )
+    yield task_report(files, metrics)
+
+
+def _write_ready(
+    target: str, schema: pa.Schema, prefix: str, batches: Iterator[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
+    """Executor side of :meth:`DeltaRsSink.write_rows`: write parquet, yield file metadata
+    then the rows counted by status."""
+    ctx = TaskContext.get()
+    part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
+    metrics = Metrics()
+
+    def counted() -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            metrics.count_rows(batch.column("status").to_pylist())
+            yield batch
+
+    files = sinks.write_part(target, counted(), schema=schema, file_prefix=f"{prefix}-p{part:05d}-a{attempt}")
     yield task_report(files, metrics)
 
 
@@ -128,28 +150,60 @@ class DeltaRsSink:
                 replacing = pa.array([r[0] for r in known], job.arrow_schema.field(job.id_col).type)
             df = df.drop(REPLACES)
         target = str(config.target.path)
-        if not self._columns_checked and config.target.mode != "overwrite":
-            # A table from an older release lacks newer columns (deployment): add them first.
-            self._expected = sinks.add_columns(target, job.arrow_schema, expected_version=self._expected)
-            self._columns_checked = True
+        self._add_columns(target, job.arrow_schema, config)
         meta = df.mapInArrow(
             lambda batches: _write_partition(job, target, wave, batches), META_SCHEMA
         ).collect()
         files, metrics = read_reports(meta)
-        mode = config.target.mode
+        self._commit(files, job.arrow_schema, config, run_id, wave, replacing)
+        return metrics
+
+    def write_rows(self, rows: DataFrame, config: EmbedConfig, run_id: str, version: int) -> dict[str, Any]:
+        """Write rows that need no request (dedup's copies), in the output schema plus
+        :data:`REPLACES`, as one commit at ``version``."""
+        id_col, target = config.source.id_col, str(config.target.path)
+        schema = to_arrow_schema(rows.drop(REPLACES).schema)
+        replacing = None
+        if config.target.mode == "upsert":
+            known = rows.filter(F.col(REPLACES)).select(id_col).distinct().collect()
+            replacing = pa.array([r[0] for r in known], schema.field(id_col).type)
+        self._add_columns(target, schema, config)
+        prefix = f"part-{run_id}-v{version:05d}-copies"
+        meta = rows.drop(REPLACES).mapInArrow(
+            lambda batches: _write_ready(target, schema, prefix, batches), META_SCHEMA
+        ).collect()
+        files, metrics = read_reports(meta)
+        self._commit(files, schema, config, run_id, version, replacing)
+        return metrics
+
+    def _add_columns(self, target: str, schema: pa.Schema, config: EmbedConfig) -> None:
+        if not self._columns_checked and config.target.mode != "overwrite":
+            # A table from an older release lacks newer columns (deployment, dedup_of): add them first.
+            self._expected = sinks.add_columns(target, schema, expected_version=self._expected)
+            self._columns_checked = True
+
+    def _commit(
+        self,
+        files: list[sinks.FileMeta],
+        schema: pa.Schema,
+        config: EmbedConfig,
+        run_id: str,
+        version: int,
+        replacing: pa.Array | None,
+    ) -> None:
+        target, mode = str(config.target.path), config.target.mode
         if mode == "upsert":
             self._expected = sinks.upsert_files(
-                target, files, schema=job.arrow_schema, id_col=job.id_col, app_id=run_id,
-                version=wave, rewrite_prefix=f"part-{run_id}-w{wave:05d}-rw",
+                target, files, schema=schema, id_col=config.source.id_col, app_id=run_id,
+                version=version, rewrite_prefix=f"part-{run_id}-w{version:05d}-rw",
                 expected_version=self._expected, replace_ids=replacing,
             )  # fmt: skip
         else:
             self._expected = sinks.commit_files(
-                target, files, schema=job.arrow_schema,
-                mode="overwrite" if mode == "overwrite" and wave == 0 else "append",
-                app_id=run_id, version=wave, expected_version=self._expected,
+                target, files, schema=schema,
+                mode="overwrite" if mode == "overwrite" and version == 0 else "append",
+                app_id=run_id, version=version, expected_version=self._expected,
             )  # fmt: skip
-        return metrics
 
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
         """Delete the rows of ``ids`` (gone from the source) in one idempotent commit."""
@@ -237,6 +291,21 @@ class NativeSink:
         wave_counts = {k: v - self._reported.get(k, 0) for k, v in so_far.items()}
         self._reported = so_far
         return wave_counts
+
+    def write_rows(self, rows: DataFrame, config: EmbedConfig, run_id: str, version: int) -> dict[str, Any]:
+        """Write rows that need no request (dedup's copies) as one commit at ``version``."""
+        out = rows.drop(REPLACES)
+        mode = config.target.mode
+        if not self._columns_checked and mode != "overwrite":
+            delta_native.add_columns(out.sparkSession, str(config.target.path), out.schema)
+            self._columns_checked = True
+        by_status = out.groupBy("status").agg(F.count("*").alias("n")).collect()
+        counts = {r["status"]: int(r["n"]) for r in by_status}
+        delta_native.write_native(
+            out, str(config.target.path), mode="append" if mode == "overwrite" else mode,
+            id_col=config.source.id_col, app_id=run_id, version=version,
+        )  # fmt: skip
+        return {f"{status}_rows": n for status, n in counts.items()}
 
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
         count = ids.count()

@@ -1,0 +1,129 @@
+"""A run's token cap (``run.max_tokens``, ``run.max_cost_usd``): checked before, kept during.
+
+Before any money is spent, the driver compares the run's estimate (after dedup) with the
+cap and refuses the run unless ``run.allow_partial`` is on (:func:`check_estimate`).
+During the run, every task attempt keeps a :class:`BudgetGuard`: before each request it
+reserves the request's estimated tokens against the cap, counting what every other task
+attempt of the wave has billed or reserved (their spend files, :mod:`sparkembed.core.runlog`).
+Once the cap is reached no task sends again; only requests that passed the check at the
+same moment as another task's overshoot, so the run bills at most one request per task
+slot beyond the cap.
+
+    guard = BudgetGuard(cap=1_000_000, others=lambda fresh: read_spend(run_dir, wave=3).committed)
+    if guard.take(estimated):          # before sending
+        ...                            # send
+        guard.settle(estimated, billed)  # the answer's usage (0 if none)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from sparkembed.config import EmbedConfig
+from sparkembed.errors import BudgetError
+
+NEAR = 0.8
+"""Past this share of the cap, each request counts the others' spend afresh."""
+
+
+def token_cap(config: EmbedConfig) -> int | None:
+    """The run's cap in prompt tokens: ``run.max_tokens``, or ``run.max_cost_usd`` at the
+    endpoint's price, whichever is lower; None when neither is set (or the price is 0)."""
+    caps = []
+    if config.run.max_tokens is not None:
+        caps.append(config.run.max_tokens)
+    price = config.endpoint.price_per_million_tokens
+    if config.run.max_cost_usd is not None and price > 0:
+        caps.append(int(config.run.max_cost_usd / price * 1_000_000))
+    return min(caps) if caps else None
+
+
+def cost_usd(tokens: int, config: EmbedConfig) -> float:
+    """``tokens`` at ``endpoint.price_per_million_tokens``."""
+    return round(tokens * config.endpoint.price_per_million_tokens / 1e6, 6)
+
+
+def check_estimate(estimated_tokens: int, config: EmbedConfig) -> bool:
+    """Whether the run fits its cap; refuse it, before any request, when it does not.
+
+    Returns:
+        True when the estimate is within the cap (or there is none); False when it is over
+        and ``run.allow_partial`` lets the run start anyway.
+
+    Raises:
+        BudgetError: over the cap without ``run.allow_partial``; names the estimate and the cap.
+    """
+    cap = token_cap(config)
+    if cap is None or estimated_tokens <= cap:
+        return True
+    if config.run.allow_partial:
+        return False
+    limits = []
+    if config.run.max_tokens is not None:
+        limits.append(f"run.max_tokens {config.run.max_tokens:,}")
+    if config.run.max_cost_usd is not None:
+        limits.append(f"run.max_cost_usd {config.run.max_cost_usd:g}")
+    raise BudgetError(
+        f"the run is estimated at {estimated_tokens:,} tokens (${cost_usd(estimated_tokens, config):,.4f}), "
+        f"over its cap of {cap:,} tokens (${cost_usd(cap, config):,.4f}; {', '.join(limits)}): "
+        "nothing was sent. Raise the cap, or pass --allow-partial to embed up to the cap and "
+        "continue in a later run"
+    )
+
+
+class BudgetGuard:
+    """One task attempt's view of the run's cap: reserve before sending, settle on the answer.
+
+    Args:
+        cap: tokens the task attempts of this wave may bill together.
+        others: tokens every other attempt of the wave has billed or reserved (their spend files);
+            its argument says the caller is near the cap, and needs a fresh count, not a cached one.
+        on_reserve: called after each reservation, to publish it (the task's spend file).
+    """
+
+    __slots__ = ("_cap", "_others", "_on_reserve", "_lock", "_reserved", "_billed", "_exhausted")
+
+    def __init__(
+        self, cap: int, others: Callable[[bool], int], on_reserve: Callable[[], None] | None = None
+    ) -> None:
+        self._cap = cap
+        self._others = others
+        self._on_reserve = on_reserve
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._billed = 0
+        self._exhausted = cap <= 0
+
+    @property
+    def exhausted(self) -> bool:
+        """The cap was reached: send nothing more."""
+        return self._exhausted
+
+    @property
+    def reserved(self) -> int:
+        """Estimated tokens of this attempt's requests in flight."""
+        return self._reserved
+
+    def take(self, tokens: int) -> bool:
+        """Reserve ``tokens`` for one request; False (and exhausted from now on) at the cap."""
+        with self._lock:
+            if self._exhausted:
+                return False
+            mine = self._billed + self._reserved
+            spent = self._others(False) + mine
+            if spent >= NEAR * self._cap:
+                spent = self._others(True) + mine
+            if spent >= self._cap:
+                self._exhausted = True
+                return False
+            self._reserved += tokens
+        if self._on_reserve is not None:
+            self._on_reserve()
+        return True
+
+    def settle(self, reserved: int, billed: int) -> None:
+        """A request reserved with ``reserved`` ended, billed ``billed`` (0 without an answer)."""
+        with self._lock:
+            self._reserved -= reserved
+            self._billed += billed

@@ -1,0 +1,118 @@
+"""In-run dedup: each distinct text is paid for once per run, and not at all when the target holds it.
+
+Among the rows to do, rows with the same text (``sha2(text, 256)``, the ``text_hash`` the
+target stores) meet in one partition of a shuffle on that hash; the smallest id of each
+group is its representative, and only representatives go to the waves. After the waves,
+the other rows copy their representative's rows from the target: every chunk row, whatever
+its status (a failed text fails its copies with the same reason), with usage 0 and
+``dedup_of`` naming the id that paid. A representative that was never sent (a stop, a
+budget) has no rows, so neither do its copies: the next run does them.
+
+A text the target already holds, ``ok`` under this run's fingerprint, for an id this run
+leaves alone, is not sent at all: its rows copy the target's (a rerun after a crash between
+the waves and the copies, or a new row repeating an old text).
+
+Blank texts are never sent, so never deduplicated.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from sparkembed.config import EmbedConfig
+from sparkembed.core.context import RunContext
+from sparkembed.core.types import Status
+from sparkembed.spark.partition import DEDUP_OF, OUTPUT_FIELDS
+from sparkembed.spark.planning import REPLACES
+
+HASH = "_sparkembed_hash"
+"""Column of the marked rows: the text's hash, null for a blank text."""
+COPY_OF = "_sparkembed_copy_of"
+"""Column of the marked rows: the id whose rows this row copies; null for a row to send."""
+FROM_TARGET = "_sparkembed_from_target"
+"""Column of the marked rows: the id copied is one the target already held before this run."""
+_ZERO = ("prompt_tokens", "total_tokens")
+
+
+def mark_copies(
+    todo: DataFrame, target: DataFrame | None, config: EmbedConfig, context: RunContext
+) -> DataFrame:
+    """``todo`` with :data:`HASH`, :data:`COPY_OF` and :data:`FROM_TARGET`.
+
+    Args:
+        todo: the rows to do (:class:`~sparkembed.spark.planning.WorkPlan`).
+        target: the target as it is, or None (no target, or an overwrite): nothing to reuse.
+    """
+    id_col, text = config.source.id_col, F.col(config.source.text_col)
+    sendable = text.isNotNull() & ~text.rlike(r"^\s*$")
+    marked = todo.withColumn(HASH, F.when(sendable, F.sha2(text, 256)))
+    first = F.min(id_col).over(Window.partitionBy(HASH))  # the shuffle on the hash
+    in_run = F.when(F.col(HASH).isNotNull() & (first != F.col(id_col)), first)
+    if target is None:
+        return marked.withColumn(COPY_OF, in_run).withColumn(FROM_TARGET, F.lit(False))
+    paid = _texts_held(target, todo.select(id_col), config, context)
+    marked = marked.join(paid, marked[HASH] == paid["_held_hash"], "left").drop("_held_hash")
+    return (
+        marked.withColumn(COPY_OF, F.coalesce(F.col("_held_by"), in_run))
+        .withColumn(FROM_TARGET, F.col("_held_by").isNotNull())
+        .drop("_held_by")
+    )
+
+
+def _texts_held(
+    target: DataFrame, todo_ids: DataFrame, config: EmbedConfig, context: RunContext
+) -> DataFrame:
+    """Per text hash, the smallest target id holding it wholly ``ok`` under this fingerprint,
+    among ids this run leaves alone (``_held_hash``, ``_held_by``)."""
+    id_col = config.source.id_col
+    fingerprints = list(config.equivalent_fingerprints(context))
+    mine = target.filter(F.col("embedding_fingerprint").isin(fingerprints))
+    per_text = mine.groupBy(id_col, "text_hash").agg(
+        F.min((F.col("status") == Status.OK.value).cast("int")).alias("_all_ok")
+    )
+    held = per_text.filter(F.col("_all_ok") == 1).join(todo_ids, id_col, "left_anti")
+    return held.groupBy(F.col("text_hash").alias("_held_hash")).agg(F.min(id_col).alias("_held_by"))
+
+
+def copy_rows(
+    target: DataFrame, copies: DataFrame, config: EmbedConfig, context: RunContext, schema: T.StructType
+) -> DataFrame:
+    """The output rows of ``copies`` (marked rows with :data:`COPY_OF` set), from the target's
+    rows of the ids they copy, in ``schema`` (the output table's), plus :data:`REPLACES`.
+
+    An id copied from this run must have written its rows in this run; one the target held
+    before is copied as it is. ``dedup_of`` names the id that paid: the copied id, or the id
+    it copied in its own run.
+    """
+    id_col, passthrough = config.source.id_col, config.source.passthrough
+    paid_by = F.col(id_col)
+    if DEDUP_OF in target.columns:
+        paid_by = F.coalesce(F.col(DEDUP_OF), paid_by)
+    deployment = F.col("deployment") if "deployment" in target.columns else F.lit(None).cast("string")
+    fingerprints = list(config.equivalent_fingerprints(context))
+    rows = target.filter(F.col("embedding_fingerprint").isin(fingerprints)).select(
+        F.col(id_col).alias("_from_id"),
+        paid_by.alias("_paid_by"),
+        deployment.alias("_deployment"),
+        *(F.col(name) for name, _ in OUTPUT_FIELDS),
+    )
+    wanted = copies.select(id_col, COPY_OF, HASH, FROM_TARGET, REPLACES, *passthrough)
+    joined = wanted.join(
+        rows,
+        (wanted[COPY_OF] == rows["_from_id"])
+        & (wanted[HASH] == rows["text_hash"])
+        & (wanted[FROM_TARGET] | (rows["run_id"] == context.run_id)),
+    )
+    made: dict[str, Column] = {
+        "run_id": F.lit(context.run_id),
+        "embedded_at": F.current_timestamp(),
+        "deployment": F.col("_deployment"),
+        DEDUP_OF: F.col("_paid_by"),
+        **{name: F.lit(0) for name in _ZERO},
+    }
+    columns = [
+        made.get(field.name, F.col(field.name)).cast(field.dataType).alias(field.name) for field in schema
+    ]
+    return joined.select(*columns, F.col(REPLACES))

@@ -1,0 +1,141 @@
+"""In-run dedup (issue 18, part 1) on real Spark, the local endpoint's accounting and real Delta:
+each distinct text is billed once per run, its vector copied to every row with that text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import SparkSession
+from support import build_config, sha256_hex
+from test_spark_job import billed_besides_preflight, expected_vectors
+
+from sparkembed.config import EmbedConfig
+from sparkembed.server.launch import LocalEndpoint
+from sparkembed.sinks import read_table
+from sparkembed.spark import driver
+
+pytestmark = [pytest.mark.spark, pytest.mark.integration]
+
+DIMS = 64
+LONG = " ".join(f"clause{i % 89} of the long text, part {i}." for i in range(600))  # a few chunks
+
+
+def duplicated_rows(n: int = 200) -> dict[str, list[Any]]:
+    """``n`` rows, 40 % of which repeat a text of another row (one long, one that fails)."""
+    distinct = int(n * 0.6)
+    texts = [f"Distinct text {i} on subject {i % 13}." for i in range(distinct)]
+    texts[5], texts[14] = LONG, "POISON text"
+    texts += [texts[(i * 7) % distinct] for i in range(n - distinct)]
+    order = np.random.default_rng(18).permutation(n)  # copies land in other waves and partitions
+    ids = [f"r{i:04d}" for i in range(n)]
+    return {"id": ids, "text": [texts[k] for k in order], "title": [f"t{i}" for i in range(n)]}
+
+
+def write_source(tmp_path: Path, rows: dict[str, list[Any]], name: str = "source.parquet") -> str:
+    path = tmp_path / name
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+def make_config(endpoint: LocalEndpoint, key: str, source: str, target: str, **sets: Any) -> EmbedConfig:
+    overrides = {
+        "endpoint.url": endpoint.url,
+        "source.path": source,
+        "source.passthrough": ["title"],
+        "target.path": target,
+        "batching.max_inputs": 16,
+        "limits.concurrency": 2,
+        "long_text.chunk_tokens": 256,
+        "long_text.overlap_tokens": 16,
+        "run.commit_every_rows": 40,
+        "run.log_dir": str(Path(target).parent / "runs"),
+        **sets,
+    }
+    return build_config(sets=overrides, key=key)
+
+
+@pytest.fixture()
+def endpoint(start_endpoint) -> LocalEndpoint:
+    return start_endpoint("--model", "hash", "--dims", str(DIMS), "--fail-text", "POISON")
+
+
+def test_each_distinct_text_is_billed_once_and_copies_carry_its_vector(
+    spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = duplicated_rows()
+    target = str(tmp_path / "target")
+    config = make_config(endpoint, endpoint_key, write_source(tmp_path, rows), target)
+
+    summary = driver.run(spark, config, progress=lambda _: None)
+
+    table = read_table(target).to_pandas()
+    assert set(table["id"]) == set(rows["id"]) and summary.waves > 1
+    whole = table[table["chunk_index"] == 0]
+    payer = {}  # text -> the smallest id with it: the one that paid
+    for i, text in sorted(zip(rows["id"], rows["text"], strict=True)):
+        payer.setdefault(text, i)
+    text_of = dict(zip(rows["id"], rows["text"], strict=True))
+    want = [None if payer[text_of[i]] == i else payer[text_of[i]] for i in whole["id"]]
+    assert whole["dedup_of"].tolist() == want
+    copies = table[table["dedup_of"].notna()]
+    assert len(whole[whole["dedup_of"].notna()]) == 80 and summary.deduplicated == len(copies)
+    assert (copies["prompt_tokens"] == 0).all() and (copies["total_tokens"] == 0).all()
+
+    # Billed: each distinct text once (the long one in chunks), and the table sums to the bill.
+    long_rows = table[table["text_hash"] == sha256_hex(LONG)]
+    chunks = long_rows["chunk_index"].nunique()
+    assert chunks > 1 and len(long_rows) == chunks * sum(t == LONG for t in rows["text"])
+    texts_billed, tokens = billed_besides_preflight(endpoint)
+    assert texts_billed == 120 - 2 + chunks  # the poison text is refused, so never billed
+    assert int(table["prompt_tokens"].sum()) == tokens == summary.counts["prompt_tokens"]
+
+    # Exact vectors for every copy, chunk by chunk; a failed text fails its copies alike.
+    ok = copies[copies["status"] == "ok"]
+    pieces = [
+        LONG[int(r.chunk_start) : int(r.chunk_end)] if text_of[r.id] == LONG else text_of[r.id]
+        for r in ok.itertuples()
+    ]
+    np.testing.assert_array_equal(np.stack(ok["embedding"].to_numpy()), expected_vectors(pieces))
+    poison = table[table["text_hash"] == sha256_hex("POISON text")]
+    assert len(poison) > 1 and (poison["status"] == "failed").all()
+    assert poison["error"].nunique() == 1 and poison["error"].iloc[0].startswith("400")
+    assert (table["title"] == [f"t{int(i[1:])}" for i in table["id"]]).all()  # each row its own passthrough
+    assert not table.duplicated(["id", "chunk_index"]).any()
+
+
+def test_a_rerun_copies_texts_the_target_holds_and_dedup_false_pays_per_row(
+    spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = {"id": [f"a{i}" for i in range(30)], "text": [f"Old text {i}." for i in range(30)]}
+    rows["title"] = ["x"] * 30
+    target = str(tmp_path / "target")
+    driver.run(spark, make_config(endpoint, endpoint_key, write_source(tmp_path, rows), target),
+               progress=lambda _: None)  # fmt: skip
+
+    # New rows repeat old texts (and each other): nothing new to pay for.
+    more = {key: list(values) for key, values in rows.items()}
+    more["id"] += [f"b{i}" for i in range(20)]
+    more["text"] += [f"Old text {i % 10}." for i in range(20)]
+    more["title"] += ["y"] * 20
+    endpoint.reset()
+    source = write_source(tmp_path, more, "more.parquet")
+    summary = driver.run(spark, make_config(endpoint, endpoint_key, source, target), progress=lambda _: None)
+    assert billed_besides_preflight(endpoint) == (0, 0)
+    table = read_table(target).to_pandas().set_index("id")
+    assert summary.deduplicated == 20
+    for i in range(20):
+        row = table.loc[f"b{i}"]
+        assert row["dedup_of"] == f"a{i % 10}" and row["prompt_tokens"] == 0 and row["status"] == "ok"
+        np.testing.assert_array_equal(row["embedding"], table.loc[f"a{i % 10}", "embedding"])
+
+    # run.dedup: false sends every row, duplicates included.
+    endpoint.reset()
+    plain = make_config(endpoint, endpoint_key, source, str(tmp_path / "plain"), **{"run.dedup": False})
+    driver.run(spark, plain, progress=lambda _: None)
+    assert billed_besides_preflight(endpoint)[0] == 50
+    assert read_table(str(tmp_path / "plain")).to_pandas()["dedup_of"].isna().all()
