@@ -5,11 +5,12 @@ cap and refuses the run unless ``run.allow_partial`` is on (:func:`check_estimat
 During the run, every task attempt keeps a :class:`BudgetGuard`: before each request it
 reserves the request's estimated tokens against the cap, counting what every other task
 attempt of the wave has billed or reserved (their spend files, :mod:`sparkembed.core.runlog`).
-Once the cap is reached no task sends again; only requests that passed the check at the
-same moment as another task's overshoot, so the run bills at most one request per task
+Once the cap is reached no task sends again. A task's own requests in flight count as
+reserved at once; another task's as soon as its spend file is rewritten (milliseconds). So
+only requests checked at the same moment in two tasks overshoot: about one request per task
 slot beyond the cap.
 
-    guard = BudgetGuard(cap=1_000_000, others=lambda fresh: read_spend(run_dir, wave=3).committed)
+    guard = BudgetGuard(cap=1_000_000, others=lambda: read_spend(run_dir, wave=3).committed)
     if guard.take(estimated):          # before sending
         ...                            # send
         guard.settle(estimated, billed)  # the answer's usage (0 if none)
@@ -22,9 +23,6 @@ from collections.abc import Callable
 
 from sparkembed.config import EmbedConfig
 from sparkembed.errors import BudgetError
-
-NEAR = 0.8
-"""Past this share of the cap, each request counts the others' spend afresh."""
 
 
 def token_cap(config: EmbedConfig) -> int | None:
@@ -77,15 +75,15 @@ class BudgetGuard:
 
     Args:
         cap: tokens the task attempts of this wave may bill together.
-        others: tokens every other attempt of the wave has billed or reserved (their spend files);
-            its argument says the caller is near the cap, and needs a fresh count, not a cached one.
+        others: tokens every other attempt of the wave has billed or reserved (their spend
+            files), read before each request.
         on_reserve: called after each reservation, to publish it (the task's spend file).
     """
 
     __slots__ = ("_cap", "_others", "_on_reserve", "_lock", "_reserved", "_billed", "_exhausted")
 
     def __init__(
-        self, cap: int, others: Callable[[bool], int], on_reserve: Callable[[], None] | None = None
+        self, cap: int, others: Callable[[], int], on_reserve: Callable[[], None] | None = None
     ) -> None:
         self._cap = cap
         self._others = others
@@ -110,11 +108,7 @@ class BudgetGuard:
         with self._lock:
             if self._exhausted:
                 return False
-            mine = self._billed + self._reserved
-            spent = self._others(False) + mine
-            if spent >= NEAR * self._cap:
-                spent = self._others(True) + mine
-            if spent >= self._cap:
+            if self._others() + self._billed + self._reserved >= self._cap:
                 self._exhausted = True
                 return False
             self._reserved += tokens

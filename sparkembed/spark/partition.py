@@ -9,7 +9,6 @@ to Arrow as one flat float32 buffer: no Python float objects.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -117,17 +116,13 @@ class PartitionJob:
 
     def _budget(self, task_log: TaskLog) -> BudgetGuard:
         """The run's cap for this attempt: what the wave may bill, less every other attempt's
-        spend and reservations (their files: re-read every half second, and before each
-        request near the cap)."""
+        spend and reservations (their files, read before each request: one listing of the
+        wave's spend files per request)."""
         assert self.context.tokens_left is not None and self.run_dir is not None
         run_dir, wave, own = self.run_dir, self.wave, task_log.path
-        seen = [0.0, 0]
 
-        def others(fresh: bool) -> int:
-            now = time.monotonic()
-            if fresh or now - seen[0] >= 0.5:
-                seen[:] = [now, read_spend(run_dir, wave=wave, exclude=own).committed]
-            return int(seen[1])
+        def others() -> int:
+            return read_spend(run_dir, wave=wave, exclude=own).committed
 
         return BudgetGuard(self.context.tokens_left, others, on_reserve=task_log.changed)
 
