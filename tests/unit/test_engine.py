@@ -305,6 +305,7 @@ def test_metrics_merge_and_round_trip() -> None:
         "limiter_wait_s": 0.5,
         "dropped_tokens": 0,
         "reused_tokens": 0,
+        "unsent_rows": 0,
     }
     again = Metrics.from_dict(first.to_dict(timeline=True))
     assert again.to_dict(timeline=True) == first.to_dict(timeline=True)
