@@ -10,6 +10,10 @@ slots) on a source of texts of about 55 tokens, against a fresh endpoint with a 
 - ``*-unset``: the same with no quota configured; ``*-2x``: configured twice too high;
 - ``shared``: sliding windows, a second client steadily taking 30 % of the quota, the job
   with ``limits.max_share: 0.7``; the other client's 429 share is reported too;
+- ``pool``: three deployments of 240k + 120k + 120k TPM (sliding windows, ±5 %) in one
+  ``endpoint.pool``, twice the rows; efficiency is against the summed quota. ``pool-kill``:
+  the same, with one 120k deployment stopped a third of the way through; its figures add the
+  steady share after the kill against the quota left;
 - ``cookbook-*``: the reference, side by side: one process pacing like the OpenAI cookbook's
   ``api_request_parallel_processor.py`` (token and request buckets of one minute, 100 inputs
   a request, a 15 s pause after a 429), on the same texts, endpoint and quota.
@@ -63,19 +67,22 @@ WORDS = [
     "shuffle", "index", "search", "model",
 ]  # fmt: skip
 LIMITERS = {"bucket": "token-bucket", "sliding": "sliding-window", "fixed": "fixed-window"}
+POOL_TPM = (240_000, 120_000, 120_000)
 COOKBOOK_INPUTS = 100
 COOKBOOK_PAUSE_S = 15.0
 
 
 def scenarios() -> dict[str, dict[str, Any]]:
     """name -> limiter model, the TPM the job is told, max_share, a second client, cookbook."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}  # "rows": 2 runs on twice the rows
     for short, model in LIMITERS.items():
         out[short] = {"limiter": model, "tpm": QUOTA_TPM}
         out[f"{short}-unset"] = {"limiter": model, "tpm": None}
         out[f"{short}-2x"] = {"limiter": model, "tpm": 2 * QUOTA_TPM}
         out[f"cookbook-{short}"] = {"limiter": model, "tpm": QUOTA_TPM, "cookbook": True}
     out["shared"] = {"limiter": "sliding-window", "tpm": QUOTA_TPM, "max_share": 0.7, "other": 0.3}
+    out["pool"] = {"limiter": "sliding-window", "pool": POOL_TPM, "rows": 2}
+    out["pool-kill"] = {"limiter": "sliding-window", "pool": POOL_TPM, "rows": 2, "kill": 1}
     return out
 
 
@@ -90,23 +97,34 @@ def write_source(path: Path, rows: int) -> float:
     return sum(len(e.ids) for e in load_model("hash", 8).tokenize(sample)) / len(sample)
 
 
-def serve(limiter: str, seed: int) -> LocalEndpoint:
+def serve(limiter: str, seed: int, tpm: int = QUOTA_TPM) -> LocalEndpoint:
+    rpm = QUOTA_RPM * tpm // QUOTA_TPM
     return start_local_endpoint(
         *("--model", "hash", "--dims", "64", "--no-auth", "--latency-ms", str(LATENCY_MS)),
-        *("--tpm", str(QUOTA_TPM), "--rpm", str(QUOTA_RPM), "--limiter", limiter),
+        *("--tpm", str(tpm), "--rpm", str(rpm), "--limiter", limiter),
         *("--tpm-jitter", str(JITTER), "--seed", str(seed)),
     )
 
 
-def job_config(url: str, source: Path, target: Path, work: Path, spec: dict[str, Any]) -> EmbedConfig:
-    limits: dict[str, Any] = {"tokens_per_minute": spec["tpm"], "requests_per_minute": QUOTA_RPM}
-    if spec["tpm"] is None:
+def job_config(
+    urls: list[str], source: Path, target: Path, work: Path, spec: dict[str, Any]
+) -> EmbedConfig:
+    # A real deployment's model: the job counts tokens with its tokenizer (cl100k), as users' do.
+    endpoint: dict[str, Any] = {"url": urls[0], "model": "text-embedding-3-small"}
+    limits: dict[str, Any] = {"tokens_per_minute": spec.get("tpm"), "requests_per_minute": QUOTA_RPM}
+    if "pool" in spec:
+        endpoint = {"model": "text-embedding-3-small", "pool": [
+            {"url": url, "tokens_per_minute": tpm, "requests_per_minute": QUOTA_RPM * tpm // QUOTA_TPM}
+            for url, tpm in zip(urls, spec["pool"], strict=True)
+        ]}  # fmt: skip
+        limits = {}
+    elif spec["tpm"] is None:
         limits["requests_per_minute"] = None
     if "max_share" in spec:
         limits["max_share"] = spec["max_share"]
     return validate_config(
         {
-            "endpoint": {"url": url},
+            "endpoint": endpoint,
             "auth": {"mode": "none"},
             "source": {"path": str(source)},
             "target": {"path": str(target)},
@@ -144,6 +162,18 @@ def analyse(records: list[RequestRecord], quota: float) -> dict[str, Any]:
     }
 
 
+def share_after(records: list[RequestRecord], since: float, quota: float) -> float | None:
+    """TPM achieved from ``since`` to 95 % of the tokens answered after it, over ``quota``."""
+    ok = sorted((r for r in records if r.status == 200 and r.end_s > since), key=lambda r: r.end_s)
+    total = sum(r.prompt_tokens for r in ok)
+    done = 0
+    for r in ok:
+        done += r.prompt_tokens
+        if done >= 0.95 * total:
+            return round(done / max(r.end_s - since, 1e-9) * 60 / quota, 3)
+    return None
+
+
 class OtherClient:
     """Another application on the deployment: ``share`` of the quota, steadily, in 1 s steps."""
 
@@ -171,6 +201,22 @@ class OtherClient:
         self._thread.join()
         return {"other_requests": self.sent, "other_429": self.throttled,
                 "other_share_429": round(self.throttled / max(1, self.sent), 4)}  # fmt: skip
+
+
+class Killer:
+    """Stops one deployment a third of the way through the run's ideal time."""
+
+    def __init__(self, endpoint: LocalEndpoint, source: Path, tokens_per_text: float, quota: int) -> None:
+        tokens = pq.read_metadata(source).num_rows * tokens_per_text
+        self._delay_s = 20 + max(60.0, (tokens / quota - 1) * 60) / 3  # about 20 s to start
+        self._endpoint = endpoint
+        self.at: float | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        time.sleep(self._delay_s)
+        self._endpoint.stop()
+        self.at = time.time()
 
 
 async def cookbook(url: str, texts: list[str], tokens_per_text: float) -> list[RequestRecord]:
@@ -217,8 +263,11 @@ async def cookbook(url: str, texts: list[str], tokens_per_text: float) -> list[R
 def run_one(
     name: str, spec: dict[str, Any], source: Path, work: Path, tokens_per_text: float
 ) -> dict[str, Any]:
-    endpoint = serve(spec["limiter"], seed=len(name))
+    quotas = spec.get("pool", (QUOTA_TPM,))
+    endpoints = [serve(spec["limiter"], seed=len(name) + i, tpm=tpm) for i, tpm in enumerate(quotas)]
+    endpoint = endpoints[0]
     other = OtherClient(endpoint.url, spec["other"]) if "other" in spec else None
+    killer = Killer(endpoints[spec["kill"]], source, tokens_per_text, sum(quotas)) if "kill" in spec else None
     try:
         if other:
             time.sleep(5)  # the other application was there first
@@ -227,12 +276,16 @@ def run_one(
             records = asyncio.run(cookbook(endpoint.url, texts, tokens_per_text))
             failed = sum(1 for r in records if r.status != 200 and r.attempt == 10) * COOKBOOK_INPUTS
         else:
-            config = job_config(endpoint.url, source, work / name, work, spec)
+            config = job_config([e.url for e in endpoints], source, work / name, work, spec)
             spark = get_spark(config, local_default=True)
             summary = driver.run(spark, config, progress=lambda _: None)
             records = [RequestRecord(**r) for r in summary.timeline]
             failed = summary.counts["failed_rows"]
-        figures = analyse(records, QUOTA_TPM * spec.get("max_share", 1.0)) | {"failed_rows": failed}
+        figures = analyse(records, sum(quotas) * spec.get("max_share", 1.0)) | {"failed_rows": failed}
+        if killer is not None and killer.at is not None:
+            left = sum(quotas) - quotas[spec["kill"]]
+            figures["killed_after_s"] = round(killer.at - min(r.start_s for r in records), 1)
+            figures["share_of_quota_left_after_kill"] = share_after(records, killer.at + 60, left)
         if other:
             figures |= other.stop()
             other = None
@@ -240,7 +293,8 @@ def run_one(
     finally:
         if other:
             other.stop()
-        endpoint.stop()
+        for each in endpoints:
+            each.stop()
 
 
 def main() -> int:
@@ -253,12 +307,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sparkembed-bench-quota-"))
     source = work / "source.parquet"
     tokens_per_text = write_source(source, args.rows)
+    if any("rows" in spec for spec in chosen.values()):
+        write_source(work / "source-x2.parquet", 2 * args.rows)
     print(f"bench_quota: {args.rows} rows of ~{tokens_per_text:.0f} tokens, {QUOTA_TPM:,} TPM, "
           f"{QUOTA_RPM:,} RPM, ±{JITTER:.0%} jitter, {LATENCY_MS} ms, local[4]", flush=True)  # fmt: skip
     results: dict[str, Any] = {}
     try:
         for name, spec in chosen.items():
-            results[name] = run_one(name, spec, source, work, tokens_per_text)
+            rows_source = work / "source-x2.parquet" if "rows" in spec else source
+            results[name] = run_one(name, spec, rows_source, work, tokens_per_text)
             print(f"{name:18} {json.dumps(results[name])}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
