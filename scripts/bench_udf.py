@@ -1,0 +1,179 @@
+"""UDF benchmark (issue 16): ``sparkembed.embedding_udf`` against the whole-table job, side by side.
+
+In one local[2] Spark session, against one ``sparkembed serve`` (``hash`` model, 1536
+dimensions, ``--latency-ms`` added to every answer, a quota far above what two cores can
+send), on the same source rows:
+
+- ``job``: :func:`sparkembed.write` into a new Delta table (preflight, id checks, planning,
+  one wave, the delta-rs sink).
+- ``udf``: ``df.repartition(slots).select("id", emb("text").alias("e")).select("id", "e.*")``
+  written as parquet into a new folder (pip-installed Spark has no Delta jars), with
+  ``emb = sparkembed.embedding_udf(config=...)`` on the same config.
+
+Both run with as many partitions as task slots, so each sees the same concurrency per task.
+A whole round goes first, untimed (Python workers start, the JVM compiles its hot paths).
+Then ``--rounds`` rounds each run both sides, alternating which goes first, so a noisy
+neighbour on this shared machine slows both alike. Reports rows/s of each (median over
+rounds), every round's ratio udf/job, and their median (target >= 0.95). Figures only, no
+asserts; never run in CI.
+
+Usage::
+
+    python scripts/bench_udf.py                       # 30000 rows, 50 ms latency, 5 rounds
+    python scripts/bench_udf.py --rows 10000 --rounds 2
+    python scripts/bench_udf.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pyarrow.parquet as pq  # noqa: E402
+from bench_spark import cpu_seconds, write_corpus  # noqa: E402
+from pyspark.sql import SparkSession  # noqa: E402
+
+import sparkembed  # noqa: E402
+from sparkembed.config import EmbedConfig, validate_config  # noqa: E402
+from sparkembed.server.launch import start_local_endpoint  # noqa: E402
+from sparkembed.spark.session import get_spark  # noqa: E402
+
+DIMS = 1536
+QUOTA_TPM = 100_000_000
+QUOTA_RPM = 1_000_000
+"""A quota no two cores can reach: pacing never binds, only latency and CPU do."""
+
+
+def bench_config(url: str, work: Path, args: argparse.Namespace) -> EmbedConfig:
+    return validate_config(
+        {
+            "endpoint": {"url": url},
+            "auth": {"mode": "none"},
+            "limits": {"tokens_per_minute": QUOTA_TPM, "requests_per_minute": QUOTA_RPM},
+            "run": {
+                "commit_every_rows": args.rows * 2,  # one wave: the UDF has no waves either
+                "spark_master": "local[2]",
+                "log_dir": str(work / "runs"),
+            },
+        }
+    )
+
+
+def run_job(spark: SparkSession, config: EmbedConfig, source: Path, target: Path) -> int:
+    """sparkembed.write into a new Delta table; the rows it holds."""
+    from deltalake import DeltaTable
+
+    sparkembed.write(spark.read.parquet(str(source)), str(target), mode="append", config=config)
+    return DeltaTable(str(target)).count()
+
+
+def run_udf(spark: SparkSession, config: EmbedConfig, source: Path, target: Path, slots: int) -> int:
+    """The UDF over the same rows, written as parquet; the rows written (all must be ok)."""
+    emb = sparkembed.embedding_udf(config=config, spark=spark)
+    df = spark.read.parquet(str(source)).repartition(slots)
+    df.select("id", emb("text").alias("e")).select("id", "e.*").write.parquet(str(target))
+    table = pq.read_table(str(target), columns=["status"])
+    failed = len(table) - table.column("status").to_pylist().count("ok")
+    if failed:
+        raise RuntimeError(f"the UDF left {failed} rows not ok")
+    return len(table)
+
+
+def timed(server_pid: int, step: Callable[[], int]) -> dict[str, float]:
+    os.sync()  # neither side pays for writing back the other's files
+    server_cpu = cpu_seconds(server_pid)
+    started = time.monotonic()
+    rows = step()
+    seconds = time.monotonic() - started
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds, 1),
+        "endpoint_cpu_s": round(cpu_seconds(server_pid) - server_cpu, 1),
+    }
+
+
+def one_round(
+    spark: SparkSession, endpoint: Any, config: EmbedConfig, source: Path, folder: Path, udf_first: bool
+) -> dict[str, Any]:
+    slots = spark.sparkContext.defaultParallelism
+    server = endpoint.process.pid
+    sides: dict[str, Callable[[], int]] = {
+        "job": lambda: run_job(spark, config, source, folder / "job"),
+        "udf": lambda: run_udf(spark, config, source, folder / "udf", slots),
+    }
+    figures: dict[str, Any] = {}
+    for name in ("udf", "job") if udf_first else ("job", "udf"):
+        endpoint.reset()
+        figures[name] = timed(server, sides[name])
+        figures[name]["requests"] = endpoint.stats(billed=False)["requests"]
+    figures["ratio"] = round(figures["udf"]["rows_per_s"] / figures["job"]["rows_per_s"], 3)
+    figures["first"] = "udf" if udf_first else "job"
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=30_000, help="source rows (default 30000)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="added to every answer (default 50)")
+    parser.add_argument("--workdir", default=None, help="scratch parent folder (default: system temp)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="sparkembed-bench-udf-", dir=args.workdir))
+    source = work / "source.parquet"
+    write_corpus(source, args.rows)
+    print(f"bench_udf: {args.rows} rows of 20-60 words, {DIMS} dims, hash model, {args.latency_ms:g} ms "
+          f"latency, quota {QUOTA_TPM} TPM (never binds), local[2], {args.rounds} rounds; scratch {work}",
+          flush=True)  # fmt: skip
+    rounds: list[dict[str, Any]] = []
+    endpoint_args = ["--model", "hash", "--dims", str(DIMS), "--no-auth", "--latency-ms", str(args.latency_ms),
+                     "--tpm", str(QUOTA_TPM), "--rpm", str(QUOTA_RPM)]  # fmt: skip
+    try:
+        with start_local_endpoint(*endpoint_args) as endpoint:
+            config = bench_config(endpoint.url, work, args)
+            spark = get_spark(config, local_default=True)
+            one_round(spark, endpoint, config, source, work / "warm-up", udf_first=False)
+            shutil.rmtree(work / "warm-up")
+            for number in range(1, args.rounds + 1):
+                folder = work / f"round-{number}"
+                figures = one_round(spark, endpoint, config, source, folder, udf_first=number % 2 == 1)
+                rounds.append(figures)
+                shutil.rmtree(folder)
+                print(f"round {number} ({figures['first']} first): job {figures['job']['rows_per_s']:.0f} "
+                      f"rows/s ({figures['job']['requests']} requests), udf {figures['udf']['rows_per_s']:.0f} "
+                      f"rows/s ({figures['udf']['requests']} requests), ratio {figures['ratio']:.3f}",
+                      flush=True)  # fmt: skip
+            spark.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {
+        "job_rows_per_s": statistics.median(r["job"]["rows_per_s"] for r in rounds),
+        "udf_rows_per_s": statistics.median(r["udf"]["rows_per_s"] for r in rounds),
+        "ratio": statistics.median(r["ratio"] for r in rounds),
+    }
+    each = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
+    print(f"job (sparkembed.write -> Delta)        {summary['job_rows_per_s']:>8.0f} rows/s")
+    print(f"udf (select(emb(text)) -> parquet)     {summary['udf_rows_per_s']:>8.0f} rows/s")
+    print(f"ratio udf/job, median of {len(rounds)} rounds: {summary['ratio']:.3f} (target >= 0.95; "
+          f"rounds {each}). Shared machine: figures are noisy.")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"rows": args.rows, "median": summary, "rounds": rounds}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
