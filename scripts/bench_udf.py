@@ -5,21 +5,24 @@ dimensions, ``--latency-ms`` added to every answer, a quota far above what two c
 send), on the same source rows:
 
 - ``job``: :func:`sparkembed.write` into a new Delta table (preflight, id checks, planning,
-  one wave, the delta-rs sink).
+  one wave, the delta-rs sink: executors write parquet with pyarrow, the driver commits).
 - ``udf``: ``df.repartition(slots).select("id", emb("text").alias("e")).select("id", "e.*")``
-  written as parquet into a new folder (pip-installed Spark has no Delta jars), with
+  written by Spark as parquet into a new folder (pip-installed Spark has no Delta jars),
+  dictionary encoding off as the job's sink has it for vectors, with
   ``emb = sparkembed.embedding_udf(config=...)`` on the same config.
+- ``udf-noop``: the same query into Spark's ``noop`` sink: the UDF's own throughput, without
+  Spark's JVM parquet writer (which encodes the 1,536 floats of each row one by one).
 
 Both run with as many partitions as task slots, so each sees the same concurrency per task.
 A whole round goes first, untimed (Python workers start, the JVM compiles its hot paths).
-Then ``--rounds`` rounds each run both sides, alternating which goes first, so a noisy
-neighbour on this shared machine slows both alike. Reports rows/s of each (median over
-rounds), every round's ratio udf/job, and their median (target >= 0.95). Figures only, no
-asserts; never run in CI.
+Then ``--rounds`` rounds each run every side, rotating which goes first, so a noisy
+neighbour on this shared machine slows all alike. Reports rows/s of each (median over
+rounds) and the ratios udf/job and udf-noop/job per round and their medians (target >=
+0.95). Figures only, no asserts; never run in CI.
 
 Usage::
 
-    python scripts/bench_udf.py                       # 30000 rows, 50 ms latency, 5 rounds
+    python scripts/bench_udf.py                       # 30000 rows, 50 ms latency, 4 rounds
     python scripts/bench_udf.py --rows 10000 --rounds 2
     python scripts/bench_udf.py --json out.json
 """
@@ -79,11 +82,17 @@ def run_job(spark: SparkSession, config: EmbedConfig, source: Path, target: Path
     return DeltaTable(str(target)).count()
 
 
-def run_udf(spark: SparkSession, config: EmbedConfig, source: Path, target: Path, slots: int) -> int:
-    """The UDF over the same rows, written as parquet; the rows written (all must be ok)."""
+def run_udf(
+    spark: SparkSession, config: EmbedConfig, source: Path, target: Path | None, slots: int
+) -> int:
+    """The UDF over the same rows, written as parquet (``target``) or to ``noop`` (None)."""
     emb = sparkembed.embedding_udf(config=config, spark=spark)
     df = spark.read.parquet(str(source)).repartition(slots)
-    df.select("id", emb("text").alias("e")).select("id", "e.*").write.parquet(str(target))
+    out = df.select("id", emb("text").alias("e")).select("id", "e.*")
+    if target is None:
+        out.write.format("noop").mode("overwrite").save()
+        return int(pq.read_metadata(str(source)).num_rows)
+    out.write.option("parquet.enable.dictionary", "false").parquet(str(target))
     table = pq.read_table(str(target), columns=["status"])
     failed = len(table) - table.column("status").to_pylist().count("ok")
     if failed:
@@ -105,29 +114,33 @@ def timed(server_pid: int, step: Callable[[], int]) -> dict[str, float]:
     }
 
 
+SIDES = ("job", "udf", "udf-noop")
+
+
 def one_round(
-    spark: SparkSession, endpoint: Any, config: EmbedConfig, source: Path, folder: Path, udf_first: bool
+    spark: SparkSession, endpoint: Any, config: EmbedConfig, source: Path, folder: Path, first: int
 ) -> dict[str, Any]:
     slots = spark.sparkContext.defaultParallelism
     server = endpoint.process.pid
-    sides: dict[str, Callable[[], int]] = {
+    steps: dict[str, Callable[[], int]] = {
         "job": lambda: run_job(spark, config, source, folder / "job"),
         "udf": lambda: run_udf(spark, config, source, folder / "udf", slots),
+        "udf-noop": lambda: run_udf(spark, config, source, None, slots),
     }
-    figures: dict[str, Any] = {}
-    for name in ("udf", "job") if udf_first else ("job", "udf"):
+    figures: dict[str, Any] = {"order": SIDES[first:] + SIDES[:first]}
+    for name in figures["order"]:
         endpoint.reset()
-        figures[name] = timed(server, sides[name])
+        figures[name] = timed(server, steps[name])
         figures[name]["requests"] = endpoint.stats(billed=False)["requests"]
-    figures["ratio"] = round(figures["udf"]["rows_per_s"] / figures["job"]["rows_per_s"], 3)
-    figures["first"] = "udf" if udf_first else "job"
+    for name in ("udf", "udf-noop"):
+        figures[f"{name}/job"] = round(figures[name]["rows_per_s"] / figures["job"]["rows_per_s"], 3)
     return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=30_000, help="source rows (default 30000)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds (default 4)")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="added to every answer (default 50)")
     parser.add_argument("--workdir", default=None, help="scratch parent folder (default: system temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -140,36 +153,39 @@ def main() -> int:
           f"latency, quota {QUOTA_TPM} TPM (never binds), local[2], {args.rounds} rounds; scratch {work}",
           flush=True)  # fmt: skip
     rounds: list[dict[str, Any]] = []
-    endpoint_args = ["--model", "hash", "--dims", str(DIMS), "--no-auth", "--latency-ms", str(args.latency_ms),
-                     "--tpm", str(QUOTA_TPM), "--rpm", str(QUOTA_RPM)]  # fmt: skip
+    endpoint_args = ["--model", "hash", "--dims", str(DIMS), "--no-auth", "--latency-ms",
+                     str(args.latency_ms), "--tpm", str(QUOTA_TPM), "--rpm", str(QUOTA_RPM)]  # fmt: skip
     try:
         with start_local_endpoint(*endpoint_args) as endpoint:
             config = bench_config(endpoint.url, work, args)
             spark = get_spark(config, local_default=True)
-            one_round(spark, endpoint, config, source, work / "warm-up", udf_first=False)
+            one_round(spark, endpoint, config, source, work / "warm-up", first=0)
             shutil.rmtree(work / "warm-up")
             for number in range(1, args.rounds + 1):
                 folder = work / f"round-{number}"
-                figures = one_round(spark, endpoint, config, source, folder, udf_first=number % 2 == 1)
+                figures = one_round(spark, endpoint, config, source, folder, first=number % len(SIDES))
                 rounds.append(figures)
                 shutil.rmtree(folder)
-                print(f"round {number} ({figures['first']} first): job {figures['job']['rows_per_s']:.0f} "
-                      f"rows/s ({figures['job']['requests']} requests), udf {figures['udf']['rows_per_s']:.0f} "
-                      f"rows/s ({figures['udf']['requests']} requests), ratio {figures['ratio']:.3f}",
-                      flush=True)  # fmt: skip
+                each = ", ".join(f"{n} {figures[n]['rows_per_s']:.0f} rows/s ({figures[n]['requests']} "
+                                 "requests)" for n in figures["order"])  # fmt: skip
+                print(f"round {number}: {each}; udf/job {figures['udf/job']:.3f}, "
+                      f"udf-noop/job {figures['udf-noop/job']:.3f}", flush=True)  # fmt: skip
             spark.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {
-        "job_rows_per_s": statistics.median(r["job"]["rows_per_s"] for r in rounds),
-        "udf_rows_per_s": statistics.median(r["udf"]["rows_per_s"] for r in rounds),
-        "ratio": statistics.median(r["ratio"] for r in rounds),
-    }
-    each = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
-    print(f"job (sparkembed.write -> Delta)        {summary['job_rows_per_s']:>8.0f} rows/s")
-    print(f"udf (select(emb(text)) -> parquet)     {summary['udf_rows_per_s']:>8.0f} rows/s")
-    print(f"ratio udf/job, median of {len(rounds)} rounds: {summary['ratio']:.3f} (target >= 0.95; "
-          f"rounds {each}). Shared machine: figures are noisy.")  # fmt: skip
+    summary: dict[str, float] = {}
+    for name in SIDES:
+        summary[f"{name}_rows_per_s"] = statistics.median(r[name]["rows_per_s"] for r in rounds)
+    for ratio in ("udf/job", "udf-noop/job"):
+        summary[ratio] = statistics.median(r[ratio] for r in rounds)
+    print(f"job (sparkembed.write -> Delta)           {summary['job_rows_per_s']:>8.0f} rows/s")
+    print(f"udf (select(emb(text)) -> parquet)        {summary['udf_rows_per_s']:>8.0f} rows/s")
+    print(f"udf-noop (select(emb(text)) -> noop)      {summary['udf-noop_rows_per_s']:>8.0f} rows/s")
+    for ratio in ("udf/job", "udf-noop/job"):
+        each = ", ".join(f"{r[ratio]:.3f}" for r in rounds)
+        print(f"{ratio}, median of {len(rounds)} rounds: {summary[ratio]:.3f} "
+              f"(target >= 0.95; rounds {each})")  # fmt: skip
+    print("Shared machine: figures are noisy.")
     if args.json:
         args.json.write_text(json.dumps({"rows": args.rows, "median": summary, "rounds": rounds}, indent=2))
     return 0
