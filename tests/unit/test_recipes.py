@@ -1,7 +1,9 @@
 """Platform recipes stay runnable: the Databricks bundle, the Synapse job, the example configs.
 
 The bundle's task must name the wheel's real console script, and its parameters must parse
-with the real ``sparkembed run`` parser into a valid config. No file may carry a secret.
+with the real ``sparkembed run`` parser into a valid config. Every bundle job must load
+through the typed models of ``databricks-bundles`` (offline: no CLI, no workspace), which
+refuse a field Databricks does not know. No file may carry a secret.
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ def load_job(job: dict[str, Any]) -> Any:
     return loaded
 
 
-def test_every_bundle_job_loads_through_the_databricks_typed_models() -> None:
+def test_the_bundle_validates_against_the_databricks_schema() -> None:
+    """Every job loads through ``databricks-bundles``' typed models: no unknown field anywhere."""
     bundle = load_bundle()
     jobs = bundle["resources"]["jobs"]
     assert set(jobs) == {"sparkembed_embed", "sparkembed_embed_serverless"}
@@ -207,16 +210,17 @@ def test_every_bundle_job_loads_through_the_databricks_typed_models() -> None:
 
 
 @pytest.mark.parametrize(
-    "path, typo",
+    "name, path, typo",
     [
-        (("tasks", 0, "python_wheel_task"), "entry_pont"),
-        (("tasks", 0), "enviroment_key"),
-        (("environments", 0, "spec"), "dependencies_"),
-        ((), "max_concurent_runs"),
+        ("sparkembed_embed_serverless", ("tasks", 0, "python_wheel_task"), "entry_pont"),
+        ("sparkembed_embed_serverless", ("tasks", 0), "enviroment_key"),
+        ("sparkembed_embed_serverless", ("environments", 0, "spec"), "dependencies_"),
+        ("sparkembed_embed_serverless", (), "max_concurent_runs"),
+        ("sparkembed_embed", ("job_clusters", 0, "new_cluster"), "num_worker"),
     ],
 )
-def test_a_misspelled_field_is_refused(path: tuple[str | int, ...], typo: str) -> None:
-    job = copy.deepcopy(load_bundle()["resources"]["jobs"]["sparkembed_embed_serverless"])
+def test_a_misspelled_field_is_refused(name: str, path: tuple[str | int, ...], typo: str) -> None:
+    job = copy.deepcopy(load_bundle()["resources"]["jobs"][name])
     node: Any = job
     for step in path:
         node = node[step]
@@ -249,9 +253,9 @@ def test_the_serverless_job_runs_the_same_task_on_an_environment_with_the_wheel(
     # The same run, plus the task slots Spark Connect cannot report.
     parameters = task["python_wheel_task"]["parameters"]
     (classic_task,) = classic["tasks"]
-    assert parameters[: len(classic_task["python_wheel_task"]["parameters"])] == (
-        classic_task["python_wheel_task"]["parameters"]
-    )
+    same = classic_task["python_wheel_task"]["parameters"]
+    assert parameters[: len(same)] == same
+    assert parameters[len(same) :] == ["--set", "run.partitions=${var.serverless_partitions}"]
     args = _run_parser("sparkembed run").parse_args(
         [substitute(p, bundle["variables"]) for p in parameters[1:]]
     )
