@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow.parquet as pq  # noqa: E402
-from bench_spark import cpu_seconds, write_corpus  # noqa: E402
+from bench_spark import WorkerMemory, cpu_seconds, write_corpus  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 
 import sparkembed  # noqa: E402
@@ -100,28 +100,47 @@ def run_udf(
     return len(table)
 
 
-def timed(server_pid: int, step: Callable[[], int]) -> dict[str, float]:
+def timed(memory: WorkerMemory, jvm_pid: int, step: Callable[[], int]) -> dict[str, float]:
+    """Rows, seconds and rows/s of ``step()``, and CPU seconds of the Python workers and the JVM."""
     os.sync()  # neither side pays for writing back the other's files
-    server_cpu = cpu_seconds(server_pid)
+    memory.phase()
+    jvm_cpu = cpu_seconds(jvm_pid)
     started = time.monotonic()
     rows = step()
     seconds = time.monotonic() - started
+    memory.sample()
+    workers_cpu, jvm_cpu = memory.cpu_s, cpu_seconds(jvm_pid) - jvm_cpu
     return {
         "rows": rows,
         "seconds": round(seconds, 2),
         "rows_per_s": round(rows / seconds, 1),
-        "endpoint_cpu_s": round(cpu_seconds(server_pid) - server_cpu, 1),
+        "workers_cpu_s": round(workers_cpu, 1),
+        "jvm_cpu_s": round(jvm_cpu, 1),
+        # Rows per CPU second of this session (workers and JVM): steadier than wall time on a
+        # shared machine, where other jobs take the cores for seconds at a time.
+        "rows_per_cpu_s": round(rows / max(workers_cpu + jvm_cpu, 1e-9), 1),
     }
 
 
 SIDES = ("job", "udf", "udf-noop")
+LABELS = {
+    "job": "job (sparkembed.write -> Delta)",
+    "udf": "udf (select(emb(text)) -> parquet)",
+    "udf-noop": "udf-noop (select(emb(text)) -> noop)",
+}
 
 
 def one_round(
-    spark: SparkSession, endpoint: Any, config: EmbedConfig, source: Path, folder: Path, first: int
+    spark: SparkSession,
+    memory: WorkerMemory,
+    endpoint: Any,
+    config: EmbedConfig,
+    source: Path,
+    folder: Path,
+    first: int,
 ) -> dict[str, Any]:
     slots = spark.sparkContext.defaultParallelism
-    server = endpoint.process.pid
+    jvm = spark.sparkContext._gateway.proc.pid  # type: ignore[union-attr]
     steps: dict[str, Callable[[], int]] = {
         "job": lambda: run_job(spark, config, source, folder / "job"),
         "udf": lambda: run_udf(spark, config, source, folder / "udf", slots),
@@ -130,10 +149,12 @@ def one_round(
     figures: dict[str, Any] = {"order": SIDES[first:] + SIDES[:first]}
     for name in figures["order"]:
         endpoint.reset()
-        figures[name] = timed(server, steps[name])
+        figures[name] = timed(memory, jvm, steps[name])
         figures[name]["requests"] = endpoint.stats(billed=False)["requests"]
     for name in ("udf", "udf-noop"):
         figures[f"{name}/job"] = round(figures[name]["rows_per_s"] / figures["job"]["rows_per_s"], 3)
+        cpu = figures[name]["rows_per_cpu_s"] / figures["job"]["rows_per_cpu_s"]
+        figures[f"{name}/job cpu"] = round(cpu, 3)
     return figures
 
 
@@ -159,33 +180,41 @@ def main() -> int:
         with start_local_endpoint(*endpoint_args) as endpoint:
             config = bench_config(endpoint.url, work, args)
             spark = get_spark(config, local_default=True)
-            one_round(spark, endpoint, config, source, work / "warm-up", first=0)
+            memory = WorkerMemory(spark.sparkContext._gateway.proc.pid)  # type: ignore[union-attr]
+            one_round(spark, memory, endpoint, config, source, work / "warm-up", first=0)
             shutil.rmtree(work / "warm-up")
             for number in range(1, args.rounds + 1):
                 folder = work / f"round-{number}"
-                figures = one_round(spark, endpoint, config, source, folder, first=number % len(SIDES))
+                first = number % len(SIDES)
+                figures = one_round(spark, memory, endpoint, config, source, folder, first)
                 rounds.append(figures)
                 shutil.rmtree(folder)
-                each = ", ".join(f"{n} {figures[n]['rows_per_s']:.0f} rows/s ({figures[n]['requests']} "
-                                 "requests)" for n in figures["order"])  # fmt: skip
-                print(f"round {number}: {each}; udf/job {figures['udf/job']:.3f}, "
-                      f"udf-noop/job {figures['udf-noop/job']:.3f}", flush=True)  # fmt: skip
+                each = ", ".join(
+                    f"{n} {figures[n]['rows_per_s']:.0f} rows/s ({figures[n]['rows_per_cpu_s']:.0f}/CPU-s)"
+                    for n in figures["order"]
+                )
+                print(f"round {number}: {each}; udf/job {figures['udf/job']:.3f} (CPU "
+                      f"{figures['udf/job cpu']:.3f}), udf-noop/job {figures['udf-noop/job']:.3f} (CPU "
+                      f"{figures['udf-noop/job cpu']:.3f})", flush=True)  # fmt: skip
+            memory.stop()
             spark.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary: dict[str, float] = {}
     for name in SIDES:
-        summary[f"{name}_rows_per_s"] = statistics.median(r[name]["rows_per_s"] for r in rounds)
-    for ratio in ("udf/job", "udf-noop/job"):
+        for key in ("rows_per_s", "rows_per_cpu_s", "workers_cpu_s", "jvm_cpu_s"):
+            summary[f"{name} {key}"] = statistics.median(r[name][key] for r in rounds)
+    ratios = ("udf/job", "udf/job cpu", "udf-noop/job", "udf-noop/job cpu")
+    for ratio in ratios:
         summary[ratio] = statistics.median(r[ratio] for r in rounds)
-    print(f"job (sparkembed.write -> Delta)           {summary['job_rows_per_s']:>8.0f} rows/s")
-    print(f"udf (select(emb(text)) -> parquet)        {summary['udf_rows_per_s']:>8.0f} rows/s")
-    print(f"udf-noop (select(emb(text)) -> noop)      {summary['udf-noop_rows_per_s']:>8.0f} rows/s")
-    for ratio in ("udf/job", "udf-noop/job"):
+    for name, label in LABELS.items():
+        rate, per_cpu = summary[f"{name} rows_per_s"], summary[f"{name} rows_per_cpu_s"]
+        workers, jvm = summary[f"{name} workers_cpu_s"], summary[f"{name} jvm_cpu_s"]
+        print(f"{label:<38} {rate:>6.0f} rows/s, {per_cpu:>6.0f}/CPU-s (CPU s: workers {workers}, JVM {jvm})")
+    for ratio in ratios:
         each = ", ".join(f"{r[ratio]:.3f}" for r in rounds)
-        print(f"{ratio}, median of {len(rounds)} rounds: {summary[ratio]:.3f} "
-              f"(target >= 0.95; rounds {each})")  # fmt: skip
-    print("Shared machine: figures are noisy.")
+        print(f"{ratio + ',':<18} median of {len(rounds)} rounds: {summary[ratio]:.3f} (rounds {each})")
+    print("Target >= 0.95. Shared machine: wall-time figures are noisy; CPU ones steadier.")
     if args.json:
         args.json.write_text(json.dumps({"rows": args.rows, "median": summary, "rounds": rounds}, indent=2))
     return 0
