@@ -82,9 +82,7 @@ def run_job(spark: SparkSession, config: EmbedConfig, source: Path, target: Path
     return DeltaTable(str(target)).count()
 
 
-def run_udf(
-    spark: SparkSession, config: EmbedConfig, source: Path, target: Path | None, slots: int
-) -> int:
+def run_udf(spark: SparkSession, config: EmbedConfig, source: Path, target: Path | None, slots: int) -> int:
     """The UDF over the same rows, written as parquet (``target``) or to ``noop`` (None)."""
     emb = sparkembed.embedding_udf(config=config, spark=spark)
     df = spark.read.parquet(str(source)).repartition(slots)
