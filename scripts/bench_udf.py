@@ -201,10 +201,10 @@ def main() -> int:
     summary: dict[str, float] = {}
     for name in SIDES:
         for key in ("rows_per_s", "rows_per_cpu_s", "workers_cpu_s", "jvm_cpu_s"):
-            summary[f"{name} {key}"] = statistics.median(r[name][key] for r in rounds)
+            summary[f"{name} {key}"] = round(statistics.median(r[name][key] for r in rounds), 3)
     ratios = ("udf/job", "udf/job cpu", "udf-noop/job", "udf-noop/job cpu")
     for ratio in ratios:
-        summary[ratio] = statistics.median(r[ratio] for r in rounds)
+        summary[ratio] = round(statistics.median(r[ratio] for r in rounds), 3)
     for name, label in LABELS.items():
         rate, per_cpu = summary[f"{name} rows_per_s"], summary[f"{name} rows_per_cpu_s"]
         workers, jvm = summary[f"{name} workers_cpu_s"], summary[f"{name} jvm_cpu_s"]
