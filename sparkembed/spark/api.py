@@ -152,11 +152,11 @@ def _make_udf(config: EmbedConfig, share: float) -> Any:
 
     Both run the same engine. The Arrow one hands Spark the vectors as one float32 buffer per
     batch; a pandas UDF's array<float> goes through pyspark's per-row ``list(value)``, which
-    makes 1,536 Python floats of every vector and cost half the job's throughput.
+    makes 1,536 Python floats of every vector: about half the job's throughput (BENCHMARKS.md).
     """
     try:
         from pyspark.sql.functions import arrow_udf  # type: ignore[attr-defined]
-    except ImportError:  # pyspark 3.5 and 4.0 (Databricks Connect 17 and older)
+    except ImportError:  # pyspark 3.5 and 4.0
 
         def embed_series(texts: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
             for out in _embed_texts(config, share, ([_text(t) for t in series] for series in texts)):
