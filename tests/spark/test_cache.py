@@ -92,13 +92,6 @@ def test_two_targets_sharing_half_their_texts_bill_the_shared_half_once(
         rows_of("b", only_b + shared)["id"]
     )
 
-    # A third table, and the rerun of the first, cost nothing.
-    endpoint.reset()
-    driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source_b, "c"), **QUIET)
-    driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source_a, "a"), **QUIET)
-    assert billed_besides_preflight(endpoint) == (0, 0)
-    assert read_table(str(tmp_path / "c")).to_pandas()["cached_from"].notna().all()
-
 
 def test_a_crash_mid_wave_then_reruns_with_the_cache_bill_nothing_already_embedded(
     spark: SparkSession,
