@@ -69,31 +69,57 @@ def check_cache_location(spark: SparkSession, config: EmbedConfig) -> None:
         return
     if path.rstrip("/") in {str(config.target.path).rstrip("/"), str(config.source.path).rstrip("/")}:
         raise ConfigError(f"cache.path {path} is the source or the target: give the cache its own table")
-    if not is_path(path):
-        if not delta_native.native_available(spark):
-            raise ConfigError(
-                f"cache.path {path!r} names a catalog table, but this session has no Delta: give a path"
-            )
+    if sink_kind(spark, config) == "native":
+        _cache_exists(spark, config)
         return
+    if not is_path(path):
+        raise ConfigError(
+            f"cache.path {path!r} names a catalog table, but this session has no Delta: give a path"
+        )
     from sparkembed.sinks.files import foreign_entries
 
     found = foreign_entries(path)
     if found:
         raise ConfigError(f"cache.path {path} holds other files ({', '.join(found[:5])}): give a new folder")
-    try:
-        sinks.check_cache(path)
-    except sinks.NotACacheError as exc:
-        raise ConfigError(str(exc)) from exc
+    _cache_exists(spark, config)
+
+
+def _cache_exists(spark: SparkSession, config: EmbedConfig) -> bool:
+    """Whether the cache exists; through Spark's Delta where the session has it, else delta-rs.
+
+    Raises:
+        ConfigError: a table is there, but not a sparkembed cache.
+    """
+    path = str(config.cache.path)
+    if sink_kind(spark, config) != "native":
+        try:
+            return sinks.check_cache(path)
+        except sinks.NotACacheError as exc:
+            raise ConfigError(str(exc)) from exc
+    from delta.tables import DeltaTable
+
+    if not (DeltaTable.isDeltaTable(spark, path) if is_path(path) else spark.catalog.tableExists(path)):
+        return False
+    name = f"delta.`{path}`" if is_path(path) else path
+    detail = spark.sql(f"DESCRIBE DETAIL {name}").first()
+    columns = set(spark.sql(f"SELECT * FROM {name} LIMIT 0").columns)
+    if (
+        detail is None
+        or detail["description"] != sinks.CACHE_DESCRIPTION
+        or columns != set(sinks.CACHE_SCHEMA.names)
+    ):
+        raise ConfigError(f"cache.path {path} is a table but not a sparkembed cache: give a new one")
+    return True
 
 
 def read_cache(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
     """The cache as it is, or None when there is none yet (or no ``cache.path``)."""
     path = config.cache.path
-    if not path:
+    if not path or not _cache_exists(spark, config):
         return None
-    if is_path(path):
-        return read_delta(spark, path) if sinks.check_cache(path) else None
-    return spark.table(path) if spark.catalog.tableExists(path) else None
+    if not is_path(path):
+        return spark.table(path)
+    return read_delta(spark, path)  # Spark's Delta where the session has it, else delta-rs's file list
 
 
 def with_keys(todo: DataFrame, config: EmbedConfig) -> DataFrame:
