@@ -39,8 +39,9 @@ def test_embed_is_lazy_and_uses_the_configs_columns(
     out = sparkembed.embed(df, config=config_for(endpoint, tmp_path))
     assert endpoint.stats(billed=False)["requests"] == 0  # nothing sent yet
     rows = {r["doc"]: r for r in out.collect()}
-    # Passthrough columns, then those added since the first tables (deployment, dedup_of), as tables evolve.
-    assert out.columns[0] == "doc" and out.columns[-3:] == ["title", "deployment", "dedup_of"]
+    # Passthrough columns, then those added since the first tables (deployment, dedup_of, cached_from),
+    # as tables evolve.
+    assert out.columns[0] == "doc" and out.columns[-4:] == ["title", "deployment", "dedup_of", "cached_from"]
     served = deployment_name(endpoint.url)
     assert [rows[i]["deployment"] for i in (1, 2, 3)] == [served, None, served]  # a skipped row: none
     assert [rows[i]["status"] for i in (1, 2, 3)] == ["ok", "skipped", "ok"]

@@ -120,6 +120,7 @@ def test_the_wheel_task_parameters_parse_into_a_valid_config() -> None:
     assert config.auth.secret_name == variables["secret_name"]["default"]
     assert config.source.path == variables["source_table"]["default"]
     assert config.target.path == variables["target_table"]["default"]
+    assert config.cache.path is None  # cache_path's default, empty: no shared cache
 
 
 def test_every_variable_used_is_declared() -> None:
