@@ -160,6 +160,15 @@ def _fail(kind: str, message: str, exc: BaseException | None = None, code: int =
     return code
 
 
+def _spark_error(exc: Exception) -> SparkEmbedError | None:
+    """``exc`` as the sparkembed error it stands for, when Spark (or its Connect client) raised it."""
+    if "pyspark" not in sys.modules:
+        return None
+    from sparkembed.spark.driver import translate_spark_error
+
+    return translate_spark_error(exc)
+
+
 def _debugging(args: argparse.Namespace) -> bool:
     """``--debug``, ``SPARKEMBED_DEBUG=1``, or logging already set to DEBUG by the caller."""
     asked = bool(args.debug) or os.environ.get("SPARKEMBED_DEBUG", "") not in ("", "0")
@@ -212,6 +221,9 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
             log.exception("failed")
         return _fail(type(exc).__name__, str(exc), exc)
     except Exception as exc:
+        ours = _spark_error(exc)
+        if ours is not None and not debug:  # a Spark Connect server's or a task's error
+            return _fail(type(ours).__name__, str(ours), exc)
         if debug:
             raise
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
@@ -301,10 +313,11 @@ def estimate_command(argv: list[str]) -> int:
 
             spark = get_spark(config, local_default="DATABRICKS_RUNTIME_VERSION" not in os.environ)
             result = estimate(spark, apply_secret(config, spark=spark))
-    except SparkEmbedError as exc:
-        if _debugging(args):
+    except Exception as exc:
+        ours = exc if isinstance(exc, SparkEmbedError) else _spark_error(exc)
+        if ours is None or _debugging(args):
             raise
-        print(f"sparkembed: error: {exc}", file=sys.stderr)
+        print(f"sparkembed: error: {ours}", file=sys.stderr)
         return 2
     print(json.dumps(result), flush=True)
     return 0

@@ -47,19 +47,31 @@ class WaveSink(Protocol):
 
 def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = None) -> WaveSink:
     """The sink for this session; ``run_dir`` is where tasks log their spend (:mod:`..core.runlog`)."""
-    if sink_kind(spark, config) == "native":
+    if check_sink(spark, config) == "native":
         return NativeSink(run_dir)
+    return DeltaRsSink(str(config.target.path), run_dir)
+
+
+def check_sink(spark: SparkSession, config: EmbedConfig) -> Literal["native", "delta-rs"]:
+    """The sink a run will use (:func:`sink_kind`), refused before anything is paid for when
+    it cannot write the target.
+
+    Raises:
+        ConfigError: a catalog table target, where the session has no Delta.
+    """
+    kind = sink_kind(spark, config)
     target = str(config.target.path)
-    if not is_path(target):
+    if kind == "delta-rs" and not is_path(target):
         raise ConfigError(
             f"target {target!r} looks like a catalog table, but this session has no Delta "
             "(the delta-rs sink writes paths only): give a path, or run where Delta is installed"
         )
-    return DeltaRsSink(target, run_dir)
+    return kind
 
 
 def sink_kind(spark: SparkSession, config: EmbedConfig) -> Literal["native", "delta-rs"]:
-    """``target.sink``, with ``auto`` decided by whether this session has Delta."""
+    """``target.sink``, with ``auto`` decided by whether this session has Delta: on Spark
+    Connect, whether the server has it (:func:`~.delta_native.native_available`)."""
     kind = config.target.sink
     if kind == "auto":
         return "native" if delta_native.native_available(spark) else "delta-rs"
