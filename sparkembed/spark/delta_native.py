@@ -112,7 +112,7 @@ def write_native(
         app_id: idempotency key; version: its counter (e.g. the wave number).
     """
     spark = df.sparkSession
-    if mode == "upsert" and _exists(spark, target):
+    if mode == "upsert" and table_exists(spark, target):
         _merge(spark, df, target, id_col, app_id, version)
         return
     writer = (
@@ -132,7 +132,7 @@ def write_native(
 def add_columns(spark: SparkSession, target: str, schema: StructType) -> None:
     """Add the columns of ``schema`` an existing table lacks (older releases wrote no
     ``deployment``), after its own: rows written before read null there."""
-    if not _exists(spark, target):
+    if not table_exists(spark, target):
         return
     reader = spark.read.format("delta")
     have = set((reader.load(target) if is_path(target) else spark.table(target)).columns)
@@ -205,7 +205,8 @@ def _txn_confs(spark: SparkSession, app_id: str, version: int) -> Iterator[None]
         spark.conf.unset(_TXN_VERSION)
 
 
-def _exists(spark: SparkSession, target: str) -> bool:
+def table_exists(spark: SparkSession, target: str) -> bool:
+    """Whether the Delta path, or the catalog table, ``target`` exists (asked of the session)."""
     if is_path(target):
         from delta.tables import DeltaTable
 

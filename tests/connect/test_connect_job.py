@@ -294,3 +294,46 @@ def test_the_udf_and_its_sql_function_give_the_endpoints_vectors(
     assert sum(r["prompt_tokens"] for r in rows.values()) == stats["prompt_tokens"]
     assert sql[100]["status"] == "failed" and sql[100]["error"].startswith("400 ")
     assert sql[99]["status"] == "ok"
+
+
+def test_the_native_sinks_metrics_need_no_accumulator(
+    connect: SparkSession,
+    hash_endpoint: LocalEndpoint,
+    endpoint_key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spark's own Delta on Connect (Databricks serverless): this server has none, so its write
+    is delta-rs here; the metrics path is the one a Delta server takes, without accumulators."""
+    from dataclasses import replace
+
+    from deltalake import write_deltalake
+
+    from sparkembed.spark import delta_native, driver
+    from sparkembed.spark.sources import select_input
+
+    def write_native(out: DataFrame, target: str, **_: Any) -> None:
+        write_deltalake(target, out.toArrow(), mode="append")
+
+    monkeypatch.setattr(delta_native, "write_native", write_native)
+    monkeypatch.setattr(delta_native, "add_columns", lambda *args: None)
+    target, runs = str(tmp_path / "target"), tmp_path / "runs" / "native-run"
+    config = config_for(hash_endpoint, endpoint_key, tmp_path / "runs", **{"target.path": target})
+    context = replace(driver.preflight(config), run_id="native-run", workers=2)
+    assert writers.embed_with_metrics(source(connect, 6), config, context)[1] is None  # no accumulators
+    hash_endpoint.reset()
+
+    sink = writers.NativeSink(str(runs))
+    rows = select_input(source(connect, 60), config.source)
+    waves = [
+        sink.write_wave(rows.filter(rows.id < "doc-0030").repartition(2), config, context, 0),
+        sink.write_wave(rows.filter(rows.id >= "doc-0030").repartition(2), config, context, 1),
+    ]
+
+    table = read_table(target).to_pandas()
+    stats = hash_endpoint.stats(billed=False)
+    assert sum(w["ok_rows"] for w in waves) == (table["status"] == "ok").sum()
+    assert sum(w["skipped_rows"] for w in waves) == 3
+    assert sum(w["prompt_tokens"] for w in waves) == table["prompt_tokens"].sum() == stats["prompt_tokens"]
+    assert sum(w["requests"] for w in waves) == stats["requests"]
+    assert sum(len(w["timeline"]) for w in waves) == stats["requests"]
