@@ -251,7 +251,10 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
         if config.auth.mode != "key" or config.auth.key_source == "env":
             # Fail fast: a wrong key, route or deployment is known before Spark starts.
             context = driver.preflight(apply_secret(config))
-        spark_log = None if _debugging(args) else Path(config.run.log_dir) / "spark.log"
+        # A local Spark Connect server (SPARK_REMOTE=local[N]) starts its JVM its own way: its
+        # output stays on the terminal.
+        quiet = not _debugging(args) and not os.environ.get("SPARK_REMOTE")
+        spark_log = Path(config.run.log_dir) / "spark.log" if quiet else None
         if ours and spark_log is not None:
             print(f"Spark's own log: {spark_log}", flush=True)
         spark = get_spark(config, local_default=local_master, spark_log=spark_log)

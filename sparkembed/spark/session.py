@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -94,9 +95,12 @@ def get_spark(config: EmbedConfig, *, local_default: bool, spark_log: Path | Non
     # Python workers must run the interpreter that has sparkembed installed.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
-    if spark_log is not None and not remote:
+    if spark_log is not None and not remote:  # a Connect server's JVM starts its own way
         _launch_jvm_logging_to(spark_log, builder)
-    spark = builder.getOrCreate()
+    with warnings.catch_warnings():
+        # A local Connect server starts with every conf; the client then tries to set them again.
+        warnings.filterwarnings("ignore", message="Failed to set spark", category=UserWarning)
+        spark = builder.getOrCreate()
     if not is_connect(spark):
         spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -337,3 +337,43 @@ def test_the_native_sinks_metrics_need_no_accumulator(
     assert sum(w["prompt_tokens"] for w in waves) == table["prompt_tokens"].sum() == stats["prompt_tokens"]
     assert sum(w["requests"] for w in waves) == stats["requests"]
     assert sum(len(w["timeline"]) for w in waves) == stats["requests"]
+
+
+@pytest.mark.slow
+def test_the_command_line_runs_on_a_connect_server_of_its_own(
+    hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    """``SPARK_REMOTE`` as ``spark-submit --remote`` sets it: the CLI (and jobs/embed_table.py)
+    builds a Connect session instead of a classic one, and exits when done."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = source_rows(40)
+    source_path = tmp_path / "source.parquet"
+    columns = {name: [r[i] for r in rows] for i, name in enumerate(("id", "text", "title"))}
+    pq.write_table(pa.table(columns), source_path)
+    target = tmp_path / "target"
+    env = {**os.environ, "SPARK_REMOTE": "local[2]", "AZURE_INFERENCE_CREDENTIAL": endpoint_key}
+    env.pop("SPARK_CONNECT_MODE_ENABLED", None)  # this process's own Connect session's
+    env.pop("SPARK_LOCAL_REMOTE", None)
+    env.pop("SPARK_CONNECT_AUTHENTICATE_TOKEN", None)
+    hash_endpoint.reset()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparkembed.cli", "run", "--endpoint", hash_endpoint.url,
+         "--source", str(source_path), "--target", str(target), "--set", f"run.log_dir={tmp_path / 'runs'}",
+         "--set", "batching.max_input_tokens=64", "--set", "long_text.chunk_tokens=32",
+         "--set", "long_text.overlap_tokens=8"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    table = read_table(str(target)).to_pandas()
+    assert summary["rows_ok"] == (table["status"] == "ok").sum() and summary["rows_skipped"] == 3
+    billed = billed_besides_preflight(hash_endpoint)[1]
+    assert summary["prompt_tokens"] == billed == table["prompt_tokens"].sum()
+    assert endpoint_key not in proc.stdout + proc.stderr
