@@ -67,9 +67,8 @@ from sparkembed.core.metrics import Metrics  # noqa: E402
 from sparkembed.server.launch import start_local_endpoint  # noqa: E402
 from sparkembed.sinks.files import conform  # noqa: E402
 from sparkembed.spark.driver import run  # noqa: E402
-from sparkembed.spark.session import default_parallelism  # noqa: E402
 from sparkembed.spark.partition import make_job, vectors_to_arrow  # noqa: E402
-from sparkembed.spark.session import get_spark  # noqa: E402
+from sparkembed.spark.session import default_parallelism, get_spark  # noqa: E402
 from sparkembed.spark.sources import read_source, select_input  # noqa: E402
 from sparkembed.spark.writers import META_SCHEMA, read_reports, task_report  # noqa: E402
 

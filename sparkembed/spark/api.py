@@ -117,6 +117,11 @@ def write(
         allow_partial: ``run.allow_partial``: a run estimated over ``run.max_tokens`` or
             ``run.max_cost_usd`` embeds up to the cap (the summary's ``stopped`` is then
             ``budget``) instead of raising :class:`~sparkembed.errors.BudgetError`.
+
+    Raises:
+        SparkEmbedError: each failure as sparkembed's error for it, with the run's summary so
+            far as ``run_summary``; on Spark Connect, a server's or gRPC error is a
+            :class:`~sparkembed.errors.SparkConnectError` chained to the original.
     """
     with _translated():
         cfg = _as_config(

@@ -27,6 +27,9 @@ def connect() -> Iterator[SparkSession]:
     if SparkContext._active_spark_context is not None:
         pytest.skip("classic Spark runs in this process: run tests/connect in a pytest of its own")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # A free port for the server, which the client then asks the JVM for: 15002, the default,
+    # may be another process's Connect server on this machine.
+    os.environ["SPARK_TESTING"] = "1"
     session = (
         SparkSession.builder.remote("local[2,4]")
         .config("spark.sql.shuffle.partitions", "4")

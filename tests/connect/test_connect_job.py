@@ -359,6 +359,7 @@ def test_the_command_line_runs_on_a_connect_server_of_its_own(
     pq.write_table(pa.table(columns), source_path)
     target = tmp_path / "target"
     env = {**os.environ, "SPARK_REMOTE": "local[2]", "AZURE_INFERENCE_CREDENTIAL": endpoint_key}
+    env["SPARK_TESTING"] = "1"  # a free port, not 15002: this process's server has that (conftest)
     env.pop("SPARK_CONNECT_MODE_ENABLED", None)  # this process's own Connect session's
     env.pop("SPARK_LOCAL_REMOTE", None)
     env.pop("SPARK_CONNECT_AUTHENTICATE_TOKEN", None)
