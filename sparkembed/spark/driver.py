@@ -99,7 +99,7 @@ def prepare(
     config = _absolute_target(config)
     check_target_location(config)
     sink = writers.check_sink(spark, config)  # on Spark Connect, asks the server whether it has Delta
-    log.info("sink: %s", "Spark's own Delta" if sink == "native" else "delta-rs (no Delta in this session)")
+    log.debug("sink: %s", "Spark's own Delta" if sink == "native" else "delta-rs (no Delta in this session)")
     if source is None:
         source = read_source(spark, config.source)
     df = select_input(source, config.source)
