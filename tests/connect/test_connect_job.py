@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,15 @@ def billed_besides_preflight(endpoint: LocalEndpoint) -> tuple[int, int]:
     preflights = stats["billed"].get(hashlib.sha256(PREFLIGHT_TEXT.encode()).hexdigest(), 0)
     preflight_tokens = wordllama.count_tokens([PREFLIGHT_TEXT])[0]
     return stats["texts_billed"] - preflights, stats["prompt_tokens"] - preflights * preflight_tokens
+
+
+def own_connect_server_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that starts a local Connect server of its own: on a
+    free port (``SPARK_TESTING``), without this process's Connect session's variables."""
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_AUTHENTICATE_TOKEN", "SPARK_REMOTE"
+    )}  # fmt: skip
+    return env | {"SPARK_TESTING": "1", **extra}
 
 
 def cached_relations_alive() -> int:
@@ -345,11 +358,6 @@ def test_the_command_line_runs_on_a_connect_server_of_its_own(
 ) -> None:
     """``SPARK_REMOTE`` as ``spark-submit --remote`` sets it: the CLI (and jobs/embed_table.py)
     builds a Connect session instead of a classic one, and exits when done."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -358,11 +366,7 @@ def test_the_command_line_runs_on_a_connect_server_of_its_own(
     columns = {name: [r[i] for r in rows] for i, name in enumerate(("id", "text", "title"))}
     pq.write_table(pa.table(columns), source_path)
     target = tmp_path / "target"
-    env = {**os.environ, "SPARK_REMOTE": "local[2]", "AZURE_INFERENCE_CREDENTIAL": endpoint_key}
-    env["SPARK_TESTING"] = "1"  # a free port, not 15002: this process's server has that (conftest)
-    env.pop("SPARK_CONNECT_MODE_ENABLED", None)  # this process's own Connect session's
-    env.pop("SPARK_LOCAL_REMOTE", None)
-    env.pop("SPARK_CONNECT_AUTHENTICATE_TOKEN", None)
+    env = own_connect_server_env(SPARK_REMOTE="local[2]", AZURE_INFERENCE_CREDENTIAL=endpoint_key)
     hash_endpoint.reset()
     proc = subprocess.run(
         [sys.executable, "-m", "sparkembed.cli", "run", "--endpoint", hash_endpoint.url,
@@ -378,3 +382,29 @@ def test_the_command_line_runs_on_a_connect_server_of_its_own(
     billed = billed_besides_preflight(hash_endpoint)[1]
     assert summary["prompt_tokens"] == billed == table["prompt_tokens"].sum()
     assert endpoint_key not in proc.stdout + proc.stderr
+
+
+SCRIPT_LEFT_FAILING = """
+import os, sys
+import sparkembed
+from pyspark.sql import SparkSession
+
+spark = SparkSession.builder.remote("local[2]").getOrCreate()
+df = spark.createDataFrame([(i, f"text {i}") for i in range(20)], "id long, text string")
+config = {"endpoint": {"url": os.environ["ENDPOINT"]}, "target": {"sink": "native"},
+          "run": {"log_dir": sys.argv[2]}}
+sparkembed.write(df, sys.argv[1], config=config)  # fails; the session is never stopped
+"""
+
+
+@pytest.mark.slow
+def test_a_script_whose_run_failed_exits_at_once(
+    hash_endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    """Issue 16: after the server refused the run, the process hung at exit until killed (a
+    checkpoint of the failed run, released only in ``__del__`` at interpreter shutdown)."""
+    env = own_connect_server_env(ENDPOINT=hash_endpoint.url, AZURE_INFERENCE_CREDENTIAL=endpoint_key)
+    args = [sys.executable, "-c", SCRIPT_LEFT_FAILING, str(tmp_path / "target"), str(tmp_path / "runs")]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)  # hung: TimeoutExpired
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "sparkembed.errors.SparkConnectError: Spark Connect: InvalidPlanInput" in proc.stderr
