@@ -66,9 +66,9 @@ from sparkembed.core.memory import keep_freed_memory  # noqa: E402
 from sparkembed.core.metrics import Metrics  # noqa: E402
 from sparkembed.server.launch import start_local_endpoint  # noqa: E402
 from sparkembed.sinks.files import conform  # noqa: E402
-from sparkembed.spark.driver import default_parallelism, run  # noqa: E402
+from sparkembed.spark.driver import run  # noqa: E402
 from sparkembed.spark.partition import make_job, vectors_to_arrow  # noqa: E402
-from sparkembed.spark.session import get_spark  # noqa: E402
+from sparkembed.spark.session import default_parallelism, get_spark  # noqa: E402
 from sparkembed.spark.sources import read_source, select_input  # noqa: E402
 from sparkembed.spark.writers import META_SCHEMA, read_reports, task_report  # noqa: E402
 
@@ -133,7 +133,7 @@ def run_floor(spark: SparkSession, config: EmbedConfig, run_id: str, source: Dat
     df = select_input(source if source is not None else read_source(spark, config.source), config.source)
     total = df.count()
     waves = max(1, math.ceil(total / config.run.commit_every_rows))
-    partitions = config.run.partitions or default_parallelism(spark, config)
+    partitions = config.run.partitions or default_parallelism(spark)
     job, _ = make_job(df, config, RunContext(run_id=run_id))
     target, id_col = str(config.target.path), config.source.id_col
     expected = sinks.table_version(target)

@@ -161,6 +161,15 @@ def _fail(kind: str, message: str, exc: BaseException | None = None, code: int =
     return code
 
 
+def _spark_error(exc: Exception) -> SparkEmbedError | None:
+    """``exc`` as the sparkembed error it stands for, when Spark (or its Connect client) raised it."""
+    if "pyspark" not in sys.modules:
+        return None
+    from sparkembed.spark.driver import translate_spark_error
+
+    return translate_spark_error(exc)
+
+
 def _debugging(args: argparse.Namespace) -> bool:
     """``--debug``, ``SPARKEMBED_DEBUG=1``, or logging already set to DEBUG by the caller."""
     asked = bool(args.debug) or os.environ.get("SPARKEMBED_DEBUG", "") not in ("", "0")
@@ -213,6 +222,9 @@ def run_command(argv: list[str], *, prog: str = "sparkembed run", local_master: 
             log.exception("failed")
         return _fail(type(exc).__name__, str(exc), exc)
     except Exception as exc:
+        ours = _spark_error(exc)
+        if ours is not None and not debug:  # a Spark Connect server's or a task's error
+            return _fail(type(ours).__name__, str(ours), exc)
         if debug:
             raise
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
@@ -240,7 +252,10 @@ def _run(args: argparse.Namespace, local_master: bool) -> int:
         if config.auth.mode != "key" or config.auth.key_source == "env":
             # Fail fast: a wrong key, route or deployment is known before Spark starts.
             context = driver.preflight(apply_secret(config))
-        spark_log = None if _debugging(args) else Path(config.run.log_dir) / "spark.log"
+        # A local Spark Connect server (SPARK_REMOTE=local[N]) starts its JVM its own way: its
+        # output stays on the terminal.
+        quiet = not _debugging(args) and not os.environ.get("SPARK_REMOTE")
+        spark_log = Path(config.run.log_dir) / "spark.log" if quiet else None
         if ours and spark_log is not None:
             print(f"Spark's own log: {spark_log}", flush=True)
         spark = get_spark(config, local_default=local_master, spark_log=spark_log)
@@ -302,10 +317,11 @@ def estimate_command(argv: list[str]) -> int:
 
             spark = get_spark(config, local_default="DATABRICKS_RUNTIME_VERSION" not in os.environ)
             result = estimate(spark, apply_secret(config, spark=spark))
-    except SparkEmbedError as exc:
-        if _debugging(args):
+    except Exception as exc:
+        ours = exc if isinstance(exc, SparkEmbedError) else _spark_error(exc)
+        if ours is None or _debugging(args):
             raise
-        print(f"sparkembed: error: {exc}", file=sys.stderr)
+        print(f"sparkembed: error: {ours}", file=sys.stderr)
         return 2
     print(json.dumps(result), flush=True)
     return 0

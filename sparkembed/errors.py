@@ -80,3 +80,12 @@ class TransportError(SparkEmbedError):
     def __init__(self, message: str, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.unreachable = unreachable
+
+
+class SparkConnectError(SparkEmbedError):
+    """A Spark Connect server refused or failed a request, or could not be reached.
+
+    Raised in place of pyspark's Connect exceptions and raw ``grpc.RpcError`` at the API
+    boundary; the original is its ``__cause__``. The message is the error's first line
+    (its class and message, without the JVM stack trace), with any token in it hidden.
+    """

@@ -14,16 +14,32 @@ from sparkembed.server.launch import LocalEndpoint, start_local_endpoint
 TEST_KEY = "test-key-0123456789"
 
 StartEndpoint = Callable[..., LocalEndpoint]
-FOLDER_MARKERS = {"integration": pytest.mark.integration, "spark": pytest.mark.spark}
+FOLDER_MARKERS = {
+    "integration": (pytest.mark.integration,),
+    "spark": (pytest.mark.spark,),
+    "connect": (pytest.mark.spark, pytest.mark.connect, pytest.mark.integration),
+}
 """Every test in tests/integration talks to a local endpoint; every one in tests/spark runs
-Spark. ``-m "not spark"`` leaves the JVM out."""
+Spark; every one in tests/connect runs Spark behind a local Spark Connect server.
+``-m "not spark"`` leaves the JVM out."""
+ALONE = Path(__file__).parent / "connect"
+"""Collected only when named (``pytest tests/connect``, as scripts/test.sh does): a local Spark
+Connect session (``SparkSession.builder.remote("local[2]")``) cannot start in a process that
+has run classic Spark, nor classic Spark after it."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        marker = FOLDER_MARKERS.get(Path(item.fspath).parent.name)
-        if marker is not None:
+        for marker in FOLDER_MARKERS.get(Path(item.fspath).parent.name, ()):
             item.add_marker(marker)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if collection_path != ALONE:
+        return None
+    here = config.invocation_params.dir
+    named = [(here / arg.split("::")[0]).resolve() for arg in config.args]
+    return None if any(path == ALONE or ALONE in path.parents for path in named) else True
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,23 @@ def read_spend(run_dir: str | Path, *, wave: int | None = None, exclude: Path | 
     return Spend(**totals)
 
 
+def read_task_metrics(run_dir: str | Path, *, wave: int) -> Metrics:
+    """The metrics of the wave's task attempts that ended (their last spend files), merged.
+
+    For a session without accumulators (Spark Connect) whose rows never pass the driver.
+    Every attempt that ended counts, failed ones too: their requests were sent and billed.
+    """
+    total = Metrics()
+    for path in (Path(run_dir) / TASKS_DIR).glob(f"w{wave:05d}-*.json"):
+        try:
+            data = json.loads(path.read_text()).get("metrics")
+        except (OSError, ValueError):
+            continue
+        if data:
+            total.merge(Metrics.from_dict(data))
+    return total
+
+
 class TaskLog:
     """Executor side: keeps one task attempt's spend file current; tells whether to stop.
 
@@ -197,7 +214,7 @@ class TaskLog:
         records = m.timeline[self._seen :]  # the loop thread only appends
         self._seen += len(records)
         self._answered += sum(r.n_inputs for r in records if r.status == 200)
-        data = {
+        data: dict[str, Any] = {
             "requests": m.requests,
             "throttled": m.throttled,
             "tokens_billed": m.prompt_tokens,
@@ -206,6 +223,8 @@ class TaskLog:
             "tokens_reserved": self._reserved() if self._reserved is not None else 0,
             "final": final,
         }
+        if final:  # the whole account, once: for sessions without accumulators (Spark Connect)
+            data["metrics"] = m.to_dict(timeline=True)
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             partial = self._path.with_suffix(".tmp")

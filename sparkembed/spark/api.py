@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ from sparkembed.core.longtext import Combined, LongTextPlanner, Plan, combine
 from sparkembed.core.summary import RunSummary
 from sparkembed.core.types import Status
 from sparkembed.errors import ConfigError
-from sparkembed.spark.driver import default_parallelism, new_run_id, run
+from sparkembed.spark.driver import new_run_id, release_frames, run, translate_spark_error
 from sparkembed.spark.partition import make_job, vectors_to_arrow
 from sparkembed.spark.secrets import apply_secret
+from sparkembed.spark.session import default_parallelism
 from sparkembed.spark.sources import select_input
 
 UDF_RETURN = "embedding array<float>, status string, error string, prompt_tokens int, request_id string"
@@ -46,6 +48,21 @@ def _as_config(
         base = load_config(config)
     merged = base.with_overrides({key: value for key, value in overrides.items() if value is not None})
     return apply_secret(resolve_endpoint(merged, os.environ), spark=spark)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Errors leave the API as sparkembed errors: a Spark Connect or gRPC error, a task's
+    error, becomes the :class:`~sparkembed.errors.SparkEmbedError` it stands for, with the
+    original chained (:func:`~sparkembed.spark.driver.translate_spark_error`)."""
+    try:
+        yield
+    except Exception as exc:
+        ours = translate_spark_error(exc)
+        if ours is None:
+            raise
+        release_frames(exc)
+        raise ours from exc
 
 
 def embed(
@@ -72,15 +89,16 @@ def embed(
             closure, never through Spark conf. ``endpoint.url: local`` is for the
             CLI: start ``sparkembed serve`` and give its URL instead.
     """
-    cfg = _as_config(
-        df.sparkSession,
-        config, **{"source.text_col": text_col, "source.id_col": id_col,
-                   "source.passthrough": passthrough}
-    )  # fmt: skip
-    context = RunContext(run_id=run_id or new_run_id(), workers=default_parallelism(df.sparkSession, cfg))
-    selected = select_input(df, cfg.source)
-    job, schema = make_job(selected, cfg, context)
-    return selected.mapInArrow(lambda batches: job.embed_batches(batches), schema)
+    with _translated():
+        cfg = _as_config(
+            df.sparkSession,
+            config, **{"source.text_col": text_col, "source.id_col": id_col,
+                       "source.passthrough": passthrough}
+        )  # fmt: skip
+        context = RunContext(run_id=run_id or new_run_id(), workers=default_parallelism(df.sparkSession))
+        selected = select_input(df, cfg.source)
+        job, schema = make_job(selected, cfg, context)
+        return selected.mapInArrow(lambda batches: job.embed_batches(batches), schema)
 
 
 def write(
@@ -102,14 +120,20 @@ def write(
         allow_partial: ``run.allow_partial``: a run estimated over ``run.max_tokens`` or
             ``run.max_cost_usd`` embeds up to the cap (the summary's ``stopped`` is then
             ``budget``) instead of raising :class:`~sparkembed.errors.BudgetError`.
+
+    Raises:
+        SparkEmbedError: each failure as sparkembed's error for it, with the run's summary so
+            far as ``run_summary``; on Spark Connect, a server's or gRPC error is a
+            :class:`~sparkembed.errors.SparkConnectError` chained to the original.
     """
-    cfg = _as_config(
-        df.sparkSession,
-        config, **{"source.text_col": text_col, "source.id_col": id_col,
-                   "source.passthrough": passthrough, "target.path": target,
-                   "target.mode": mode, "run.allow_partial": allow_partial}
-    )  # fmt: skip
-    return run(df.sparkSession, cfg, source=df)
+    with _translated():
+        cfg = _as_config(
+            df.sparkSession,
+            config, **{"source.text_col": text_col, "source.id_col": id_col,
+                       "source.passthrough": passthrough, "target.path": target,
+                       "target.mode": mode, "run.allow_partial": allow_partial}
+        )  # fmt: skip
+        return run(df.sparkSession, cfg, source=df)
 
 
 def embedding_udf(
@@ -139,8 +163,9 @@ def embedding_udf(
     session = spark or SparkSession.getActiveSession()
     if session is None:
         raise ConfigError("embedding_udf needs a Spark session: create one first, or pass spark=")
-    cfg = _as_config(session, config)
-    share = RunContext(workers=default_parallelism(session, cfg)).quota_share
+    with _translated():
+        cfg = _as_config(session, config)
+        share = RunContext(workers=default_parallelism(session)).quota_share
     if cfg.long_text.strategy == "chunk":  # one value per text
         cfg = cfg.model_copy(update={"long_text": cfg.long_text.model_copy(update={"strategy": "mean"})})
 

@@ -16,6 +16,7 @@ i.e. a target (id, chunk_index) whose id is in the new rows but whose chunk is n
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
+log = logging.getLogger(__name__)
+
 _OP = "_sparkembed_op"
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
@@ -36,8 +39,10 @@ _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 def native_available(spark: SparkSession) -> bool:
     """Whether this session can write Delta natively (delta-spark classes and Python API).
 
-    A Spark Connect session (no JVM gateway, as on Databricks serverless) is taken
-    to have Delta when the ``delta`` Python package imports.
+    Classic Spark: the Delta classes load in the driver's JVM. Spark Connect (Databricks
+    serverless and shared clusters, ``SparkSession.builder.remote(...)``): what the client has
+    installed says nothing of the server, so the server is asked once per session
+    (:func:`server_has_delta`).
     """
     try:
         import delta.tables  # noqa: F401
@@ -45,12 +50,44 @@ def native_available(spark: SparkSession) -> bool:
         return False
     jvm = getattr(spark, "_jvm", None)
     if jvm is None:
-        return True
+        return server_has_delta(spark)
     try:
         jvm.org.apache.spark.util.Utils.classForName("io.delta.tables.DeltaTable", True, False)
     except Exception:  # py4j wraps ClassNotFoundException; any failure means "no"
         return False
     return True
+
+
+_PROBE_PATH = "/__sparkembed_probe__/no_such_table"
+_NO_DELTA = ("NO_HANDLER_FOR_EXTENSION", "DATA_SOURCE_NOT_FOUND", "ClassNotFoundException")
+"""What a Connect server without Delta answers a Delta request: it has no handler for Delta
+Connect's relations, or no ``delta`` data source."""
+_server_delta: dict[str, bool] = {}
+
+
+def server_has_delta(spark: SparkSession) -> bool:
+    """Whether a Spark Connect server runs Delta and its Connect plugin, which the native sink
+    uses (``DeltaTable.isDeltaTable``, ``forPath``, ``merge``); asked once per session.
+
+    The probe is Delta's own ``isDeltaTable`` on a path that holds no table: a server with
+    Delta answers it (False, or an error of the path, such as a storage that refuses it:
+    Delta was there to raise it); a server without answers that it has no handler for Delta.
+    """
+    session_id = str(getattr(spark, "session_id", id(spark)))
+    if session_id in _server_delta:
+        return _server_delta[session_id]
+    from delta.tables import DeltaTable
+
+    try:
+        DeltaTable.isDeltaTable(spark, _PROBE_PATH)
+        found = True
+    except Exception as exc:
+        found = not any(marker in str(exc) for marker in _NO_DELTA)
+        if found:
+            log.debug("the Delta probe failed, but Delta answered it: %s", str(exc).splitlines()[0])
+    log.info("the Spark Connect server %s Delta", "runs" if found else "does not run")
+    _server_delta[session_id] = found
+    return found
 
 
 def write_native(
@@ -75,7 +112,7 @@ def write_native(
         app_id: idempotency key; version: its counter (e.g. the wave number).
     """
     spark = df.sparkSession
-    if mode == "upsert" and _exists(spark, target):
+    if mode == "upsert" and table_exists(spark, target):
         _merge(spark, df, target, id_col, app_id, version)
         return
     writer = (
@@ -95,7 +132,7 @@ def write_native(
 def add_columns(spark: SparkSession, target: str, schema: StructType) -> None:
     """Add the columns of ``schema`` an existing table lacks (older releases wrote no
     ``deployment``), after its own: rows written before read null there."""
-    if not _exists(spark, target):
+    if not table_exists(spark, target):
         return
     reader = spark.read.format("delta")
     have = set((reader.load(target) if is_path(target) else spark.table(target)).columns)
@@ -168,7 +205,8 @@ def _txn_confs(spark: SparkSession, app_id: str, version: int) -> Iterator[None]
         spark.conf.unset(_TXN_VERSION)
 
 
-def _exists(spark: SparkSession, target: str) -> bool:
+def table_exists(spark: SparkSession, target: str) -> bool:
+    """Whether the Delta path, or the catalog table, ``target`` exists (asked of the session)."""
     if is_path(target):
         from delta.tables import DeltaTable
 

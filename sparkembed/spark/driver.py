@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -39,6 +41,7 @@ from sparkembed.errors import (
     EndpointConfigError,
     InputError,
     QuotaExhaustedError,
+    SparkConnectError,
     SparkEmbedError,
     TransportError,
 )
@@ -52,6 +55,7 @@ from sparkembed.spark.migration import (
 )
 from sparkembed.spark.partition import output_schema
 from sparkembed.spark.planning import REPLACES, WorkPlan, plan_work
+from sparkembed.spark.session import default_parallelism
 from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
 from sparkembed.spark.targets import check_target_location, is_path, read_target
@@ -94,6 +98,8 @@ def prepare(
         raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
     config = cache.absolute_cache(_absolute_target(config))
     check_target_location(config)
+    sink = writers.check_sink(spark, config)  # on Spark Connect, asks the server whether it has Delta
+    log.debug("sink: %s", "Spark's own Delta" if sink == "native" else "delta-rs (no Delta in this session)")
     cache.check_cache_location(spark, config)
     if source is None:
         source = read_source(spark, config.source)
@@ -101,7 +107,7 @@ def prepare(
     check_ids(df, config.source.id_col)
     if context is None or context.served_dimensions is None:
         context = replace(preflight(config), run_id=context.run_id if context else "")
-    parallelism = default_parallelism(spark, config)
+    parallelism = default_parallelism(spark)
     workers = min(config.run.partitions or parallelism, parallelism)
     return df, config, replace(context, workers=max(1, workers))
 
@@ -131,8 +137,48 @@ def translate_spark_error(exc: BaseException) -> SparkEmbedError | None:
         )
     if type(exc).__name__ in ("AnalysisException", "ParseException"):  # pyspark.errors
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return InputError(f"Spark cannot read the source or target: {first}")
+        return InputError(f"Spark cannot read the source or target: {hide_tokens(first)}")
+    if is_connect_error(exc):
+        return SparkConnectError(f"Spark Connect: {connect_message(exc)}")
     return None
+
+
+def is_connect_error(exc: BaseException) -> bool:
+    """A Spark Connect client error: pyspark's Connect exceptions (the server's answer), a raw
+    ``grpc.RpcError`` (no answer), or the client giving up its retries."""
+    modules = [cls.__module__ for cls in type(exc).__mro__]
+    connect = any(m.startswith(("pyspark.errors.exceptions.connect", "grpc")) for m in modules)
+    return connect or type(exc).__name__ == "RetriesExceeded"
+
+
+def connect_message(exc: BaseException) -> str:
+    """A Connect error in one line: its class and message, without the JVM stack trace; a
+    gRPC error's status and details (and what to check when the server is unreachable)."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):  # grpc.RpcError
+        try:
+            name = getattr(code(), "name", str(code()))
+            message = f"{name}: {details()}"
+        except Exception:  # not a call: an RpcError without status
+            message = type(exc).__name__
+        if "UNAVAILABLE" in message:
+            message += " (is the Spark Connect server running? check SPARK_REMOTE or the connection string)"
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    return hide_tokens(message[:1000])
+
+
+_TOKEN = re.compile(r"(token=|bearer\s+|authorization[:=]\s*)[^;&\s,]+", re.IGNORECASE)
+
+
+def hide_tokens(text: str) -> str:
+    """Hide credentials a Connect error may quote: ``token=`` of a connection string, bearer
+    tokens, and the local server's authentication token."""
+    text = _TOKEN.sub(r"\1***", text)
+    local = os.environ.get("SPARK_CONNECT_AUTHENTICATE_TOKEN")
+    return text.replace(local, "***") if local else text
 
 
 _TASK_ERRORS: dict[str, type[SparkEmbedError]] = {
@@ -208,17 +254,6 @@ def _absolute_target(config: EmbedConfig) -> EmbedConfig:
     return config.model_copy(update={"target": target})
 
 
-def default_parallelism(spark: SparkSession, config: EmbedConfig) -> int:
-    """Task slots: the context's parallelism, or conf/``run.partitions`` on Spark Connect."""
-    try:
-        return max(1, spark.sparkContext.defaultParallelism)
-    except Exception:  # Spark Connect sessions have no SparkContext
-        fallback = spark.conf.get("spark.default.parallelism", None) or config.run.partitions
-        if not fallback:
-            raise ConfigError("cannot tell the cluster's parallelism here: set run.partitions") from None
-        return max(1, int(fallback))
-
-
 def run(
     spark: SparkSession,
     config: EmbedConfig,
@@ -256,6 +291,7 @@ def run(
             context = replace(context or RunContext(), run_id=summary.run_id)
             _run_waves(spark, config, context, source, summary, run_dir, stop, progress)
     except BaseException as exc:
+        release_frames(exc)
         ours = translate_spark_error(exc)
         summary.error = f"{type(ours or exc).__name__}: {ours or exc}"
         _finish_summary(summary, run_dir, started, config)
@@ -268,6 +304,26 @@ def run(
     summary.stop_signal = stop.signum
     _finish_summary(summary, run_dir, started, config)
     return summary
+
+
+def release_frames(exc: BaseException) -> None:
+    """Drop the locals of the frames a failed run left in ``exc``'s tracebacks (its chain too).
+
+    They hold the run's DataFrames. On Spark Connect a checkpointed one releases its cache on
+    the server when it is collected; collected only at interpreter exit, its release call
+    starts a gRPC thread that never runs, and the process hangs instead of exiting. Dropped
+    now, they are released now. Tracebacks still print: they need no locals.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        one = todo.pop()
+        if one is None or id(one) in seen:
+            continue
+        seen.add(id(one))
+        traceback.clear_frames(one.__traceback__)  # skips frames still running (this one's callers)
+        todo += [one.__cause__, one.__context__]
+    gc.collect()  # DataFrames in reference cycles too
 
 
 def _run_waves(
@@ -320,7 +376,7 @@ def _run_waves(
     also = f"; {copied} more copy the vectors of rows with the same text" if copied else ""
     also += f"; {hit_ids} take their vectors from the cache" if hit_ids else ""
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s){also}")
-    partitions = config.run.partitions or default_parallelism(spark, config)
+    partitions = config.run.partitions or context.workers  # workers: the session's task slots
     sink = writers.choose_sink(spark, work, run_dir)
     bucket = F.expr(f"pmod(xxhash64(`{config.source.id_col}`), {BUCKETS})")
     while not stop.signum and (buckets := planner.next_wave()) is not None:

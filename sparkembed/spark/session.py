@@ -6,9 +6,11 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 from sparkembed.config import EmbedConfig
 
@@ -78,17 +80,60 @@ def get_spark(config: EmbedConfig, *, local_default: bool, spark_log: Path | Non
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
+    remote = os.environ.get("SPARK_REMOTE", "")  # spark-submit --remote, or set by hand
+    if remote and not remote.startswith("local"):
+        # A Spark Connect server elsewhere (Databricks, a cluster): it owns its configuration.
+        return SparkSession.builder.remote(remote).getOrCreate()
     builder = SparkSession.builder.appName("sparkembed")
     master = config.run.spark_master or (LOCAL_MASTER if local_default else None)
-    if master:
+    if remote:  # local[N]: pyspark starts a Connect server from its own jars, with these confs
+        builder = builder.remote(with_task_retries(remote))
+    elif master:
         builder = builder.master(with_task_retries(master))
     for key, value in _LOCAL_CONF.items():
         builder = builder.config(key, value)
     # Python workers must run the interpreter that has sparkembed installed.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
-    if spark_log is not None:
+    if spark_log is not None and not remote:  # a Connect server's JVM starts its own way
         _launch_jvm_logging_to(spark_log, builder)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
+    with warnings.catch_warnings():
+        # A local Connect server starts with every conf; the client then tries to set them again.
+        warnings.filterwarnings("ignore", message="Failed to set spark", category=UserWarning)
+        spark = builder.getOrCreate()
+    if not is_connect(spark):
+        spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """A Spark Connect session (``SparkSession.builder.remote(...)``, Databricks serverless and
+    shared clusters): no SparkContext, no accumulators, no JVM in this process."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """Task slots: how many tasks the session runs at once, which share the quota.
+
+    Classic Spark: ``SparkContext.defaultParallelism``. Spark Connect has no SparkContext: the
+    session's ``spark.default.parallelism`` when it is set, else the server is asked with one
+    tiny query: ``spark.range`` without a partition count is split into the server's
+    ``spark.sql.leafNodeDefaultParallelism``, which defaults to the SparkContext's
+    ``defaultParallelism`` (the cores of a local master or of the cluster's executors), and
+    every one of those partitions holds rows, so the highest partition id answers.
+    """
+    if not is_connect(spark):
+        return max(1, spark.sparkContext.defaultParallelism)
+    try:
+        conf = spark.conf.get("spark.default.parallelism", None)
+    except Exception:  # a server that does not let this session read the key
+        conf = None
+    if conf:
+        return max(1, int(conf))
+    partition = spark.range(0, _PROBE_ROWS).select(F.spark_partition_id().alias("p"))
+    found = partition.agg(F.max("p").alias("p")).first()
+    return max(1, int(found["p"]) + 1) if found is not None and found["p"] is not None else 1
+
+
+_PROBE_ROWS = 1 << 20
+"""Rows of the parallelism probe: more than any cluster has cores, so no partition is empty."""

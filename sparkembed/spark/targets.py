@@ -30,6 +30,13 @@ def read_target(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
 
     target = str(config.target.path)
     if is_path(target):
+        from sparkembed.spark.session import is_connect
+
+        if is_connect(spark) and native_available(spark):
+            # The server's storage, which this client may not reach: ask the server's Delta.
+            from sparkembed.spark.delta_native import table_exists
+
+            return read_delta(spark, target) if table_exists(spark, target) else None
         from deltalake import DeltaTable
 
         if not DeltaTable.is_deltatable(target):

@@ -24,6 +24,7 @@ from sparkembed import sinks
 from sparkembed.config import EmbedConfig
 from sparkembed.core.context import RunContext
 from sparkembed.core.metrics import Metrics
+from sparkembed.core.runlog import read_task_metrics
 from sparkembed.errors import ConfigError
 from sparkembed.spark import delta_native
 from sparkembed.spark.partition import PartitionJob, make_job, to_arrow_schema
@@ -47,19 +48,31 @@ class WaveSink(Protocol):
 
 def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = None) -> WaveSink:
     """The sink for this session; ``run_dir`` is where tasks log their spend (:mod:`..core.runlog`)."""
-    if sink_kind(spark, config) == "native":
+    if check_sink(spark, config) == "native":
         return NativeSink(run_dir)
+    return DeltaRsSink(str(config.target.path), run_dir)
+
+
+def check_sink(spark: SparkSession, config: EmbedConfig) -> Literal["native", "delta-rs"]:
+    """The sink a run will use (:func:`sink_kind`), refused before anything is paid for when
+    it cannot write the target.
+
+    Raises:
+        ConfigError: a catalog table target, where the session has no Delta.
+    """
+    kind = sink_kind(spark, config)
     target = str(config.target.path)
-    if not is_path(target):
+    if kind == "delta-rs" and not is_path(target):
         raise ConfigError(
             f"target {target!r} looks like a catalog table, but this session has no Delta "
             "(the delta-rs sink writes paths only): give a path, or run where Delta is installed"
         )
-    return DeltaRsSink(target, run_dir)
+    return kind
 
 
 def sink_kind(spark: SparkSession, config: EmbedConfig) -> Literal["native", "delta-rs"]:
-    """``target.sink``, with ``auto`` decided by whether this session has Delta."""
+    """``target.sink``, with ``auto`` decided by whether this session has Delta: on Spark
+    Connect, whether the server has it (:func:`~.delta_native.native_available`)."""
     kind = config.target.sink
     if kind == "auto":
         return "native" if delta_native.native_available(spark) else "delta-rs"
@@ -286,11 +299,22 @@ class NativeSink:
         )  # fmt: skip
         if accumulator is not None:
             return dict(accumulator.value)
-        # Spark Connect: counted from the table, since the rows never pass the driver.
-        so_far = _counts_from_target(df.sparkSession, config, run_id)
+        return self._counted_without_accumulator(df.sparkSession, config, run_id, wave)
+
+    def _counted_without_accumulator(
+        self, spark: SparkSession, config: EmbedConfig, run_id: str, wave: int
+    ) -> dict[str, Any]:
+        """Spark Connect: the wave's rows and usage counted from the table (the rows never pass
+        the driver), its requests, retries, 429s and timeline from the tasks' spend files
+        (:func:`~sparkembed.core.runlog.read_task_metrics`; where ``run.log_dir`` is a path this
+        process sees)."""
+        so_far = _counts_from_target(spark, config, run_id)
         wave_counts = {k: v - self._reported.get(k, 0) for k, v in so_far.items()}
         self._reported = so_far
-        return wave_counts
+        if self._run_dir is None:
+            return wave_counts
+        sent = read_task_metrics(self._run_dir, wave=wave).to_dict(timeline=True)
+        return {k: v for k, v in sent.items() if k not in _TABLE_COUNTS} | wave_counts
 
     def write_rows(self, rows: DataFrame, config: EmbedConfig, run_id: str, version: int) -> dict[str, Any]:
         """Write rows that need no request (dedup's copies) as one commit at ``version``."""
@@ -320,14 +344,22 @@ class NativeSink:
         """Nothing to clean: Spark's Delta writer never leaves uncommitted files visible."""
 
 
+_TABLE_COUNTS = ("ok_rows", "skipped_rows", "failed_rows", "prompt_tokens", "total_tokens")
+"""What :func:`_counts_from_target` counts: the committed rows, exactly."""
+
+
 def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -> dict[str, int]:
+    """This run's rows in the target by status, and their usage."""
     target = read_target(spark, config)
+    out = dict.fromkeys(_TABLE_COUNTS, 0)
     if target is None:
-        return {}
+        return out
     table = target.filter(F.col("run_id") == run_id)
-    rows = table.groupBy("status").agg(F.count("*").alias("n"), F.sum("prompt_tokens").alias("t"))
-    out: dict[str, int] = {}
+    rows = table.groupBy("status").agg(
+        F.count("*").alias("n"), F.sum("prompt_tokens").alias("t"), F.sum("total_tokens").alias("all")
+    )
     for r in rows.collect():
         out[f"{r.status}_rows"] = r.n
-        out["prompt_tokens"] = out.get("prompt_tokens", 0) + (r.t or 0)
+        out["prompt_tokens"] += r.t or 0
+        out["total_tokens"] += r["all"] or 0
     return out

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sparkembed.core.metrics import Metrics, RequestRecord
-from sparkembed.core.runlog import TaskLog, read_spend, request_stop
+from sparkembed.core.runlog import TaskLog, read_spend, read_task_metrics, request_stop
 
 
 def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) -> None:
@@ -28,6 +28,22 @@ def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) 
     files = sorted(p.name for p in (tmp_path / "tasks").iterdir())
     assert len(files) == 3 and all(name.endswith(".json") for name in files)
     assert json.loads((tmp_path / "tasks" / files[0]).read_text())["final"] is True
+
+
+def test_a_waves_ended_attempts_give_its_metrics_without_accumulators(tmp_path: Path) -> None:
+    """Spark Connect: what each ended attempt counted, timeline included, from its last file."""
+    first = Metrics(requests=2, retries=1, throttled=1, prompt_tokens=600, ok_rows=60)
+    first.timeline += [RequestRecord(0, 1, 60, 0, 429, 1), RequestRecord(1, 2, 60, 600, 200, 2)]
+    second = Metrics(requests=1, prompt_tokens=50, ok_rows=5)
+    second.timeline.append(RequestRecord(0, 1, 5, 50, 200, 1))
+    for name, metrics in (("w00002-p00000-a0-t1", first), ("w00002-p00001-a0-t2", second),
+                          ("w00003-p00000-a0-t3", Metrics(requests=9))):  # fmt: skip
+        with TaskLog(tmp_path, name, metrics):
+            pass
+    merged = read_task_metrics(tmp_path, wave=2)
+    assert (merged.requests, merged.retries, merged.throttled, merged.prompt_tokens) == (3, 1, 1, 650)
+    assert sorted(r.prompt_tokens for r in merged.timeline) == [0, 50, 600]
+    assert read_task_metrics(tmp_path / "nowhere", wave=2).requests == 0
 
 
 def test_a_live_attempt_rewrites_its_file_and_sees_the_stop(tmp_path: Path) -> None:
