@@ -20,7 +20,10 @@ Estimates are in the job's tokens, which may not be the service's (a tokenizer g
 unnamed model, or the byte bound): the pacer learns the ratio of billed usage to estimate
 from every success and charges estimates at that rate, so a burst never outruns the room.
 
-The first request goes alone: its answer tells the room there is, before any burst.
+The first request goes alone: its answer tells the room there is, before any burst. So does
+the first after a quiet spell (a sixth of the window with no answer, as between the bursts of
+a sliding window): the limit may have wandered meanwhile, and a burst on a stale reading
+would be refused.
 A 429 pauses every acquirer until its retry-after. Waiters go first come, first served, and
 a request retried after a 429 goes ahead of new ones, so a large request is never starved.
 """
@@ -209,7 +212,7 @@ class RateLimiter:
 
     __slots__ = (
         "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
-        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_settled_one", "_leave", "_waiting",
+        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_heard_at", "_leave", "_waiting",
         "_billed", "_estimated",
     )  # fmt: skip
 
@@ -249,7 +252,7 @@ class RateLimiter:
         self._waited_s = 0.0
         self._told_room = False  # the service reports the tokens it has left
         self._in_flight: weakref.WeakSet[Grant] = weakref.WeakSet()  # granted, not yet settled
-        self._settled_one = False
+        self._heard_at: float | None = None  # when a request was last settled
         self._waiting = [0.0, 0]  # tokens and requests of the callers waiting in acquire
         self._billed = self._estimated = 0.0  # decayed sums of successes' usage and estimates
 
@@ -340,7 +343,7 @@ class RateLimiter:
     def settle(self, grant: Grant, actual_tokens: int) -> None:
         """Correct the charge once the service reported the real usage (0: it refused it)."""
         self._in_flight.discard(grant)
-        self._settled_one = True
+        self._heard_at = self._clock()
         if actual_tokens > 0 and grant.estimate > 0:
             self._billed = self._billed * RATIO_MEMORY + actual_tokens
             self._estimated = self._estimated * RATIO_MEMORY + grant.estimate
@@ -419,8 +422,10 @@ class RateLimiter:
         self._wake_sleeper()
 
     def _delay_s(self, tokens: float) -> float:
-        if self._in_flight and not self._settled_one:
-            # Nothing heard yet: one request goes first, to learn the room from its answer.
+        heard_at = self._heard_at
+        quiet = heard_at is None or self._clock() - heard_at > self._requests.window_s
+        if self._in_flight and quiet:
+            # Nothing heard yet, or not lately: one request goes first, to learn the room from its answer.
             return DEFAULT_COOLDOWN_S
         delay = max(
             self._paused_until - self._clock(), self._tokens.delay_s(tokens), self._requests.delay_s(1)

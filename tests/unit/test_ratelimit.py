@@ -443,3 +443,30 @@ def test_a_byte_bound_estimate_far_above_the_bill_paces_by_the_bill(loop: Virtua
     assert limiter.ratio == pytest.approx(0.2)
     assert limiter.request_cap() == pytest.approx(10_000 / REQUESTS_PER_LIMIT / 0.2)
     assert len([t for t in admitted if t < MINUTE]) == 25
+
+
+def test_after_a_quiet_spell_one_request_goes_first_and_its_answer_sets_the_burst(
+    loop: VirtualTimeLoop,
+) -> None:
+    """A burst after a quiet spell waits for one answer: the limit wandered down meanwhile,
+    and the rest of the burst must be sized by the fresh reading, not the stale one."""
+    limiter = RateLimiter(None, None, clock=loop.time, headroom=0.0)
+    second_at: list[float] = []
+
+    async def main() -> None:
+        first = await limiter.acquire(1_000)
+        limiter.settle(first, 1_000)
+        limiter.on_success(first, remaining_tokens=9_000)  # a limit of 10,000 a window
+        await asyncio.sleep(2 * MINUTE)  # quiet: the window emptied, the reading is old
+        probe = await limiter.acquire(1_000)
+        burst = asyncio.ensure_future(limiter.acquire(1_000))
+        await asyncio.sleep(0.05)  # the probe's answer: the service has room for 6,000 now
+        assert not burst.done()
+        limiter.settle(probe, 1_000)
+        limiter.on_success(probe, remaining_tokens=5_000)
+        await burst
+        second_at.append(loop.time())
+
+    run(loop, main)
+    assert second_at[0] == pytest.approx(2 * MINUTE + 0.05, abs=0.01)
+    assert limiter.token_limit == pytest.approx(6_000)
