@@ -1,4 +1,4 @@
-"""``sparkembed`` command line: run, estimate, serve, report, cache-tokenizer, migrate.
+"""``sparkembed`` command line: run, estimate, serve, report, cache-tokenizer, cache, migrate.
 
 The last line ``run`` prints is a one-line JSON summary. Errors a user can cause end in one
 line, ``sparkembed: error: …`` naming the fix, and the exit code of :data:`EXIT_CODES`; a
@@ -29,6 +29,7 @@ COMMANDS = {
     "serve": "start the local Azure-like embeddings endpoint (demos, tests, benchmarks)",
     "report": "write a run's HTML report: throughput against quota, 429s, failures, cost",
     "cache-tokenizer": "copy cl100k_base.tiktoken where offline executors can read it",
+    "cache": "the shared embedding cache (cache.path): vacuum --older-than 90d deletes old entries",
     "migrate": "a pending model migration of a target: status (rows done, cost, ETA) or abort",
 }
 EXIT_CODES = """exit codes:
@@ -327,6 +328,61 @@ def cache_tokenizer_command(argv: list[str]) -> int:
     return 0
 
 
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def parse_age(text: str) -> float:
+    """``90d`` -> seconds; units s, m, h, d, w.
+
+    Raises:
+        ConfigError: not a positive number followed by one of those units.
+    """
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if not found or float(found.group(1)) <= 0:
+        raise ConfigError(f"--older-than takes an age such as 90d, 12h or 2w, not {text!r}")
+    return float(found.group(1)) * _AGE_UNITS[found.group(2)]
+
+
+def cache_command(argv: list[str]) -> int:
+    """``cache vacuum --older-than AGE``: delete cache entries older than AGE, then the files
+    Delta has marked removed for longer than its retention (7 days)."""
+    p = argparse.ArgumentParser(prog="sparkembed cache", description=COMMANDS["cache"])
+    actions = p.add_subparsers(dest="action", required=True)
+    vacuum = actions.add_parser("vacuum", help="delete entries older than --older-than, then unused files")
+    vacuum.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 90d, 12h, 2w")
+    vacuum.add_argument("--config", help="YAML config file naming cache.path")
+    vacuum.add_argument("--path", help="the cache's path (instead of cache.path in --config)")
+    vacuum.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    args = p.parse_args(argv)
+    from datetime import timedelta
+
+    from sparkembed.spark.targets import is_path
+
+    try:
+        age = parse_age(args.older_than)
+        path = args.path or load_config(args.config, dict(parse_override(i) for i in args.set)).cache.path
+        if not path:
+            raise ConfigError("no cache given: pass --path PATH or --config with cache.path")
+        if not is_path(path):
+            raise ConfigError(
+                f"cache vacuum takes path caches; for the catalog table {path}, run in SQL: "
+                f"DELETE FROM {path} WHERE created_at < current_timestamp() - INTERVAL {int(age)} SECONDS; "
+                f"VACUUM {path}"
+            )
+        from sparkembed import sinks
+
+        result = sinks.vacuum_cache(path, timedelta(seconds=age))
+    except SparkEmbedError as exc:
+        print(f"sparkembed: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"deleted {result.rows_deleted:,} cache rows older than {args.older_than} from {path}; "
+          f"removed {len(result.files_removed):,} unused files")  # fmt: skip
+    print(json.dumps({"path": path} | result.to_json()), flush=True)
+    return 0
+
+
 def migrate_command(argv: list[str]) -> int:
     """``migrate status TARGET`` and ``migrate abort TARGET``: a pending migration's staging table."""
     p = argparse.ArgumentParser(prog="sparkembed migrate", description=COMMANDS["migrate"])
@@ -414,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         return cache_tokenizer_command(rest)
     if command == "migrate":
         return migrate_command(rest)
+    if command == "cache":
+        return cache_command(rest)
     if command == "serve":
         from sparkembed.server.__main__ import main as serve_main
 

@@ -246,6 +246,13 @@ class RunConfig(_Frozen):
     cap and commits what is done (``--allow-partial``); without it such a run is refused."""
 
 
+class CacheConfig(_Frozen):
+    path: str | None = None
+    """A Delta path or catalog table shared by runs of any target: texts it holds ``ok`` under
+    the run's fingerprint are not sent (their rows carry ``cached_from``), and what a run
+    embeds is added to it wave by wave. None: no cache."""
+
+
 class EmbedConfig(_Frozen):
     endpoint: EndpointConfig = EndpointConfig()
     auth: AuthConfig = AuthConfig()
@@ -256,6 +263,7 @@ class EmbedConfig(_Frozen):
     source: SourceConfig = SourceConfig()
     target: TargetConfig = TargetConfig()
     run: RunConfig = RunConfig()
+    cache: CacheConfig = CacheConfig()
 
     @field_validator("endpoint")
     @classmethod

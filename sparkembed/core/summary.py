@@ -76,6 +76,10 @@ class RunSummary:
     when it reached ``run.max_tokens``/``run.max_cost_usd`` (with ``run.allow_partial``)."""
     deduplicated: int = 0
     """Rows that copied the vector of a row with the same text instead of being sent (dedup)."""
+    from_cache: int = 0
+    """Rows written from the cache (``cache.path``) instead of being sent, chunks included."""
+    cache_added: int = 0
+    """Rows this run added to the cache, chunks included."""
     stop_signal: int | None = None
     error: str | None = None
     migration: dict[str, Any] | None = None
@@ -117,6 +121,8 @@ class RunSummary:
             "rows_skipped": self.counts["skipped_rows"],
             "rows_failed": self.counts["failed_rows"],
             "rows_deduplicated": self.deduplicated,
+            "rows_from_cache": self.from_cache,
+            "cache_rows_added": self.cache_added,
             "requests": self.counts["requests"],
             "retries": self.counts["retries"],
             "throttled_429": self.counts["throttled"],
@@ -185,6 +191,8 @@ class RunSummary:
             failed_before=int(data.get("failed_before", 0)),
             waves=int(data.get("waves", 0)),
             deduplicated=int(data.get("rows_deduplicated", 0)),
+            from_cache=int(data.get("rows_from_cache", 0)),
+            cache_added=int(data.get("cache_rows_added", 0)),
             stopped=data.get("stopped"),
             error=data.get("error"),
             migration=data.get("migration"),

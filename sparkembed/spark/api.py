@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.functions import pandas_udf
 
@@ -17,17 +19,18 @@ from sparkembed.backends import make_backend
 from sparkembed.config import EmbedConfig, load_config, resolve_endpoint, validate_config
 from sparkembed.core.context import RunContext
 from sparkembed.core.engine import get_embedder
-from sparkembed.core.longtext import LongTextPlanner, Plan, combine
+from sparkembed.core.longtext import Combined, LongTextPlanner, Plan, combine
 from sparkembed.core.summary import RunSummary
 from sparkembed.core.types import Status
 from sparkembed.errors import ConfigError
 from sparkembed.spark.driver import default_parallelism, new_run_id, run
-from sparkembed.spark.partition import make_job
+from sparkembed.spark.partition import make_job, vectors_to_arrow
 from sparkembed.spark.secrets import apply_secret
 from sparkembed.spark.sources import select_input
 
 UDF_RETURN = "embedding array<float>, status string, error string, prompt_tokens int, request_id string"
 """What :func:`embedding_udf` returns per text."""
+UDF_FIELDS = ["embedding", "status", "error", "prompt_tokens", "request_id"]
 
 
 def _as_config(
@@ -112,10 +115,11 @@ def write(
 def embedding_udf(
     config: EmbedConfig | dict[str, Any] | str | Path | None = None, *, spark: SparkSession | None = None
 ) -> Any:
-    """A pandas UDF embedding a text column: for your own queries, and for SQL.
+    """A vectorized UDF embedding a text column: for your own queries, and for SQL.
 
-    Each text becomes a struct of :data:`UDF_RETURN`. Requests are packed across the
-    iterator's Arrow batches (up to ``batching.max_inputs`` texts), through the same
+    An iterator Arrow UDF on pyspark 4.1 and later, an iterator pandas UDF before. Each text
+    becomes a struct of :data:`UDF_RETURN`. Requests are packed across the iterator's Arrow
+    batches (up to ``batching.max_inputs`` texts), through the same
     per-process client, pacing, retries and bisection as the job. Blank texts are
     ``skipped``; a refused text is ``failed`` with its reason and never fails its neighbours.
     A text longer than the model's limit becomes the mean of its chunks' vectors
@@ -140,33 +144,81 @@ def embedding_udf(
     if cfg.long_text.strategy == "chunk":  # one value per text
         cfg = cfg.model_copy(update={"long_text": cfg.long_text.model_copy(update={"strategy": "mean"})})
 
-    def embed_text(texts: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        yield from _embed_series(cfg, share, texts)
-
-    return pandas_udf(embed_text, UDF_RETURN)  # type: ignore[call-overload]
+    return _make_udf(cfg, share)
 
 
-def _embed_series(config: EmbedConfig, share: float, batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-    """Executor side of :func:`embedding_udf`: one frame per input batch, rows in input order."""
+def _make_udf(config: EmbedConfig, share: float) -> Any:
+    """An iterator Arrow UDF where pyspark has them (4.1+), else an iterator pandas UDF.
+
+    Both run the same engine. The Arrow one hands Spark the vectors as one float32 buffer per
+    batch; a pandas UDF's array<float> goes through pyspark's per-row ``list(value)``, which
+    makes 1,536 Python floats of every vector: about half the job's throughput (BENCHMARKS.md).
+    """
+    try:
+        from pyspark.sql.functions import arrow_udf  # type: ignore[attr-defined]
+    except ImportError:  # pyspark 3.5 and 4.0
+
+        def embed_series(texts: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+            for out in _embed_texts(config, share, ([_text(t) for t in series] for series in texts)):
+                yield _to_pandas(out)
+
+        return pandas_udf(embed_series, UDF_RETURN)  # type: ignore[call-overload]
+
+    def embed_arrays(texts: Iterator[pa.Array]) -> Iterator[pa.Array]:
+        for out in _embed_texts(config, share, (array.to_pylist() for array in texts)):
+            yield _to_arrow(out)
+
+    return arrow_udf(embed_arrays, UDF_RETURN)  # type: ignore[call-overload]
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def _embed_texts(
+    config: EmbedConfig, share: float, batches: Iterator[list[str | None]]
+) -> Iterator[Combined]:
+    """Executor side of :func:`embedding_udf`: one result per input batch, rows in input order.
+
+    The engine packs requests across batches (up to ``batching.max_inputs`` texts).
+    """
     planner = LongTextPlanner(config)
     pending: deque[Plan] = deque()
 
     def plans() -> Iterator[Plan]:
-        for series in batches:
-            texts = [None if t is None or (isinstance(t, float) and np.isnan(t)) else t for t in series]
+        for texts in batches:
             plan = planner.plan(texts)
             pending.append(plan)
             yield plan
 
     for results in get_embedder(config, make_backend, share).embed_stream(plans()):
-        out = combine(pending.popleft(), results)
-        ok = [status == Status.OK for status in out.status]
-        yield pd.DataFrame(
-            {
-                "embedding": [out.vectors[i] if good else None for i, good in enumerate(ok)],
-                "status": out.status,
-                "error": out.error,
-                "prompt_tokens": out.prompt_tokens.astype(np.int32),
-                "request_id": out.request_id,
-            }
-        )
+        yield combine(pending.popleft(), results)
+
+
+def _to_arrow(out: Combined) -> pa.Array:
+    """The :data:`UDF_RETURN` struct of ``out``: vectors in one buffer, null where not ok."""
+    status = pa.array(out.status, pa.string())
+    ok = pc.equal(status, Status.OK.value).to_numpy(zero_copy_only=False)
+    return pa.StructArray.from_arrays(
+        [
+            vectors_to_arrow(out.vectors, ok),
+            status,
+            pa.array(out.error, pa.string()),
+            pa.array(out.prompt_tokens.astype(np.int32)),
+            pa.array(out.request_id, pa.string()),
+        ],
+        names=UDF_FIELDS,
+    )
+
+
+def _to_pandas(out: Combined) -> pd.DataFrame:
+    ok = [status == Status.OK for status in out.status]
+    return pd.DataFrame(
+        {
+            "embedding": [out.vectors[i] if good else None for i, good in enumerate(ok)],
+            "status": out.status,
+            "error": out.error,
+            "prompt_tokens": out.prompt_tokens.astype(np.int32),
+            "request_id": out.request_id,
+        }
+    )

@@ -24,7 +24,7 @@ from pyspark.sql import types as T
 from sparkembed.config import EmbedConfig
 from sparkembed.core.context import RunContext
 from sparkembed.core.types import Status
-from sparkembed.spark.partition import DEDUP_OF, OUTPUT_FIELDS
+from sparkembed.spark.partition import CACHED_FROM, DEDUP_OF, OUTPUT_FIELDS
 from sparkembed.spark.planning import REPLACES
 
 HASH = "_sparkembed_hash"
@@ -84,18 +84,24 @@ def copy_rows(
 
     An id copied from this run must have written its rows in this run; one the target held
     before is copied as it is. ``dedup_of`` names the id that paid: the copied id, or the id
-    it copied in its own run.
+    it copied in its own run; or, for a row that took its vector from the cache, none:
+    ``cached_from`` then names the run that paid, as on the row copied.
     """
     id_col, passthrough = config.source.id_col, config.source.passthrough
     paid_by = F.col(id_col)
     if DEDUP_OF in target.columns:
         paid_by = F.coalesce(F.col(DEDUP_OF), paid_by)
+    cached_from = F.lit(None).cast("string")
+    if CACHED_FROM in target.columns:
+        cached_from = F.col(CACHED_FROM)
+        paid_by = F.when(cached_from.isNull(), paid_by)
     deployment = F.col("deployment") if "deployment" in target.columns else F.lit(None).cast("string")
     fingerprints = list(config.equivalent_fingerprints(context))
     rows = target.filter(F.col("embedding_fingerprint").isin(fingerprints)).select(
         F.col(id_col).alias("_from_id"),
         paid_by.alias("_paid_by"),
         deployment.alias("_deployment"),
+        cached_from.alias("_cached_from"),
         *(F.col(name) for name, _ in OUTPUT_FIELDS),
     )
     wanted = copies.select(id_col, COPY_OF, HASH, FROM_TARGET, REPLACES, *passthrough)
@@ -110,6 +116,7 @@ def copy_rows(
         "embedded_at": F.current_timestamp(),
         "deployment": F.col("_deployment"),
         DEDUP_OF: F.col("_paid_by"),
+        CACHED_FROM: F.col("_cached_from"),
         **{name: F.lit(0) for name in _ZERO},
     }
     columns = [

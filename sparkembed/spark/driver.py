@@ -42,7 +42,7 @@ from sparkembed.errors import (
     SparkEmbedError,
     TransportError,
 )
-from sparkembed.spark import writers
+from sparkembed.spark import cache, writers
 from sparkembed.spark.dedup import COPY_OF, FROM_TARGET, HASH, copy_rows, mark_copies
 from sparkembed.spark.migration import (
     drop_switched_staging,
@@ -92,8 +92,9 @@ def prepare(
     hide_bridge_traffic()
     if not config.target.path:
         raise ConfigError("no target given: pass --target PATH|TABLE or set target.path")
-    config = _absolute_target(config)
+    config = cache.absolute_cache(_absolute_target(config))
     check_target_location(config)
+    cache.check_cache_location(spark, config)
     if source is None:
         source = read_source(spark, config.source)
     df = select_input(source, config.source)
@@ -297,7 +298,7 @@ def _run_waves(
             f"{plan.failed_left} ids have failed rows from earlier runs; left as they are "
             "(rerun with --retry-failed to embed them again)"
         )
-    todo, copies = _split_copies(spark, plan, work, context)
+    todo, copies, hits = _split_copies(spark, plan, work, context)
     text = F.col(config.source.text_col)
     sizes = todo.agg(
         F.count("*").alias("rows"),
@@ -305,7 +306,11 @@ def _run_waves(
     ).first()
     total, tokens = (int(sizes["rows"]), int(sizes["tokens"] or 0)) if sizes else (0, 0)
     copied = copies.count() if copies is not None else 0
-    summary.rows_total = total + copied
+    hit_ids = 0
+    if hits is not None:
+        summary.from_cache = hits.count()  # output rows, chunks included
+        hit_ids = hits.select(config.source.id_col).distinct().count()
+    summary.rows_total = total + copied + hit_ids
     cap = _check_budget(todo, config, progress)
     run_limits = config.run
     planner = WavePlanner(total, tokens, WaveLimits(
@@ -313,6 +318,7 @@ def _run_waves(
         seconds=run_limits.commit_every_seconds, tokens_per_minute=config.quota_tokens_per_minute,
     ))  # fmt: skip
     also = f"; {copied} more copy the vectors of rows with the same text" if copied else ""
+    also += f"; {hit_ids} take their vectors from the cache" if hit_ids else ""
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s){also}")
     partitions = config.run.partitions or default_parallelism(spark, config)
     sink = writers.choose_sink(spark, work, run_dir)
@@ -331,6 +337,9 @@ def _run_waves(
         with _Ticker(progress, run_dir, wave, planner, summary, config, started):
             metrics = sink.write_wave(part.repartition(partitions), work, wave_context, wave)
         summary.add(metrics)
+        if work.cache.path and metrics.get("ok_rows"):  # as the wave commits: a crash later never pays again
+            wave_buckets = None if planner.whole else buckets
+            summary.cache_added += cache.add_wave(spark, work, context, wave, wave_buckets)
         planner.record(seconds=time.monotonic() - wave_started, tokens=int(metrics.get("prompt_tokens", 0)))
         _report_progress(progress, summary, wave, planner.waves_planned, time.monotonic() - started)
         if cap is not None and metrics.get("unsent_rows", 0) and not stop.signum:
@@ -338,12 +347,22 @@ def _run_waves(
             break
     summary.waves = version = planner.waves_done
     target = read_target(spark, work) if copies is not None and copied else None
+    rows = None
     if copies is not None and target is not None:
         rows = copy_rows(target, copies, work, context, _output_schema(todo, config))
+    if hits is not None and summary.from_cache:
+        rows = hits if rows is None else rows.unionByName(hits)
+    if rows is not None:  # copies and cache hits, in one commit
         summary.add(done := sink.write_rows(rows, work, context.run_id, version))
-        summary.deduplicated = sum(int(done.get(f"{s.value}_rows", 0)) for s in Status)
+        written = sum(int(done.get(f"{s.value}_rows", 0)) for s in Status)
+        summary.deduplicated = written - summary.from_cache
         version += 1
-        progress(f"{summary.deduplicated} rows copied the vectors of rows with the same text")
+        if summary.deduplicated:
+            progress(f"{summary.deduplicated} rows copied the vectors of rows with the same text")
+        if summary.from_cache:
+            progress(f"{summary.from_cache} rows took their vectors from the cache {work.cache.path}")
+    if work.cache.path:
+        cache.finish(spark, work, context.run_id)
     if stop.signum or summary.stopped == "budget":
         if summary.stopped == "budget":
             progress(f"stopped at the budget's cap of {cap:,} tokens: what was embedded is committed; "
@@ -368,15 +387,29 @@ def _run_waves(
 
 def _split_copies(
     spark: SparkSession, plan: WorkPlan, config: EmbedConfig, context: RunContext
-) -> tuple[DataFrame, DataFrame | None]:
-    """The rows to send (computed once), and with ``run.dedup`` the rows that copy another's
-    result instead (:mod:`sparkembed.spark.dedup`)."""
-    if not config.run.dedup:
-        return _materialize(plan.todo), None
-    target = None if plan.whole_source else read_target(spark, config)
-    marked = _materialize(mark_copies(plan.todo, target, config, context))
+) -> tuple[DataFrame, DataFrame | None, DataFrame | None]:
+    """The rows to send (computed once); with ``run.dedup`` the rows that copy another's
+    result instead (:mod:`sparkembed.spark.dedup`); with ``cache.path`` the output rows of the
+    rows whose text the cache holds (:mod:`sparkembed.spark.cache`), computed once too."""
+    store = cache.read_cache(spark, config)
+    if not config.run.dedup and store is None:
+        return _materialize(plan.todo), None, None
+    marked = plan.todo
+    if config.run.dedup:
+        target = None if plan.whole_source else read_target(spark, config)
+        marked = mark_copies(plan.todo, target, config, context)
+    marked = _materialize(marked if store is None else cache.with_keys(marked, config))
+    hits = None
+    if store is not None:  # a join of the rows left to do with the cache, on the text hash
+        entries = _materialize(cache.cache_entries(store, marked, config, context))
+        marked = cache.mark_cached(marked, entries)
+        found = marked.filter(F.col(cache.CACHED_FROM).isNotNull())
+        schema = _output_schema(plan.todo, config)
+        hits = _materialize(cache.cached_rows(entries, found, config, context, schema))
+        marked = marked.filter(F.col(cache.CACHED_FROM).isNull()).drop(cache.CACHED_FROM)
     todo = marked.filter(F.col(COPY_OF).isNull()).drop(COPY_OF, HASH, FROM_TARGET)
-    return todo, marked.filter(F.col(COPY_OF).isNotNull())
+    copies = marked.filter(F.col(COPY_OF).isNotNull()) if config.run.dedup else None
+    return todo, copies, hits
 
 
 def _output_schema(todo: DataFrame, config: EmbedConfig) -> T.StructType:

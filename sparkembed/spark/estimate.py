@@ -11,6 +11,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.core.budget import cost_usd, token_cap
 from sparkembed.core.context import RunContext
 from sparkembed.core.tokenizers import counter_for
+from sparkembed.spark import cache
 from sparkembed.spark.dedup import COPY_OF, mark_copies
 from sparkembed.spark.driver import prepare, refuse_speculation
 from sparkembed.spark.migration import plan_migration
@@ -21,8 +22,9 @@ from sparkembed.spark.targets import read_target
 
 
 def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None = None) -> dict[str, Any]:
-    """What the next run would embed: only rows the target lacks, after dedup and long-text
-    planning; its cost, and its duration at the configured quota.
+    """What the next run would embed: only rows the target lacks, after dedup, the cache
+    (``cache.path``: ``rows_from_cache`` source rows are not sent) and long-text planning;
+    its cost, and its duration at the configured quota.
 
     Nothing is embedded; with a target, one preflight request checks the endpoint.
 
@@ -47,16 +49,25 @@ def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None 
             source if source is not None else read_source(spark, config.source), config.source
         ).withColumn(REPLACES, F.lit(False))
         check_ids(todo, config.source.id_col)
-    copied = 0
+    copied = from_cache = 0
     if config.run.dedup:
-        marked = mark_copies(todo, target, config, context).cache()
-        copied = marked.filter(F.col(COPY_OF).isNotNull()).count()
-        todo = marked.filter(F.col(COPY_OF).isNull())
+        todo = mark_copies(todo, target, config, context)
+    store = cache.read_cache(spark, cache.absolute_cache(config))
+    if store is not None:  # rows whose text the cache holds are not sent
+        todo = cache.with_keys(todo, config).cache()
+        todo = cache.mark_cached(todo, cache.cache_entries(store, todo, config, context)).cache()
+        from_cache = todo.filter(F.col(cache.CACHED_FROM).isNotNull()).count()
+        todo = todo.filter(F.col(cache.CACHED_FROM).isNull())
+    if config.run.dedup:
+        todo = todo.cache()
+        copied = todo.filter(F.col(COPY_OF).isNotNull()).count()
+        todo = todo.filter(F.col(COPY_OF).isNull())
     totals = count_work(todo, config)
     tokens, cap = totals["tokens"], token_cap(config)
     result: dict[str, Any] = {
-        "rows_to_embed": totals["rows"] + copied,
+        "rows_to_embed": totals["rows"] + copied + from_cache,
         "rows_deduplicated": copied,
+        "rows_from_cache": from_cache,
         "inputs_to_send": totals["units"],
         "estimated_tokens": tokens,
         "tokens_exact": counter_for(config).exact,

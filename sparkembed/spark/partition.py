@@ -56,7 +56,13 @@ OUTPUT_FIELDS = (
 )
 DEDUP_OF = "dedup_of"
 """Null when the row's text was sent; else the id whose request paid for the same text."""
-LATER_FIELDS: tuple[tuple[str, T.DataType | None], ...] = (("deployment", T.StringType()), (DEDUP_OF, None))
+CACHED_FROM = "cached_from"
+"""Null unless the row's vector came from the cache (``cache.path``); then the run that paid for it."""
+LATER_FIELDS: tuple[tuple[str, T.DataType | None], ...] = (
+    ("deployment", T.StringType()),
+    (DEDUP_OF, None),
+    (CACHED_FROM, T.StringType()),
+)
 """Columns added since the first tables were written: they come last, after the passthrough
 columns, where adding them to an existing table puts them (see :func:`add_new_columns`).
 A type of None: the id column's type."""
@@ -190,6 +196,7 @@ class PartitionJob:
             "embedding_fingerprint": _repeat(self.config.fingerprint(self.context), pa.string(), n),
             "deployment": pa.array(out.deployment, pa.string()),
             DEDUP_OF: pa.nulls(n, self.arrow_schema.field(self.id_col).type),
+            CACHED_FROM: pa.nulls(n, pa.string()),
         }
         for name in self.passthrough:
             columns[name] = batch.column(name).take(rows)

@@ -127,4 +127,5 @@ RESERVED_COLUMNS = (
     "chunk_index", "chunk_start", "chunk_end", "text_hash", "embedding", "dimensions", "model",
     "input_type", "prompt_tokens", "total_tokens", "status", "error", "attempts", "request_id",
     "run_id", "embedded_at", "embedding_fingerprint", "deployment", "dedup_of",
+    "cached_from",
 )  # fmt: skip

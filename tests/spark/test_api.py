@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from pyspark.sql import SparkSession
+from pyspark.util import PythonEvalType
 
 import sparkembed
 from sparkembed.config import deployment_name
@@ -38,8 +39,9 @@ def test_embed_is_lazy_and_uses_the_configs_columns(
     out = sparkembed.embed(df, config=config_for(endpoint, tmp_path))
     assert endpoint.stats(billed=False)["requests"] == 0  # nothing sent yet
     rows = {r["doc"]: r for r in out.collect()}
-    # Passthrough columns, then those added since the first tables (deployment, dedup_of), as tables evolve.
-    assert out.columns[0] == "doc" and out.columns[-3:] == ["title", "deployment", "dedup_of"]
+    # Passthrough columns, then those added since the first tables (deployment, dedup_of, cached_from),
+    # as tables evolve.
+    assert out.columns[0] == "doc" and out.columns[-4:] == ["title", "deployment", "dedup_of", "cached_from"]
     served = deployment_name(endpoint.url)
     assert [rows[i]["deployment"] for i in (1, 2, 3)] == [served, None, served]  # a skipped row: none
     assert [rows[i]["status"] for i in (1, 2, 3)] == ["ok", "skipped", "ok"]
@@ -83,19 +85,36 @@ def test_the_native_sinks_metrics_come_back_through_an_accumulator(
     assert len(metrics["timeline"]) == metrics["requests"]
 
 
+# An Arrow UDF where pyspark has arrow_udf (4.1+); the pandas UDF of pyspark 3.5 and 4.0.
+UDF_KINDS = {
+    "arrow": PythonEvalType.SQL_SCALAR_ARROW_ITER_UDF,
+    "pandas": PythonEvalType.SQL_SCALAR_PANDAS_ITER_UDF,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UDF_KINDS))
 def test_the_udf_embeds_a_column_and_serves_sql_with_the_endpoints_vectors(
-    spark: SparkSession, start_endpoint, endpoint_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spark: SparkSession,
+    start_endpoint,
+    endpoint_key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
 ) -> None:
     import numpy as np
+    from pyspark.sql import functions as F
 
     from sparkembed.server.models import HashModel
 
+    if kind == "pandas":  # as on pyspark 3.5 and 4.0, which have no arrow_udf
+        monkeypatch.delattr(F, "arrow_udf")
     monkeypatch.setenv("SPARKEMBED_TEST_KEY", endpoint_key)
     endpoint = start_endpoint("--model", "hash", "--dims", "16", "--fail-text", "POISON")
     texts = [f"text number {i}" for i in range(100)]
     texts[5], texts[6] = None, "  "
     df = spark.createDataFrame(list(enumerate(texts)), "doc long, body string").coalesce(1)
     emb = sparkembed.embedding_udf(config=config_for(endpoint, tmp_path, batching={"max_inputs": 64}))
+    assert emb.evalType == UDF_KINDS[kind]
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "10")
     try:
         rows = {r["doc"]: r["e"] for r in df.select("doc", emb("body").alias("e")).collect()}

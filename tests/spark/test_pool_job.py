@@ -79,7 +79,7 @@ def test_the_deployment_column_says_who_served_each_row_and_another_pool_redoes_
     for endpoint in (a, b):  # each row's deployment billed it (besides the preflight's text)
         stats = endpoint.stats(billed=False)
         assert stats["texts_billed"] - 1 == served[deployment_name(endpoint.url)]
-    assert read_table(target).schema.names[-2:] == ["deployment", "dedup_of"]
+    assert read_table(target).schema.names[-3:] == ["deployment", "dedup_of", "cached_from"]
 
     assert set(summary.deployments) == names
     for name in names:
@@ -104,8 +104,8 @@ def test_a_table_from_before_the_deployment_column_keeps_working(
     driver.run(spark, config_for(one_url, endpoint_key, first, str(tmp_path / "new")), progress=print)
     written = read_table(str(tmp_path / "new"))
     assert set(written.column("deployment").to_pylist()) == {deployment_name(endpoint.url)}
-    old = str(tmp_path / "old")  # the same rows as an older release wrote them: no deployment, no dedup_of
-    write_deltalake(old, written.drop_columns(["deployment", "dedup_of"]))
+    old = str(tmp_path / "old")  # the same rows as an older release wrote them: no deployment, dedup_of...
+    write_deltalake(old, written.drop_columns(["deployment", "dedup_of", "cached_from"]))
 
     source, texts = write_source(tmp_path, 500)
     summary = driver.run(spark, config_for(one_url, endpoint_key, source, old), progress=print)
@@ -116,7 +116,8 @@ def test_a_table_from_before_the_deployment_column_keeps_working(
     assert table["deployment"].iloc[:300].isna().all()
     assert (table["deployment"].iloc[300:] == deployment_name(endpoint.url)).all()
     assert table["dedup_of"].isna().all()  # added, after deployment, null for every row here
-    assert read_table(old).schema.names[-2:] == ["deployment", "dedup_of"]
+    assert table["cached_from"].isna().all()
+    assert read_table(old).schema.names[-3:] == ["deployment", "dedup_of", "cached_from"]
     np.testing.assert_array_equal(np.stack(table["embedding"].to_numpy()), hash_vectors(texts))
 
 

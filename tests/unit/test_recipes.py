@@ -1,16 +1,17 @@
 """Platform recipes stay runnable: the Databricks bundle, the Synapse job, the example configs.
 
 The bundle's task must name the wheel's real console script, and its parameters must parse
-with the real ``sparkembed run`` parser into a valid config. No file may carry a secret.
+with the real ``sparkembed run`` parser into a valid config. Every bundle job must load
+through the typed models of ``databricks-bundles`` (offline: no CLI, no workspace), which
+refuse a field Databricks does not know. No file may carry a secret.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ def load_bundle() -> dict[str, Any]:
 
 
 def the_job(bundle: dict[str, Any]) -> dict[str, Any]:
-    (job,) = bundle["resources"]["jobs"].values()
+    """The classic job, on a job cluster (the serverless one has its own tests)."""
+    job: dict[str, Any] = bundle["resources"]["jobs"]["sparkembed_embed"]
     return job
 
 
@@ -118,6 +120,7 @@ def test_the_wheel_task_parameters_parse_into_a_valid_config() -> None:
     assert config.auth.secret_name == variables["secret_name"]["default"]
     assert config.source.path == variables["source_table"]["default"]
     assert config.target.path == variables["target_table"]["default"]
+    assert config.cache.path is None  # cache_path's default, empty: no shared cache
 
 
 def test_every_variable_used_is_declared() -> None:
@@ -165,22 +168,103 @@ def test_no_bundle_file_holds_a_secret() -> None:
         assert not SECRETISH_VALUE.search(text), text
 
 
-def test_the_bundle_validates_against_the_databricks_schema(tmp_path: Path) -> None:
-    cli = shutil.which("databricks")
-    try:
-        import jsonschema
-    except ImportError:
-        jsonschema = None
-    if cli is None or jsonschema is None:
-        missing = [n for n, found in (("the databricks CLI", cli), ("jsonschema", jsonschema)) if not found]
-        reason = f"bundle schema check skipped: {' and '.join(missing)} not installed (offline)"
-        print(reason)
-        pytest.skip(reason)
-    schema = json.loads(
-        subprocess.run([cli, "bundle", "schema"], capture_output=True, text=True, check=True).stdout
-    )
+def resolve_variables(node: Any, variables: dict[str, Any]) -> Any:
+    """``node`` with every ``${var.NAME}`` replaced by its default, as a deploy without --var.
+
+    A value that is one reference takes the default's own type (``num_workers: 2`` stays an
+    int), so the typed models check it as the CLI would.
+    """
+    if isinstance(node, dict):
+        return {key: resolve_variables(value, variables) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolve_variables(value, variables) for value in node]
+    if isinstance(node, str):
+        whole = re.fullmatch(r"\$\{var\.(\w+)\}", node)
+        return variables[whole.group(1)]["default"] if whole else substitute(node, variables)
+    return node
+
+
+def load_job(job: dict[str, Any]) -> Any:
+    """The job through ``databricks-bundles``' typed models; raises on a field they do not know.
+
+    ``Job.from_dict`` refuses an unknown key of any nested model (ValueError "Unexpected
+    field"). Loading it back out must give the very same document: a value the models
+    dropped or reshaped would be a field Databricks does not read as we meant it.
+    """
+    from databricks.bundles.jobs import Job
+
+    loaded = Job.from_dict(job)  # type: ignore[arg-type]
+    if loaded.as_dict() != job:
+        raise ValueError(f"the typed job differs from the bundle's: {loaded.as_dict()} != {job}")
+    return loaded
+
+
+def test_the_bundle_validates_against_the_databricks_schema() -> None:
+    """Every job loads through ``databricks-bundles``' typed models: no unknown field anywhere."""
     bundle = load_bundle()
-    jsonschema.validate(bundle, schema)
+    jobs = bundle["resources"]["jobs"]
+    assert set(jobs) == {"sparkembed_embed", "sparkembed_embed_serverless"}
+    for name, job in jobs.items():
+        load_job(job)  # as written, ${var.*} references and all
+        loaded = load_job(resolve_variables(job, bundle["variables"]))
+        assert loaded.tasks, name
+
+
+@pytest.mark.parametrize(
+    "name, path, typo",
+    [
+        ("sparkembed_embed_serverless", ("tasks", 0, "python_wheel_task"), "entry_pont"),
+        ("sparkembed_embed_serverless", ("tasks", 0), "enviroment_key"),
+        ("sparkembed_embed_serverless", ("environments", 0, "spec"), "dependencies_"),
+        ("sparkembed_embed_serverless", (), "max_concurent_runs"),
+        ("sparkembed_embed", ("job_clusters", 0, "new_cluster"), "num_worker"),
+    ],
+)
+def test_a_misspelled_field_is_refused(name: str, path: tuple[str | int, ...], typo: str) -> None:
+    job = copy.deepcopy(load_bundle()["resources"]["jobs"][name])
+    node: Any = job
+    for step in path:
+        node = node[step]
+    node[typo] = "x"
+    with pytest.raises(ValueError, match=f"Unexpected field '{typo}'"):
+        load_job(job)
+
+
+def test_a_value_of_the_wrong_kind_is_refused() -> None:
+    job = copy.deepcopy(load_bundle()["resources"]["jobs"]["sparkembed_embed"])
+    job["job_clusters"][0]["new_cluster"]["data_security_mode"] = "SINGEL_USER"
+    with pytest.raises(ValueError):
+        load_job(job)
+
+
+def test_the_serverless_job_runs_the_same_task_on_an_environment_with_the_wheel() -> None:
+    bundle = load_bundle()
+    jobs = bundle["resources"]["jobs"]
+    classic, serverless = jobs["sparkembed_embed"], jobs["sparkembed_embed_serverless"]
+    assert "job_clusters" not in serverless
+    (task,) = serverless["tasks"]
+    assert not {"job_cluster_key", "new_cluster", "existing_cluster_id", "libraries"} & set(task)
+    (environment,) = serverless["environments"]
+    assert task["environment_key"] == environment["environment_key"]
+    spec = environment["spec"]
+    assert str(resolve_variables(spec["environment_version"], bundle["variables"])).isdigit()
+    # The wheel the bundle builds, relative to the resource file, as the classic task's.
+    (wheel,) = spec["dependencies"]
+    assert (BUNDLE / "resources" / wheel).resolve() == ROOT / "dist" / "*.whl"
+    # The same run, plus the task slots Spark Connect cannot report.
+    parameters = task["python_wheel_task"]["parameters"]
+    (classic_task,) = classic["tasks"]
+    same = classic_task["python_wheel_task"]["parameters"]
+    assert parameters[: len(same)] == same
+    assert parameters[len(same) :] == ["--set", "run.partitions=${var.serverless_partitions}"]
+    args = _run_parser("sparkembed run").parse_args(
+        [substitute(p, bundle["variables"]) for p in parameters[1:]]
+    )
+    args.config = str(ROOT / "conf" / "databricks.yaml")
+    config = config_from_args(args, environ={})
+    assert config.run.partitions == bundle["variables"]["serverless_partitions"]["default"]
+    assert config.auth.key_source == "databricks"
+    assert config.endpoint.url.endswith("/openai/v1")
 
 
 # Synapse ---------------------------------------------------------------------------------
