@@ -33,6 +33,8 @@ import numpy as np
 
 from sparkembed.config import EmbedConfig, LimitsConfig
 from sparkembed.core.answers import AnswerLog
+from sparkembed.core.budget import POLL_S as budget_poll_s
+from sparkembed.core.budget import WAIT_S as budget_wait_s
 from sparkembed.core.budget import BudgetGuard
 from sparkembed.core.memory import keep_freed_memory
 from sparkembed.core.metrics import Metrics, RequestRecord
@@ -303,7 +305,7 @@ class Embedder:
                 continue
             # The wait for quota may have been long: hand the quota back. A budget at its cap
             # leaves the rows unsent too, like a stop.
-            if stop() or (budget is not None and not budget.take(tokens)):
+            if stop() or (budget is not None and not await self._reserve(budget, tokens, stop)):
                 route.limiter.settle(grant, 0)
                 if probe:
                     route.breaker.release()
@@ -343,6 +345,17 @@ class Embedder:
             route.limiter.on_success(grant, response.remaining_tokens, response.remaining_requests)
             metrics.limiter_wait_s += waited
             return Segment(0, len(texts), attempt, response=response, deployment=route.name)
+
+    async def _reserve(self, budget: BudgetGuard, tokens: int, stop: Callable[[], bool]) -> bool:
+        """Reserve ``tokens`` against the run's cap, waiting while requests in flight might be
+        billed below it (up to :data:`~sparkembed.core.budget.WAIT_S`); False at the cap."""
+        deadline = self._clock() + budget_wait_s
+        while (verdict := budget.take(tokens)) is None:
+            if stop() or self._clock() > deadline:
+                budget.give_up()
+                return False
+            await self._sleep(budget_poll_s)
+        return verdict
 
     def _took_out(self, route: Route, error: ServiceError | TransportError, decision: Decision) -> bool:
         """Tell ``route``'s breaker; whether the deployment is out now."""

@@ -16,7 +16,14 @@ the pacer finds the real limit when the quota is unset or set too high, follows 
 wanders, and in a wave's tail, when others go quiet, grows past its original share (never
 past the configured quota).
 
-The first request goes alone: its answer tells the room there is, before any burst.
+Estimates are in the job's tokens, which may not be the service's (a tokenizer guessed for an
+unnamed model, or the byte bound): the pacer learns the ratio of billed usage to estimate
+from every success and charges estimates at that rate, so a burst never outruns the room.
+
+The first request goes alone: its answer tells the room there is, before any burst. So does
+the first after a quiet spell (a sixth of the window with no answer, as between the bursts of
+a sliding window): the limit may have wandered meanwhile, and a burst on a stale reading
+would be refused.
 A 429 pauses every acquirer until its retry-after. Waiters go first come, first served, and
 a request retried after a 429 goes ahead of new ones, so a large request is never starved.
 """
@@ -37,6 +44,8 @@ WINDOW_MARGIN = 0.02
 later than the one it replaces (network jitter) still finds the old one gone."""
 DEFAULT_COOLDOWN_S = 1.0
 """Pause after a 429 that gave no retry-after, in seconds."""
+RATIO_MEMORY = 0.9
+"""Weight of the past in the learned ratio of billed tokens to estimated tokens, per success."""
 BOUND_HORIZON_WINDOWS = 2.0
 """A bound learned from the service counts for this many windows, then a newer one may raise the limit."""
 REQUESTS_PER_LIMIT = 5
@@ -156,12 +165,14 @@ class Grant:
     """One admitted request, handed back to :meth:`RateLimiter.settle` and friends.
 
     Attributes:
-        tokens: the estimated tokens charged.
+        tokens: the tokens charged: the estimate at the learned rate of billed to estimated.
         waited_s: seconds :meth:`RateLimiter.acquire` waited.
+        estimate: the caller's estimate.
     """
 
-    tokens: int
+    tokens: float
     waited_s: float = 0.0
+    estimate: int = 0
     _charges: tuple[list[float] | None, list[float] | None] = field(default=(None, None), repr=False)
     _readings: list[_Reading] = field(default_factory=list, repr=False)
 
@@ -201,7 +212,8 @@ class RateLimiter:
 
     __slots__ = (
         "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
-        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_settled_one", "_leave", "_waiting",
+        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_heard_at", "_leave", "_waiting",
+        "_billed", "_estimated",
     )  # fmt: skip
 
     def __init__(
@@ -240,8 +252,9 @@ class RateLimiter:
         self._waited_s = 0.0
         self._told_room = False  # the service reports the tokens it has left
         self._in_flight: weakref.WeakSet[Grant] = weakref.WeakSet()  # granted, not yet settled
-        self._settled_one = False
-        self._waiting = [0, 0]  # tokens and requests of the callers waiting in acquire
+        self._heard_at: float | None = None  # when a request was last settled
+        self._waiting = [0.0, 0]  # tokens and requests of the callers waiting in acquire
+        self._billed = self._estimated = 0.0  # decayed sums of successes' usage and estimates
 
     @property
     def waited_s(self) -> float:
@@ -258,11 +271,16 @@ class RateLimiter:
         """Requests this worker may send per 10 s now; None: no limit known."""
         return self._requests.limit
 
+    @property
+    def ratio(self) -> float:
+        """Tokens the service bills per estimated token, learned from successes (1.0 at first)."""
+        return self._billed / self._estimated if self._estimated else 1.0
+
     def request_cap(self) -> float | None:
         """Most estimated tokens one request should hold now: a :data:`REQUESTS_PER_LIMIT`
         part of the token limit; None when no limit is known."""
         limit = self._tokens.limit
-        return None if limit is None else limit / REQUESTS_PER_LIMIT
+        return None if limit is None else limit / REQUESTS_PER_LIMIT / self.ratio
 
     def load(self, tokens: int) -> float:
         """How booked this limiter would be with ``tokens`` more: what was sent in the window,
@@ -274,7 +292,7 @@ class RateLimiter:
         token_limit, request_limit = self._tokens.limit, self._requests.limit
         booked = 0.0
         if token_limit:
-            booked = (self._tokens.used() + waiting_tokens + tokens) / token_limit
+            booked = (self._tokens.used() + waiting_tokens + tokens * self.ratio) / token_limit
         if request_limit:
             booked = max(booked, (self._requests.used() + waiting_requests + 1) / request_limit)
         return windows + booked
@@ -286,9 +304,10 @@ class RateLimiter:
             tokens: estimated tokens of the request.
             retry: the request was refused with a 429: it goes ahead of new requests.
         """
-        start = self._clock()
-        if not self._queue and self._delay_s(tokens) == 0:
-            return self._take(tokens, 0.0)
+        start, estimate = self._clock(), tokens
+        cost = tokens * self.ratio
+        if not self._queue and self._delay_s(cost) == 0:
+            return self._take(cost, 0.0, estimate)
         turn = asyncio.get_running_loop().create_future()
         if retry:
             self._queue.insert(self._retries, turn)
@@ -297,7 +316,7 @@ class RateLimiter:
             self._queue.append(turn)
         if self._queue[0] is turn:
             self._wake_sleeper()  # a retry took the head: the old head must wait its turn
-        self._waiting[0] += tokens
+        self._waiting[0] += cost
         self._waiting[1] += 1
         try:
             while True:
@@ -306,14 +325,14 @@ class RateLimiter:
                         turn = self._replace(turn)
                     await turn
                     continue
-                delay = self._delay_s(tokens)
+                delay = self._delay_s(estimate * self.ratio)
                 if delay == 0:
                     break
                 await self._nap(delay)
             waited = self._clock() - start
-            return self._take(tokens, waited)
+            return self._take(estimate * self.ratio, waited, estimate)
         finally:
-            self._waiting[0] -= tokens
+            self._waiting[0] -= cost
             self._waiting[1] -= 1
             if self._queue.index(turn) < self._retries:
                 self._retries -= 1
@@ -324,7 +343,10 @@ class RateLimiter:
     def settle(self, grant: Grant, actual_tokens: int) -> None:
         """Correct the charge once the service reported the real usage (0: it refused it)."""
         self._in_flight.discard(grant)
-        self._settled_one = True
+        self._heard_at = self._clock()
+        if actual_tokens > 0 and grant.estimate > 0:
+            self._billed = self._billed * RATIO_MEMORY + actual_tokens
+            self._estimated = self._estimated * RATIO_MEMORY + grant.estimate
         charge_tokens, charge_requests = grant._charges
         token_change = 0.0 if charge_tokens is None else actual_tokens - charge_tokens[1]
         if charge_tokens is not None and token_change:
@@ -399,18 +421,20 @@ class RateLimiter:
             self._requests.learn(reading.requests)
         self._wake_sleeper()
 
-    def _delay_s(self, tokens: int) -> float:
-        if self._in_flight and not self._settled_one:
-            # Nothing heard yet: one request goes first, to learn the room from its answer.
+    def _delay_s(self, tokens: float) -> float:
+        heard_at = self._heard_at
+        quiet = heard_at is None or self._clock() - heard_at > self._requests.window_s
+        if self._in_flight and quiet:
+            # Nothing heard yet, or not lately: one request goes first, to learn the room from its answer.
             return DEFAULT_COOLDOWN_S
         delay = max(
             self._paused_until - self._clock(), self._tokens.delay_s(tokens), self._requests.delay_s(1)
         )
         return delay if delay > _EPSILON else 0.0
 
-    def _take(self, tokens: int, waited: float) -> Grant:
+    def _take(self, tokens: float, waited: float, estimate: int) -> Grant:
         self._waited_s += waited
-        grant = Grant(tokens, waited, (self._tokens.take(tokens), self._requests.take(1)))
+        grant = Grant(tokens, waited, estimate, (self._tokens.take(tokens), self._requests.take(1)))
         self._in_flight.add(grant)
         return grant
 

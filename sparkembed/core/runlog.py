@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -68,10 +68,32 @@ class Spend:
     rows_done: int = 0
     tokens_reserved: int = 0
 
-    @property
-    def committed(self) -> int:
-        """Tokens billed or reserved: what a budget counts as spent."""
-        return self.tokens_billed + self.tokens_reserved
+
+@contextlib.contextmanager
+def wave_lock(run_dir: str | Path, wave: int) -> Iterator[None]:
+    """Hold the wave's lock file (``flock``): one task attempt of this machine's executors at
+    a time reads the others' spend and reserves. Where the file system has no locks (some
+    cloud mounts), nothing is held: attempts checking at the same moment may then both take
+    the last room, one request each."""
+    path = Path(run_dir) / TASKS_DIR / f"wave-{wave}.lock"
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def request_stop(run_dir: str | Path) -> None:
@@ -138,7 +160,7 @@ class TaskLog:
 
     __slots__ = (
         "_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint",
-        "_seen", "_answered", "_reserved",
+        "_seen", "_answered", "_reserved", "_writing",
     )  # fmt: skip
 
     def __init__(
@@ -160,6 +182,7 @@ class TaskLog:
         self._thread = threading.Thread(target=self._loop, name="sparkembed-task-log", daemon=True)
         self._sigint: Any = None
         self._seen = 0  # timeline records already summed into _answered
+        self._writing = threading.Lock()
         self._answered = 0
 
     @property
@@ -168,8 +191,9 @@ class TaskLog:
         return self._path
 
     def changed(self) -> None:
-        """Write the spend file now (from the log's own thread): a reservation was made."""
-        self._wake.set()
+        """Write the spend file now: a reservation was made, and other attempts must see it
+        before they reserve (:class:`~sparkembed.core.budget.BudgetGuard`)."""
+        self._write(final=False)
 
     def stop_requested(self) -> bool:
         """Whether the driver asked the run to stop (seen within ``interval_s``)."""
@@ -210,6 +234,10 @@ class TaskLog:
             self._stop.set()
 
     def _write(self, *, final: bool) -> None:
+        with self._writing:
+            self._write_now(final)
+
+    def _write_now(self, final: bool) -> None:
         m = self._metrics
         records = m.timeline[self._seen :]  # the loop thread only appends
         self._seen += len(records)

@@ -31,7 +31,7 @@ from sparkembed.core.context import RunContext
 from sparkembed.core.engine import get_embedder
 from sparkembed.core.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.core.metrics import Metrics
-from sparkembed.core.runlog import TaskLog, read_spend
+from sparkembed.core.runlog import TaskLog, read_spend, wave_lock
 from sparkembed.core.streaming import EmbedResults
 from sparkembed.core.types import Status
 
@@ -127,10 +127,12 @@ class PartitionJob:
         assert self.context.tokens_left is not None and self.run_dir is not None
         run_dir, wave, own = self.run_dir, self.wave, task_log.path
 
-        def others() -> int:
-            return read_spend(run_dir, wave=wave, exclude=own).committed
+        def others() -> tuple[int, int]:
+            spend = read_spend(run_dir, wave=wave, exclude=own)
+            return spend.tokens_billed, spend.tokens_reserved
 
-        return BudgetGuard(self.context.tokens_left, others, on_reserve=task_log.changed)
+        exclusive = lambda: wave_lock(run_dir, wave)  # noqa: E731
+        return BudgetGuard(self.context.tokens_left, others, on_reserve=task_log.changed, exclusive=exclusive)
 
     def _embed(
         self,

@@ -79,7 +79,7 @@ def exact(limiter_tpm: float | None, limiter_rpm: float | None, loop: VirtualTim
     """A limiter on the loop's clock with no headroom, so shares are exact, that has heard
     its first answer (the first request goes alone until then)."""
     limiter = RateLimiter(limiter_tpm, limiter_rpm, clock=loop.time, headroom=0.0)
-    limiter.settle(limiter._take(0, 0.0), 0)
+    limiter.settle(limiter._take(0, 0.0, 0), 0)
     return limiter
 
 
@@ -291,7 +291,8 @@ def test_the_room_reported_after_a_success_bounds_the_limit(loop: VirtualTimeLoo
 
     run(loop, main)
     assert (limiter.token_limit, limiter.request_limit) == (20_000, 100)
-    assert limiter.request_cap() == 20_000 / REQUESTS_PER_LIMIT
+    # In estimated tokens: the service billed 4,200 for an estimate of 4,000.
+    assert limiter.request_cap() == pytest.approx(20_000 / REQUESTS_PER_LIMIT / 1.05)
 
 
 def test_requests_in_flight_count_until_settled_then_the_refused_drop_out(loop: VirtualTimeLoop) -> None:
@@ -402,3 +403,70 @@ def test_a_429_lowers_the_limit_only_from_a_service_that_reports_no_room(loop: V
     run(loop, main)
     assert silent.token_limit == 18_000  # below what was sent plus the refused cost
     assert telling.token_limit == 60_000  # the 429 may have been for requests
+
+
+def test_estimates_are_charged_at_the_rate_the_service_bills_them(loop: VirtualTimeLoop) -> None:
+    """The job's estimate undercounts the service's tokens by a fifth: after one answer the
+    pacer charges estimates at the billed rate, so a burst stays within the window's limit."""
+    limiter = RateLimiter(12_000, None, clock=loop.time, headroom=0.0)
+    admitted: list[float] = []
+
+    async def main() -> None:
+        first = await limiter.acquire(1_000)
+        limiter.settle(first, 1_200)
+        admitted.append(loop.time())
+        for _ in range(12):
+            grant = await limiter.acquire(1_000)
+            admitted.append(loop.time())
+            limiter.settle(grant, 1_200)
+
+    run(loop, main)
+    assert limiter.ratio == pytest.approx(1.2)
+    # 10 requests of 1,200 billed tokens fill the 12,000 window; the 11th waits for it to pass.
+    in_first_window = [t for t in admitted if t < MINUTE]
+    assert len(in_first_window) == 10
+    assert admitted[10] == pytest.approx(MINUTE, abs=0.01)
+
+
+def test_a_byte_bound_estimate_far_above_the_bill_paces_by_the_bill(loop: VirtualTimeLoop) -> None:
+    """Estimates five times the billed tokens: once learned, the window holds five times the requests."""
+    limiter = RateLimiter(10_000, None, clock=loop.time, headroom=0.0)
+    admitted: list[float] = []
+
+    async def main() -> None:
+        for _ in range(30):
+            grant = await limiter.acquire(2_000)
+            admitted.append(loop.time())
+            limiter.settle(grant, 400)
+
+    run(loop, main)
+    assert limiter.ratio == pytest.approx(0.2)
+    assert limiter.request_cap() == pytest.approx(10_000 / REQUESTS_PER_LIMIT / 0.2)
+    assert len([t for t in admitted if t < MINUTE]) == 25
+
+
+def test_after_a_quiet_spell_one_request_goes_first_and_its_answer_sets_the_burst(
+    loop: VirtualTimeLoop,
+) -> None:
+    """A burst after a quiet spell waits for one answer: the limit wandered down meanwhile,
+    and the rest of the burst must be sized by the fresh reading, not the stale one."""
+    limiter = RateLimiter(None, None, clock=loop.time, headroom=0.0)
+    second_at: list[float] = []
+
+    async def main() -> None:
+        first = await limiter.acquire(1_000)
+        limiter.settle(first, 1_000)
+        limiter.on_success(first, remaining_tokens=9_000)  # a limit of 10,000 a window
+        await asyncio.sleep(2 * MINUTE)  # quiet: the window emptied, the reading is old
+        probe = await limiter.acquire(1_000)
+        burst = asyncio.ensure_future(limiter.acquire(1_000))
+        await asyncio.sleep(0.05)  # the probe's answer: the service has room for 6,000 now
+        assert not burst.done()
+        limiter.settle(probe, 1_000)
+        limiter.on_success(probe, remaining_tokens=5_000)
+        await burst
+        second_at.append(loop.time())
+
+    run(loop, main)
+    assert second_at[0] == pytest.approx(2 * MINUTE + 0.05, abs=0.01)
+    assert limiter.token_limit == pytest.approx(6_000)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 
 from sparkembed.core.metrics import Metrics, RequestRecord
-from sparkembed.core.runlog import TaskLog, read_spend, read_task_metrics, request_stop
+from sparkembed.core.runlog import TaskLog, read_spend, read_task_metrics, request_stop, wave_lock
 
 
 def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) -> None:
@@ -72,3 +73,25 @@ def test_an_unwritable_folder_never_fails_the_task(tmp_path: Path) -> None:
     with TaskLog(blocker, "w00000-p00000-a0-t1", Metrics(prompt_tokens=1)) as task_log:
         assert not task_log.stop_requested()
     assert read_spend(blocker).attempts == 0
+
+
+def test_the_wave_lock_holds_other_attempts_off_until_released(tmp_path: Path) -> None:
+    """Two attempts of one wave never read and reserve at once (two open files, as two processes)."""
+    order: list[str] = []
+    held = threading.Event()
+
+    def second() -> None:
+        held.wait()
+        with wave_lock(tmp_path, 3):
+            order.append("second in")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with wave_lock(tmp_path, 3):
+        held.set()
+        time.sleep(0.2)
+        order.append("first out")
+    thread.join(5)
+    assert order == ["first out", "second in"]
+    with wave_lock(tmp_path, 4):  # another wave's lock is another file
+        pass
