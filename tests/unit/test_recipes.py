@@ -251,18 +251,16 @@ def test_the_serverless_job_runs_the_same_task_on_an_environment_with_the_wheel(
     # The wheel the bundle builds, relative to the resource file, as the classic task's.
     (wheel,) = spec["dependencies"]
     assert (BUNDLE / "resources" / wheel).resolve() == ROOT / "dist" / "*.whl"
-    # The same run, plus the task slots Spark Connect cannot report.
+    # The same run: on Spark Connect the job asks the server for its task slots.
     parameters = task["python_wheel_task"]["parameters"]
     (classic_task,) = classic["tasks"]
-    same = classic_task["python_wheel_task"]["parameters"]
-    assert parameters[: len(same)] == same
-    assert parameters[len(same) :] == ["--set", "run.partitions=${var.serverless_partitions}"]
+    assert parameters == classic_task["python_wheel_task"]["parameters"]
     args = _run_parser("sparkembed run").parse_args(
         [substitute(p, bundle["variables"]) for p in parameters[1:]]
     )
     args.config = str(ROOT / "conf" / "databricks.yaml")
     config = config_from_args(args, environ={})
-    assert config.run.partitions == bundle["variables"]["serverless_partitions"]["default"]
+    assert config.run.partitions is None
     assert config.auth.key_source == "databricks"
     assert config.endpoint.url.endswith("/openai/v1")
 
