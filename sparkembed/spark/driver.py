@@ -54,7 +54,7 @@ from sparkembed.spark.partition import output_schema
 from sparkembed.spark.planning import REPLACES, WorkPlan, plan_work
 from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
-from sparkembed.spark.targets import check_target_location, is_path, read_target
+from sparkembed.spark.targets import check_target_location, is_path, read_target, read_with_pending
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +281,13 @@ def _run_waves(
 ) -> None:
     started = time.monotonic()
     df, config, context = prepare(spark, config, source, context)
+    # Rows a crashed run left pending go into the target first: planning then finds them done.
+    writers.apply_pending(spark, config, context.run_id)
     # A new fingerprint is built in a staging table beside the target, never in the target.
     migration = plan_migration(spark, config, context)
     work = migration.staging if migration else config
+    if migration is not None:
+        writers.apply_pending(spark, work, context.run_id)
     if migration is None and config.target.mode != "overwrite":
         drop_switched_staging(spark, config, context)
     plan = plan_work(spark, df, work, context)
@@ -337,13 +341,16 @@ def _run_waves(
             summary.stopped = "budget"
             break
     summary.waves = version = planner.waves_done
-    target = read_target(spark, work) if copies is not None and copied else None
+    # The rows copied from may still be pending: read the target as the apply will leave it.
+    target = read_with_pending(spark, work) if copies is not None and copied else None
     if copies is not None and target is not None:
         rows = copy_rows(target, copies, work, context, _output_schema(todo, config))
         summary.add(done := sink.write_rows(rows, work, context.run_id, version))
         summary.deduplicated = sum(int(done.get(f"{s.value}_rows", 0)) for s in Status)
         version += 1
         progress(f"{summary.deduplicated} rows copied the vectors of rows with the same text")
+    # One commit replaces the old rows of every id the waves re-embedded (also after a stop).
+    sink.apply_pending(work, summary.run_id)
     if stop.signum or summary.stopped == "budget":
         if summary.stopped == "budget":
             progress(f"stopped at the budget's cap of {cap:,} tokens: what was embedded is committed; "
