@@ -14,8 +14,9 @@ no asserts; not run by CI).
    waves) and its Delta log read back: bytes added and removed by the rerun's commits, divided
    by the table's size, and by the bytes of the changed rows (the table's size × the changed
    fraction). Every committed version is checked for an (id, chunk_index) shown twice.
-5. After the first rerun, a rerun with nothing changed, timed against a plain ``count()`` of
-   the source in the same session.
+5. Before those, ``--rounds`` reruns of the built target with nothing changed, each timed
+   against a plain ``count()`` of the source (parquet answers it from file footers) and a scan
+   hashing every text, in the same session, one after the other.
 
 "Before" and "after" run this same script against two checkouts of the package::
 
@@ -157,12 +158,33 @@ def table_bytes(target: Path) -> int:
     return int(sum(pa.table(DeltaTable(str(target)).get_add_actions(flatten=True))["size_bytes"].to_pylist()))
 
 
+def nothing_changed(spark: Any, endpoint: Any, config: EmbedConfig, source: Path) -> dict[str, Any]:
+    """Seconds of a rerun with nothing to do, of ``count()`` and of a scan hashing every text."""
+    from pyspark.sql import functions as F
+
+    t0 = time.monotonic()
+    rows = spark.read.parquet(str(source)).count()
+    count_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    spark.read.parquet(str(source)).agg(F.sum(F.length(F.sha2("text", 256)))).collect()
+    scan_s = time.monotonic() - t0
+    endpoint.reset()
+    t0 = time.monotonic()
+    summary = driver.run(spark, config, progress=lambda _: None)
+    return {
+        "seconds": round(time.monotonic() - t0, 1), "source_count_s": round(count_s, 2),
+        "hash_scan_s": round(scan_s, 2), "rows": rows, "rows_to_do": summary.rows_total,
+        "requests": endpoint.stats(billed=False)["requests"],
+    }  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dims", type=int, default=256)
     parser.add_argument("--changed", type=float, default=0.10, help="fraction of texts changed")
-    parser.add_argument("--waves", type=int, nargs="+", default=[4, 20], help="wave counts to rerun with")
+    parser.add_argument("--waves", type=int, nargs="*", default=[4, 20], help="wave counts to rerun with")
+    parser.add_argument("--rounds", type=int, default=1, help="nothing-changed reruns (default 1)")
     parser.add_argument("--workdir", default=None, help="scratch parent folder (default: system temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -187,6 +209,12 @@ def main() -> int:
             figures |= {"table_bytes": size, "changed_bytes": round(size * args.changed),
                         "build_s": round(time.monotonic() - started, 1)}  # fmt: skip
             print(f"target built: {size / 1e6:.0f} MB in {figures['build_s']} s", flush=True)
+            source = work / "source.parquet"
+            unchanged = config_for(endpoint.url, source, work / "base", work, 50_000)
+            figures["nothing_changed"] = [
+                nothing_changed(spark, endpoint, unchanged, source) for _ in range(args.rounds)
+            ]
+            print(json.dumps(figures["nothing_changed"]), flush=True)
             for waves in args.waves:
                 target = work / f"rerun-{waves}"
                 shutil.copytree(work / "base", target)
@@ -205,18 +233,6 @@ def main() -> int:
                     "added_per_changed": round(sizes["added_bytes"] / figures["changed_bytes"], 2),
                     "versions_with_duplicates": duplicated_versions(target, 0),
                 }  # fmt: skip
-                if waves == args.waves[0]:
-                    t0 = time.monotonic()
-                    rows = spark.read.parquet(str(work / "rerun.parquet")).count()
-                    count_s = time.monotonic() - t0
-                    endpoint.reset()
-                    t0 = time.monotonic()
-                    again = driver.run(spark, config, progress=lambda _: None)
-                    run["nothing_changed"] = {
-                        "seconds": round(time.monotonic() - t0, 1), "source_count_s": round(count_s, 2),
-                        "rows": rows, "requests": endpoint.stats(billed=False)["requests"],
-                        "rows_total": again.rows_total,
-                    }  # fmt: skip
                 figures["runs"].append(run)
                 print(json.dumps(run), flush=True)
                 shutil.rmtree(target)
