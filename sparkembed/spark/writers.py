@@ -387,8 +387,8 @@ class NativeSink:
 def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -> dict[str, int]:
     """This run's rows so far, in the target and in its pending table (never the same ids)."""
     pending = config.with_overrides({"target.path": sinks.pending_location(str(config.target.path))})
-    found = (read_target(spark, config), read_target(spark, pending))
-    tables = [t.filter(F.col("run_id") == run_id).select("status", "prompt_tokens") for t in found if t]
+    found = [t for t in (read_target(spark, config), read_target(spark, pending)) if t is not None]
+    tables = [t.filter(F.col("run_id") == run_id).select("status", "prompt_tokens") for t in found]
     if not tables:
         return {}
     table = tables[0] if len(tables) == 1 else tables[0].unionByName(tables[1])
