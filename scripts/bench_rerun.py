@@ -189,7 +189,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="sparkembed-bench-rerun-", dir=args.workdir))
+    work = Path(tempfile.mkdtemp(prefix="sparkembed-bench-rerun-", dir=args.workdir)).resolve()
+    # Spark's Python workers put their working folder first on sys.path: not a checkout's root,
+    # or they would import that checkout instead of SPARKEMBED_CODE.
+    os.chdir(work)
     changed = np.random.default_rng(3).choice(args.rows, int(args.rows * args.changed), replace=False)
     figures: dict[str, Any] = {"code": str(Path(sparkembed.__file__).parents[1]), "rows": args.rows,
                                "dims": args.dims, "changed_rows": len(changed), "runs": []}  # fmt: skip
