@@ -113,14 +113,15 @@ def switch_to_staging(target_uri: str, staging_uri: str, *, expected_version: in
     if "deletionVectors" in (staging.protocol().writer_features or []):
         raise DeltaSinkError(f"{staging_uri} has deletion vectors: its files cannot be copied as they are")
     actions: list[AddAction | RemoveAction] = [
-        add_action(meta) for meta in _copy_files(staging, staging_uri, target_uri, schema)
+        add_action(meta) for meta in copy_files(staging, staging_uri, target_uri, schema)
     ]
     # "overwrite" removes every file of the target's snapshot in this same commit.
     return commit_actions(target, actions, "overwrite", schema, app_id, version, expected_version)
 
 
-def _copy_files(staging: DeltaTable, staging_uri: str, target_uri: str, schema: pa.Schema) -> list[FileMeta]:
-    """Copy the staging snapshot's files into the target folder; their metas for the commit."""
+def copy_files(staging: DeltaTable, staging_uri: str, target_uri: str, schema: pa.Schema) -> list[FileMeta]:
+    """Copy the staging snapshot's files into the target folder; their metas for the commit
+    (also the pending table's, :mod:`sparkembed.sinks.pending`)."""
     fs, source_root = resolve_root(staging_uri)
     _, target_root = resolve_root(target_uri)
     adds = pa.table(staging.get_add_actions(flatten=True))

@@ -41,7 +41,7 @@ from sparkembed.spark.dedup import COPY_OF, FROM_TARGET, HASH
 from sparkembed.spark.partition import CACHED_FROM, DEDUP_OF
 from sparkembed.spark.planning import REPLACES
 from sparkembed.spark.sources import read_delta
-from sparkembed.spark.targets import is_path, read_target
+from sparkembed.spark.targets import is_path, read_with_pending
 from sparkembed.spark.writers import META_SCHEMA, read_reports, sink_kind, task_report
 
 _ZERO = ("prompt_tokens", "total_tokens", "attempts")
@@ -201,7 +201,8 @@ def add_wave(
     Returns:
         The cache rows added (a chunked text adds one per chunk).
     """
-    target = read_target(spark, config)
+    # An upsert wave's rows wait in the target's pending table until the run's end.
+    target = read_with_pending(spark, config)
     if target is None or not config.cache.path:
         return 0
     id_col = config.source.id_col

@@ -12,6 +12,9 @@ unset again afterwards. Delta skips a write whose version it has already recorde
 The upsert is ONE MERGE, hence one atomic commit: the source is the new rows
 (``_sparkembed_op = 'upsert'``) plus one ``'delete'`` row per stale target chunk,
 i.e. a target (id, chunk_index) whose id is in the new rows but whose chunk is not.
+A run's waves append their replacing rows to the pending table beside the target, and
+:func:`apply_pending` MERGEs them in once, so each touched file is rewritten once per run
+(with ``delta.enableDeletionVectors`` the MERGE marks rows deleted instead of rewriting).
 """
 
 from __future__ import annotations
@@ -212,6 +215,35 @@ def table_exists(spark: SparkSession, target: str) -> bool:
 
         return bool(DeltaTable.isDeltaTable(spark, target))
     return bool(spark.catalog.tableExists(target))
+
+
+def apply_pending(spark: SparkSession, target: str, *, id_col: str) -> None:
+    """MERGE the target's pending table (:func:`sparkembed.sinks.pending_location`) into it in
+    one commit, then drop the pending table; nothing when there is none.
+
+    Idempotent by ``(sparkembed-apply-<pending table id>, <pending version>)``: after a crash
+    between the MERGE and the drop, the next call's MERGE is skipped by Delta.
+    """
+    from delta.tables import DeltaTable
+
+    from sparkembed.sinks import drop_staging, pending_location
+
+    pending = pending_location(target)
+    if not table_exists(spark, pending):
+        return
+    table = DeltaTable.forPath(spark, pending) if is_path(pending) else DeltaTable.forName(spark, pending)
+    detail, last = table.detail().first(), table.history(1).first()
+    assert detail is not None and last is not None  # a Delta table has both
+    table_id, version = detail["id"], int(last["version"])
+    if table_exists(spark, target):
+        _merge(spark, table.toDF(), target, id_col, f"sparkembed-apply-{table_id}", version)
+    else:
+        write_native(table.toDF(), target, mode="append", id_col=id_col,
+                     app_id=f"sparkembed-apply-{table_id}", version=version)  # fmt: skip
+    if is_path(pending):
+        drop_staging(pending)
+    else:
+        spark.sql(f"DROP TABLE IF EXISTS {pending}")
 
 
 def replace_native(df: DataFrame, target: str, *, app_id: str, version: int) -> None:

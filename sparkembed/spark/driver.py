@@ -58,7 +58,7 @@ from sparkembed.spark.planning import REPLACES, WorkPlan, plan_work
 from sparkembed.spark.session import default_parallelism
 from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
-from sparkembed.spark.targets import check_target_location, is_path, read_target
+from sparkembed.spark.targets import check_target_location, is_path, read_target, read_with_pending
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +338,13 @@ def _run_waves(
 ) -> None:
     started = time.monotonic()
     df, config, context = prepare(spark, config, source, context)
+    # Rows a crashed run left pending go into the target first: planning then finds them done.
+    writers.apply_pending(spark, config, context.run_id)
     # A new fingerprint is built in a staging table beside the target, never in the target.
     migration = plan_migration(spark, config, context)
     work = migration.staging if migration else config
+    if migration is not None:
+        writers.apply_pending(spark, work, context.run_id)
     if migration is None and config.target.mode != "overwrite":
         drop_switched_staging(spark, config, context)
     plan = plan_work(spark, df, work, context)
@@ -402,7 +406,8 @@ def _run_waves(
             summary.stopped = "budget"
             break
     summary.waves = version = planner.waves_done
-    target = read_target(spark, work) if copies is not None and copied else None
+    # The rows copied from may still be pending: read the target as the apply will leave it.
+    target = read_with_pending(spark, work) if copies is not None and copied else None
     rows = None
     if copies is not None and target is not None:
         rows = copy_rows(target, copies, work, context, _output_schema(todo, config))
@@ -417,6 +422,8 @@ def _run_waves(
             progress(f"{summary.deduplicated} rows copied the vectors of rows with the same text")
         if summary.from_cache:
             progress(f"{summary.from_cache} rows took their vectors from the cache {work.cache.path}")
+    # One commit replaces the old rows of every id the waves re-embedded (also after a stop).
+    sink.apply_pending(work, summary.run_id)
     if work.cache.path:
         cache.finish(spark, work, context.run_id)
     if stop.signum or summary.stopped == "budget":

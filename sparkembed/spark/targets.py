@@ -47,6 +47,21 @@ def read_target(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
     return None
 
 
+def read_with_pending(spark: SparkSession, config: EmbedConfig) -> DataFrame | None:
+    """The target as it will be once its pending table (:mod:`sparkembed.sinks.pending`) is
+    applied: the pending rows replace every target row of their ids. None when neither exists."""
+    from sparkembed.sinks import pending_location
+
+    target = read_target(spark, config)
+    pending_config = config.with_overrides({"target.path": pending_location(str(config.target.path))})
+    pending = read_target(spark, pending_config)
+    if pending is None or target is None:
+        return target if pending is None else pending
+    id_col = config.source.id_col
+    kept = target.join(pending.select(id_col).distinct(), id_col, "left_anti")
+    return kept.unionByName(pending, allowMissingColumns=True)
+
+
 def check_target_location(config: EmbedConfig) -> None:
     """Refuse, before anything is paid for, a target that would mean writing among others' files.
 

@@ -5,6 +5,13 @@ delta-rs path: executors embed and write parquet files in parallel inside
 commits the files of the successful task attempts in one Delta transaction
 (app id = run id, txn version = wave), so a retried commit is a no-op and files
 of failed attempts are never referenced.
+
+Upserts are deferred, in both sinks: a wave whose rows replace rows of the target appends
+them to the target's pending table (:mod:`sparkembed.sinks.pending`); a wave of new ids only
+goes straight to the target. :meth:`WaveSink.apply_pending` then replaces the old rows by
+the pending ones in one target commit, so each touched target file is rewritten once per
+run, not once per wave. :func:`apply_pending` at a run's start finishes what a crashed run
+left there, before planning, so none of it is paid for twice.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class WaveSink(Protocol):
         self, rows: DataFrame, config: EmbedConfig, run_id: str, version: int
     ) -> dict[str, Any]: ...
 
+    def apply_pending(self, config: EmbedConfig, run_id: str) -> None: ...
+
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int: ...
 
     def finish(self, config: EmbedConfig, run_id: str) -> None: ...
@@ -49,7 +58,7 @@ class WaveSink(Protocol):
 def choose_sink(spark: SparkSession, config: EmbedConfig, run_dir: str | None = None) -> WaveSink:
     """The sink for this session; ``run_dir`` is where tasks log their spend (:mod:`..core.runlog`)."""
     if check_sink(spark, config) == "native":
-        return NativeSink(run_dir)
+        return NativeSink(spark, run_dir)
     return DeltaRsSink(str(config.target.path), run_dir)
 
 
@@ -77,6 +86,20 @@ def sink_kind(spark: SparkSession, config: EmbedConfig) -> Literal["native", "de
     if kind == "auto":
         return "native" if delta_native.native_available(spark) else "delta-rs"
     return kind
+
+
+def apply_pending(spark: SparkSession, config: EmbedConfig, run_id: str) -> None:
+    """Apply the target's pending table, if a crashed run left one (see the module docstring)."""
+    target = str(config.target.path)
+    if sink_kind(spark, config) == "native":
+        delta_native.apply_pending(spark, target, id_col=config.source.id_col)
+    elif is_path(target):
+        sinks.apply_pending(target, id_col=config.source.id_col, run_id=run_id)
+
+
+def defers(config: EmbedConfig, replacing: int) -> bool:
+    """Whether a wave's rows go to the pending table: an upsert replacing ``replacing`` > 0 ids."""
+    return config.target.mode == "upsert" and replacing > 0
 
 
 def _write_partition(
@@ -146,6 +169,8 @@ class DeltaRsSink:
         # The version the run planned against: any other writer's commit since then
         # makes our next commit fail instead of mixing two runs' rows.
         self._expected = sinks.table_version(target)
+        self._pending = sinks.pending_location(target)
+        self._pending_expected = sinks.table_version(self._pending)
         self._run_dir = run_dir
         self._columns_checked = False
 
@@ -164,8 +189,9 @@ class DeltaRsSink:
             df = df.drop(REPLACES)
         target = str(config.target.path)
         self._add_columns(target, job.arrow_schema, config)
+        folder = self._folder(config, replacing)
         meta = df.mapInArrow(
-            lambda batches: _write_partition(job, target, wave, batches), META_SCHEMA
+            lambda batches: _write_partition(job, folder, wave, batches), META_SCHEMA
         ).collect()
         files, metrics = read_reports(meta)
         self._commit(files, job.arrow_schema, config, run_id, wave, replacing)
@@ -182,8 +208,9 @@ class DeltaRsSink:
             replacing = pa.array([r[0] for r in known], schema.field(id_col).type)
         self._add_columns(target, schema, config)
         prefix = f"part-{run_id}-v{version:05d}-copies"
+        folder = self._folder(config, replacing)
         meta = rows.drop(REPLACES).mapInArrow(
-            lambda batches: _write_ready(target, schema, prefix, batches), META_SCHEMA
+            lambda batches: _write_ready(folder, schema, prefix, batches), META_SCHEMA
         ).collect()
         files, metrics = read_reports(meta)
         self._commit(files, schema, config, run_id, version, replacing)
@@ -195,6 +222,10 @@ class DeltaRsSink:
             self._expected = sinks.add_columns(target, schema, expected_version=self._expected)
             self._columns_checked = True
 
+    def _folder(self, config: EmbedConfig, replacing: pa.Array | None) -> str:
+        """Where a wave's files go: the pending table when they replace rows, else the target."""
+        return self._pending if defers(config, len(replacing or [])) else str(config.target.path)
+
     def _commit(
         self,
         files: list[sinks.FileMeta],
@@ -205,7 +236,15 @@ class DeltaRsSink:
         replacing: pa.Array | None,
     ) -> None:
         target, mode = str(config.target.path), config.target.mode
-        if mode == "upsert":
+        if defers(config, len(replacing or [])):
+            # Appended: a run's waves hold distinct ids, and the pending table starts empty.
+            self._pending_expected = sinks.commit_files(
+                self._pending, files, schema=schema, mode="append", app_id=run_id, version=version,
+                expected_version=self._pending_expected,
+            )  # fmt: skip
+        elif mode == "upsert" and not files and replacing is not None and self._expected != sinks.ABSENT:
+            return  # an empty wave: nothing to add, nothing to replace, no commit
+        elif mode == "upsert":
             self._expected = sinks.upsert_files(
                 target, files, schema=schema, id_col=config.source.id_col, app_id=run_id,
                 version=version, rewrite_prefix=f"part-{run_id}-w{version:05d}-rw",
@@ -232,6 +271,17 @@ class DeltaRsSink:
                 rewrite_prefix=f"part-{run_id}-prune-rw", expected_version=self._expected,
             )  # fmt: skip
         return len(gone)
+
+    def apply_pending(self, config: EmbedConfig, run_id: str) -> None:
+        """Replace the old rows by the pending ones in one target commit (each touched file
+        rewritten once), then drop the pending table."""
+        applied = sinks.apply_pending(
+            str(config.target.path), id_col=config.source.id_col, run_id=run_id,
+            expected_version=self._expected,
+        )  # fmt: skip
+        if applied is not None:
+            self._expected = applied
+        self._pending_expected = sinks.ABSENT
 
     def finish(self, config: EmbedConfig, run_id: str) -> None:
         """Delete files sparkembed wrote that no commit references; never anyone else's."""
@@ -275,7 +325,8 @@ def embed_with_metrics(
 class NativeSink:
     """Spark's own Delta (Databricks, Synapse, Fabric, spark-submit with the Delta package)."""
 
-    def __init__(self, run_dir: str | None = None) -> None:
+    def __init__(self, spark: SparkSession, run_dir: str | None = None) -> None:
+        self._spark = spark
         self._reported: dict[str, int] = {}
         self._run_dir = run_dir
         self._columns_checked = False
@@ -293,10 +344,10 @@ class NativeSink:
             self._columns_checked = True
         if mode == "overwrite" and wave > 0:
             mode = "append"
+        where, mode = self._where(df, config, mode)
         delta_native.write_native(
-            out, str(config.target.path), mode=mode, id_col=config.source.id_col, app_id=run_id,
-            version=wave,
-        )  # fmt: skip
+            out, where, mode=mode, id_col=config.source.id_col, app_id=run_id, version=wave
+        )
         if accumulator is not None:
             return dict(accumulator.value)
         return self._counted_without_accumulator(df.sparkSession, config, run_id, wave)
@@ -325,11 +376,24 @@ class NativeSink:
             self._columns_checked = True
         by_status = out.groupBy("status").agg(F.count("*").alias("n")).collect()
         counts = {r["status"]: int(r["n"]) for r in by_status}
+        where, mode = self._where(rows, config, "append" if mode == "overwrite" else mode)
         delta_native.write_native(
-            out, str(config.target.path), mode="append" if mode == "overwrite" else mode,
-            id_col=config.source.id_col, app_id=run_id, version=version,
-        )  # fmt: skip
+            out, where, mode=mode, id_col=config.source.id_col, app_id=run_id, version=version
+        )
         return {f"{status}_rows": n for status, n in counts.items()}
+
+    def _where(
+        self, rows: DataFrame, config: EmbedConfig, mode: Literal["append", "overwrite", "upsert"]
+    ) -> tuple[str, Literal["append", "overwrite", "upsert"]]:
+        """The pending table (appended) when ``rows`` replace target rows, else the target."""
+        replacing = REPLACES in rows.columns and bool(rows.filter(F.col(REPLACES)).limit(1).count())
+        if defers(config, int(replacing)):
+            return sinks.pending_location(str(config.target.path)), "append"
+        return str(config.target.path), mode
+
+    def apply_pending(self, config: EmbedConfig, run_id: str) -> None:
+        """One MERGE of the pending rows into the target, then drop the pending table."""
+        delta_native.apply_pending(self._spark, str(config.target.path), id_col=config.source.id_col)
 
     def prune(self, ids: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
         count = ids.count()
@@ -349,12 +413,16 @@ _TABLE_COUNTS = ("ok_rows", "skipped_rows", "failed_rows", "prompt_tokens", "tot
 
 
 def _counts_from_target(spark: SparkSession, config: EmbedConfig, run_id: str) -> dict[str, int]:
-    """This run's rows in the target by status, and their usage."""
-    target = read_target(spark, config)
+    """This run's rows so far, in the target and in its pending table (never the same ids), by
+    status, and their usage."""
+    pending = config.with_overrides({"target.path": sinks.pending_location(str(config.target.path))})
+    found = [t for t in (read_target(spark, config), read_target(spark, pending)) if t is not None]
+    columns = ("status", "prompt_tokens", "total_tokens")
+    tables = [t.filter(F.col("run_id") == run_id).select(*columns) for t in found]
     out = dict.fromkeys(_TABLE_COUNTS, 0)
-    if target is None:
+    if not tables:
         return out
-    table = target.filter(F.col("run_id") == run_id)
+    table = tables[0] if len(tables) == 1 else tables[0].unionByName(tables[1])
     rows = table.groupBy("status").agg(
         F.count("*").alias("n"), F.sum("prompt_tokens").alias("t"), F.sum("total_tokens").alias("all")
     )

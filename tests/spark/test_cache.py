@@ -234,3 +234,22 @@ def test_vacuum_deletes_entries_older_than_the_age_and_refuses_other_tables(
     assert cli.main(["cache", "vacuum", "--older-than", "1s", "--path", other]) == 2
     assert "not a sparkembed cache" in capsys.readouterr().err and read_table(other).num_rows == 1
     assert cli.main(["cache", "vacuum", "--older-than", "soon", "--path", path]) == 2
+
+
+def test_a_rerun_that_changes_texts_adds_the_new_texts_to_the_cache(
+    spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    """Upsert waves wait in the pending table until the run's end: the cache still gets them."""
+    texts = [f"Rerun text {i}." for i in range(30)]
+    source = write_source(tmp_path, rows_of("r", texts), "r.parquet")
+    driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "r"), **QUIET)
+    changed = texts[:]
+    for i in range(0, 30, 3):
+        changed[i] = f"Rewritten text {i}."
+    source = write_source(tmp_path, rows_of("r", changed), "r.parquet")
+    endpoint.reset()
+    rerun = driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "r"), **QUIET)
+    assert billed_besides_preflight(endpoint)[0] == 10 and rerun.cache_added == 10
+    store = read_table(str(tmp_path / "cache")).to_pandas()
+    assert set(store["text_hash"]) == {sha256_hex(t) for t in texts + changed}
+    assert not Path(sinks.pending_location(str(tmp_path / "r"))).exists()

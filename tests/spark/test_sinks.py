@@ -479,3 +479,34 @@ def test_a_delta_table_holding_foreign_files_is_still_a_delta_table(uri: str) ->
     commit(uri, [(1, 0)], RUN, 0)
     foreign_files(Path(uri))
     assert foreign_entries(uri) == []
+
+
+def test_apply_pending_replaces_ids_once_and_a_second_apply_after_a_crash_only_drops(
+    uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sparkembed.sinks import apply_pending, pending_location
+    from sparkembed.sinks import pending as pending_module
+
+    first = write_part(uri, rows([(1, 0), (1, 1), (2, 0), (3, 0)]), schema=SCHEMA, file_prefix="t")
+    commit_files(uri, first, schema=SCHEMA, mode="append", app_id="r", version=0)
+    pending = pending_location(uri)
+    for wave, keys in enumerate([[(1, 0)], [(3, 0), (3, 1)]]):  # id 1 lost a chunk, id 3 gained one
+        prefix = f"part-{RUN}-w{wave:05d}-p00000-a0"  # a run's name: the drop removes it
+        files = write_part(pending, rows(keys, "v2"), schema=SCHEMA, file_prefix=prefix)
+        commit_files(pending, files, schema=SCHEMA, mode="append", app_id="r2", version=wave)
+
+    def crash(_: str) -> list[str]:
+        raise KeyboardInterrupt("killed after the apply's commit")
+
+    monkeypatch.setattr(pending_module, "drop_staging", crash)
+    with pytest.raises(KeyboardInterrupt):
+        apply_pending(uri, id_col="id", run_id="r3", expected_version=0)
+    monkeypatch.undo()
+    assert table_version(uri) == 1  # one commit: adds, rewrites and removes together
+    assert apply_pending(uri, id_col="id", run_id="r3") == 1  # already applied: only the drop
+    assert table_version(uri) == 1 and not os.path.exists(pending)
+    got = read_table(uri).sort_by([("id", "ascending"), ("chunk_index", "ascending")])
+    keys = got.select(["id", "chunk_index", "text_hash"]).to_pylist()
+    want = [(1, 0, "v2-1"), (2, 0, "v1-2"), (3, 0, "v2-3"), (3, 1, "v2-3")]  # 1's chunk 1 is gone
+    assert [tuple(k.values()) for k in keys] == want
+    assert apply_pending(uri, id_col="id", run_id="r4") is None  # nothing pending
