@@ -16,6 +16,7 @@ from support import AZURE, DIMS, MAX_INPUT_TOKENS, OPENAI_V1, config_for, corpus
 from sparkembed.backends import make_backend
 from sparkembed.core.engine import Embedder, get_embedder
 from sparkembed.core.metrics import Metrics
+from sparkembed.core.ratelimit import RateLimiter
 from sparkembed.errors import EndpointConfigError
 from sparkembed.server.launch import LocalEndpoint
 
@@ -32,9 +33,10 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
     texts = corpus(1200)
     want, tokens = expected(texts)
     # The service lets a minute's quota through at once; the rest (~15%) waits for refill.
+    # Its minute is scaled to 12 s, as is the limiter's, so the wait takes seconds.
     quota = int(tokens / 1.15)
     endpoint = start_endpoint(
-        *("--model", "hash", "--dims", str(DIMS), "--shuffle", "--seed", "5"),
+        *("--model", "hash", "--dims", str(DIMS), "--shuffle", "--seed", "5", "--window-scale", "0.2"),
         *("--error-rate", "0.05", "--reset-rate", "0.01", "--tpm", str(quota), "--no-quota-headers"),
     )
     # The limiter is told 1.5x the real quota (another client on the deployment, say), and
@@ -46,7 +48,8 @@ def test_fault_mix_gives_every_row_ok_correct_vectors_billed_once(
         batching={"max_inputs": 16},
         limits={"concurrency": 4, "tokens_per_minute": int(quota * 1.5)},
     )
-    embedder = Embedder(config, make_backend(config))
+    limiter = RateLimiter(int(quota * 1.5), None, minute_s=12.0)
+    embedder = Embedder(config, make_backend(config), limiter=limiter)
     metrics = Metrics()
     chunks = [texts[i : i + 100] for i in range(0, len(texts), 100)]
     try:
