@@ -156,7 +156,8 @@ def test_concurrent_runs_on_one_target_fail_cleanly(
 def test_quota_exhausted_with_stop_ends_the_run_with_a_clear_error(
     start_endpoint, endpoint_key: str, tmp_path: Path
 ) -> None:
-    endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--tpm", "60")
+    # No quota headers: the pacer cannot learn the limit and wait it out; the 429 tells.
+    endpoint = start_endpoint("--model", "hash", "--dims", str(DIMS), "--tpm", "60", "--no-quota-headers")
     source = write_source(tmp_path / "src.parquet", 50)
     args = cli(
         endpoint, endpoint_key, source, tmp_path / "target",
