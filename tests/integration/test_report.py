@@ -18,6 +18,7 @@ from sparkembed.backends import make_backend
 from sparkembed.config import validate_config
 from sparkembed.core.engine import Embedder
 from sparkembed.core.metrics import Metrics, RequestRecord
+from sparkembed.core.ratelimit import RateLimiter
 from sparkembed.core.summary import RunSummary
 from sparkembed.report import (
     THROTTLE_COLOR,
@@ -42,7 +43,8 @@ def throttled_run(start_endpoint: Any, tmp_path_factory: pytest.TempPathFactory)
     from sparkembed.spark.driver import save_run_log
 
     endpoint = start_endpoint(
-        *("--model", "hash", "--dims", str(DIMS), "--tpm", str(QUOTA_TPM), "--no-auth", "--no-quota-headers")
+        *("--model", "hash", "--dims", str(DIMS), "--tpm", str(QUOTA_TPM), "--no-auth", "--no-quota-headers"),
+        *("--window-scale", "0.1"),  # a 6 s minute, the limiter's too: seconds, not a minute
     )
     runs = tmp_path_factory.mktemp("runs")
     config = validate_config(
@@ -55,7 +57,8 @@ def throttled_run(start_endpoint: Any, tmp_path_factory: pytest.TempPathFactory)
             "run": {"log_dir": str(runs)},
         }
     )
-    embedder = Embedder(config, make_backend(config))
+    limiter = RateLimiter(2 * QUOTA_TPM, None, minute_s=6.0)
+    embedder = Embedder(config, make_backend(config), limiter=limiter)
     metrics = Metrics()
     started = time.monotonic()
     try:
