@@ -336,7 +336,7 @@ def test_the_native_sinks_metrics_need_no_accumulator(
     assert writers.embed_with_metrics(source(connect, 6), config, context)[1] is None  # no accumulators
     hash_endpoint.reset()
 
-    sink = writers.NativeSink(str(runs))
+    sink = writers.NativeSink(connect, str(runs))
     rows = select_input(source(connect, 60), config.source)
     waves = [
         sink.write_wave(rows.filter(rows.id < "doc-0030").repartition(2), config, context, 0),
