@@ -79,3 +79,18 @@ def expected(texts: list[str]) -> tuple[np.ndarray, int]:
 
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def die_at_wave(monkeypatch: Any, wave: int) -> None:
+    """Kill the driver (a KeyboardInterrupt) as wave ``wave`` would be written by the delta-rs
+    sink: the waves before it are committed, the rest never start."""
+    from sparkembed.spark import writers  # lazily: unit tests import this module without Spark
+
+    real_write = writers.DeltaRsSink.write_wave
+
+    def write_wave(self: Any, df: Any, config: Any, context: Any, at: int) -> Any:
+        if at == wave:
+            raise KeyboardInterrupt("driver killed")
+        return real_write(self, df, config, context, at)
+
+    monkeypatch.setattr(writers.DeltaRsSink, "write_wave", write_wave)

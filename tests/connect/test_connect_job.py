@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pyspark.sql import DataFrame, SparkSession
-from support import DIMS, build_config
+from support import DIMS, build_config, die_at_wave
 
 import sparkembed
 from sparkembed.core.engine import PREFLIGHT_TEXT
@@ -188,14 +188,7 @@ def test_a_crash_after_a_wave_resumes_paying_only_for_what_was_left(
 ) -> None:
     target = str(tmp_path / "target")
     config = config_for(hash_endpoint, endpoint_key, tmp_path / "runs", **{"run.commit_every_rows": 40})
-    real_write = writers.DeltaRsSink.write_wave
-
-    def die_after_first_wave(self, df, config, context, wave):  # type: ignore[no-untyped-def]
-        if wave == 1:
-            raise KeyboardInterrupt("driver killed")
-        return real_write(self, df, config, context, wave)
-
-    monkeypatch.setattr(writers.DeltaRsSink, "write_wave", die_after_first_wave)
+    die_at_wave(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         sparkembed.write(source(connect), target, config=config)
     monkeypatch.undo()

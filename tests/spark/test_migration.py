@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import SparkSession
-from support import build_config
+from support import build_config, die_at_wave
 
 from sparkembed import cli
 from sparkembed.config import EmbedConfig
@@ -30,7 +30,7 @@ from sparkembed.core.neighbours import neighbour_agreement
 from sparkembed.errors import ConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import migration_status, read_table, staging_location
-from sparkembed.spark import driver, migration, writers
+from sparkembed.spark import driver, migration
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -112,14 +112,7 @@ def test_a_migration_killed_midway_leaves_the_target_whole_and_its_rerun_switche
             "endpoint.dimensions": NEW_DIMS}), progress=lambda _: None)  # fmt: skip
 
     # The migration's driver dies after its second wave is committed (to staging).
-    real_write = writers.DeltaRsSink.write_wave
-
-    def die_at_third_wave(self, df, config, context, wave):  # type: ignore[no-untyped-def]
-        if wave == 2:
-            raise KeyboardInterrupt("driver killed")
-        return real_write(self, df, config, context, wave)
-
-    monkeypatch.setattr(writers.DeltaRsSink, "write_wave", die_at_third_wave)
+    die_at_wave(monkeypatch, 2)
     config = migrating(hash_endpoint, endpoint_key, source, target)
     with pytest.raises(KeyboardInterrupt):
         driver.run(spark, config, progress=lambda _: None)

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import SparkSession
-from support import build_config
+from support import build_config, die_at_wave
 
 from sparkembed.core.engine import PREFLIGHT_TEXT
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import pending_location, read_table
-from sparkembed.spark import driver, writers
+from sparkembed.spark import driver
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -133,14 +133,7 @@ def test_a_crash_mid_rerun_then_rerun_pays_nothing_twice(
     rerun = write_source(tmp_path, rerun_rows, "rerun.parquet")
     config = config_for(hash_endpoint, endpoint_key, rerun, target, 5)
 
-    real_write = writers.DeltaRsSink.write_wave
-
-    def die_at_wave_three(self, df, config, context, wave):  # type: ignore[no-untyped-def]
-        if wave == 3:
-            raise KeyboardInterrupt("driver killed")
-        return real_write(self, df, config, context, wave)
-
-    monkeypatch.setattr(writers.DeltaRsSink, "write_wave", die_at_wave_three)
+    die_at_wave(monkeypatch, 3)
     hash_endpoint.reset()
     with pytest.raises(KeyboardInterrupt):
         driver.run(spark, config, progress=lambda _: None)

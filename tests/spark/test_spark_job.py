@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
-from support import build_config
+from support import build_config, die_at_wave
 
 from sparkembed.config import EmbedConfig, load_config
 from sparkembed.core.engine import PREFLIGHT_TEXT
@@ -25,7 +25,7 @@ from sparkembed.errors import ConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
 from sparkembed.sinks import read_table, staging_location
-from sparkembed.spark import driver, writers
+from sparkembed.spark import driver
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -230,14 +230,7 @@ def test_changed_fingerprint_is_refused_and_reembed_all_resumes_after_a_crash(
     again = make_config(
         hash_endpoint, endpoint_key, source, target, **{"endpoint.dimensions": 32, "run.reembed_all": True}
     )
-    real_write = writers.DeltaRsSink.write_wave
-
-    def die_after_first_wave(self, df, config, run_id, wave):  # type: ignore[no-untyped-def]
-        if wave == 1:
-            raise KeyboardInterrupt("driver killed")
-        return real_write(self, df, config, run_id, wave)
-
-    monkeypatch.setattr(writers.DeltaRsSink, "write_wave", die_after_first_wave)
+    die_at_wave(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         driver.run(spark, again, progress=lambda _: None)
     monkeypatch.undo()
