@@ -123,6 +123,11 @@ class Embedder:
         """The names of the deployments this embedder sends to."""
         return [route.name for route in self._routes]
 
+    @property
+    def limiters(self) -> dict[str, RateLimiter]:
+        """Each deployment's rate limiter, by name."""
+        return {route.name: route.limiter for route in self._routes}
+
     def embed_stream(
         self,
         chunks: Iterable[Any],

@@ -9,12 +9,24 @@ bucket refilled over a minute grants at least a trailing window's worth. It neve
 burst a service may refuse, yet spends a full window's quota as soon as it is there.
 
 The limit starts at the configured share (quota / workers), or none. Then the service's own
-signals bound it from above: after a success, what the worker had sent in the window plus
-its share of the room the service reports left (``x-ratelimit-remaining-*``); after a 429,
-what it had sent plus the refused cost. The tightest bound of the last few windows wins, so
-the pacer finds the real limit when the quota is unset or set too high, follows a limit that
-wanders, and in a wave's tail, when others go quiet, grows past its original share (never
-past the configured quota).
+signals bound what the job may send in a window: after a success, what was sent in the
+window plus the room the service reports left (``x-ratelimit-remaining-*``); after a 429,
+what was sent plus the refused cost. The tightest bound of the last few windows wins, so
+the pacer finds the real limit when the quota is unset or set too high, and follows a limit
+that wanders.
+
+What the other workers sent is known in one of two ways:
+
+- **Peers** (:class:`PeerView`, from the run's spend files, :mod:`.runlog`): every worker
+  publishes its charges, so each knows the others' and how many are active. The bound is
+  then exact, and each active worker takes an equal part of it: tasks of equal work finish
+  together, and when a task ends the others' parts grow at once (the wave's tail). A worker
+  also never sends past the bound counting what the others sent (a task that just ended
+  still has its last minute counted by the service).
+- **No peers** (the UDF, or a folder the executors cannot share): the worker assumes the
+  others sent what it sent, so its part is what it sent plus its share of the room. A worker
+  that started first keeps a larger part, and the part grows in a wave's tail as old bounds
+  age out (never past the configured quota).
 
 Estimates are in the job's tokens, which may not be the service's (a tokenizer guessed for an
 unnamed model, or the byte bound): the pacer learns the ratio of billed usage to estimate
@@ -31,10 +43,12 @@ a request retried after a 429 goes ahead of new ones, so a large request is neve
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 HEADROOM = 0.01
@@ -51,6 +65,8 @@ BOUND_HORIZON_WINDOWS = 2.0
 REQUESTS_PER_LIMIT = 5
 """A request larger than this part of the limit is split before it is sent (see
 :meth:`RateLimiter.request_cap`): with several workers it could otherwise wait forever for room."""
+PEER_POLL_S = 0.25
+"""With peers, a sleeping waiter looks again at least this often: their charges change."""
 _EPSILON = 1e-9
 """Slack for float round-off when a sleeper wakes on time (seconds; relative for amounts)."""
 
@@ -58,61 +74,86 @@ _EPSILON = 1e-9
 class SendWindow:
     """What this worker sent in the trailing ``window_s`` seconds, and the most it may send.
 
-    The limit starts at ``limit`` (None: unknown, so unlimited) and follows what :meth:`learn`
-    is told: the tightest bound of the last :data:`BOUND_HORIZON_WINDOWS` windows, never above
-    ``ceiling``. A cost larger than the limit goes into an empty window::
+    ``bound`` is the most the whole job may send in a window: the tightest of what
+    :meth:`learn` was told in the last :data:`BOUND_HORIZON_WINDOWS` windows, never above
+    ``quota`` (None: unknown). This worker's limit is its part of that: ``share`` of it, up to
+    the whole quota, or with ``peers`` set (active workers, this one included) an equal part
+    of what workers that ended do not still hold (``held``).
+    Before anything is learned the limit is ``share`` (or the equal part) of ``quota``. A cost
+    larger than the limit goes into an empty window::
 
-        window = SendWindow(60_000, None, 60.0)
+        window = SendWindow(60_000, 60.0)
         window.delay_s(1_000)            # 0.0
         charge = window.take(60_000)
         window.delay_s(1_000)            # 60.0: when the 60,000 age out
         window.correct(charge, 59_000)   # the service billed less
     """
 
-    __slots__ = ("window_s", "_clock", "_sent", "_used", "_limit", "_ceiling", "_bounds", "_keep")
+    __slots__ = (
+        "window_s", "share", "peers", "held", "_clock", "_sent", "_used", "_quota", "_bounds", "_keep",
+    )  # fmt: skip
 
     def __init__(
         self,
-        limit: float | None,
-        ceiling: float | None,
+        quota: float | None,
         window_s: float,
         *,
+        share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         headroom: float = 0.0,
     ) -> None:
         self.window_s = window_s
+        self.share = share
+        self.peers: int | None = None
+        self.held = 0.0
         self._clock = clock
         self._keep = 1 - headroom
         self._sent: deque[list[float]] = deque()  # [when, amount], oldest first
         self._used = 0.0
-        self._limit = None if limit is None else limit * self._keep
-        self._ceiling = None if ceiling is None else ceiling * self._keep
+        self._quota = None if quota is None else quota * self._keep
         self._bounds: deque[tuple[float, float]] = deque()  # (when, bound)
 
     @property
+    def bound(self) -> float | None:
+        """The most the whole job may send in one window now (headroom taken off); None: unknown."""
+        if not self._bounds:
+            return self._quota
+        self._forget(self._clock())
+        learned = self._bounds[0][1]
+        return learned if self._quota is None else min(learned, self._quota)
+
+    @property
     def limit(self) -> float | None:
-        """The most this worker may send in one window now, headroom taken off; None: no limit."""
-        return self._limit
+        """The most this worker may send in one window now (headroom taken off); None: no limit."""
+        bound = self.bound
+        if bound is None:
+            return None
+        if self.peers is not None:
+            return max(1.0, bound - self.held) / self.peers
+        if not self._bounds or self._quota is None:
+            return bound * self.share
+        return min(self._bounds[0][1] * self.share, self._quota)  # a tail task may take it all
 
     def used(self, now: float | None = None) -> float:
         """What was sent in the window ending now."""
         self._expire(self._clock() if now is None else now)
         return self._used
 
+    def sent(self) -> list[list[float]]:
+        """The charges in the window, oldest first: ``[when, amount]`` on this window's clock.
+        Safe from another thread: it changes nothing."""
+        start = self._clock() - self.window_s
+        return [[when, amount] for when, amount in list(self._sent) if when > start]
+
     def delay_s(self, cost: float) -> float:
         """Seconds until ``cost`` fits in the window (until it is empty, if it exceeds the limit)."""
         now = self._clock()
         self._expire(now)
-        limit = self._limit
+        limit = self.limit
         if limit is None or not self._sent or self._used + cost <= limit * (1 + _EPSILON):
             return 0.0
         must_free = self._used + cost - limit if cost <= limit else self._used
-        freed = 0.0
-        for when, amount in self._sent:
-            freed += amount
-            if freed >= must_free * (1 - _EPSILON):
-                return max(0.0, when + self.window_s - now)
-        return max(0.0, self._sent[-1][0] + self.window_s - now)
+        return _time_to_free(self._sent, must_free, self.window_s, now)
 
     def take(self, cost: float) -> list[float]:
         """Record ``cost`` sent now; return the charge, for :meth:`correct`."""
@@ -130,16 +171,17 @@ class SendWindow:
         charge[1] = float(amount)
 
     def learn(self, bound: float) -> None:
-        """The service says this worker may send at most ``bound`` in a window (headroom aside)."""
+        """The service says the job may send at most ``bound`` in a window (headroom aside)."""
         now, bound = self._clock(), max(1.0, bound) * self._keep
         # Oldest first, and increasing: an older, larger bound can never be the tightest again.
         while self._bounds and self._bounds[-1][1] >= bound:
             self._bounds.pop()
         self._bounds.append((now, bound))
-        while self._bounds[0][0] < now - BOUND_HORIZON_WINDOWS * self.window_s:
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        while len(self._bounds) > 1 and self._bounds[0][0] < now - BOUND_HORIZON_WINDOWS * self.window_s:
             self._bounds.popleft()
-        limit = self._bounds[0][1]
-        self._limit = limit if self._ceiling is None else min(limit, self._ceiling)
 
     def _expire(self, now: float) -> None:
         while self._sent and self._sent[0][0] <= now - self.window_s:
@@ -148,16 +190,60 @@ class SendWindow:
             self._used = 0.0  # no float residue once empty
 
 
+def _time_to_free(sent: Iterable[Sequence[float]], must_free: float, window_s: float, now: float) -> float:
+    """Seconds until charges ``sent`` (``[when, amount]``, oldest first) free ``must_free``
+    as they age out of the window; until the last ages out if they hold less."""
+    freed, last = 0.0, now - window_s
+    for when, amount in sent:
+        freed += amount
+        last = when
+        if freed >= must_free * (1 - _EPSILON):
+            break
+    return max(0.0, last + window_s - now)
+
+
+def _sum_between(charges: Iterable[tuple[float, float]], start: float, end: float) -> float:
+    """What ``charges`` (``(when, amount)``) hold after ``start`` and up to ``end``."""
+    return sum(amount for when, amount in charges if start < when <= end)
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """The other workers pacing on the same deployment, as their spend files last said.
+
+    Attributes:
+        workers: workers sending now, this one included.
+        tokens, requests: the others' charges still in a window, ``(when, amount)`` oldest
+            first, ``when`` on the wall clock (``time.time()``), since they ran elsewhere.
+        as_of: the others' charges are all known up to this wall-clock time.
+        ended_tokens, ended_requests: the part of those charges made by workers that no
+            longer send (their tasks ended): what they hold ages out, and no one else's.
+    """
+
+    workers: int
+    tokens: tuple[tuple[float, float], ...] = ()
+    requests: tuple[tuple[float, float], ...] = ()
+    as_of: float = math.inf
+    ended_tokens: tuple[tuple[float, float], ...] = ()
+    ended_requests: tuple[tuple[float, float], ...] = ()
+
+
 class _Reading:
-    """The room a service reported, as bounds on this worker's limits, waiting until the
-    requests in flight when it arrived are settled: any of them may have been counted."""
+    """The room a service reported, as bounds on what the job may send in a window, waiting
+    until this worker's requests in flight when it arrived are settled: any of them may have
+    been counted. ``scale``: how much one unit this worker sent weighs in the bounds (the
+    workers it stands for, without peers)."""
 
-    __slots__ = ("tokens", "requests", "waiting")
+    __slots__ = ("tokens", "requests", "waiting", "scale", "at")
 
-    def __init__(self, tokens: float | None, requests: float | None, waiting: int) -> None:
+    def __init__(
+        self, tokens: float | None, requests: float | None, waiting: int, scale: float, at: float | None
+    ) -> None:
         self.tokens = tokens
         self.requests = requests
         self.waiting = waiting
+        self.scale = scale
+        self.at = at  # with peers: when it arrived (wall clock), to add what they had sent by then
 
 
 @dataclass(eq=False)
@@ -198,9 +284,9 @@ class RateLimiter:
     Args:
         tokens_per_minute: this worker's share of the TPM quota; None: learn it from the service.
         requests_per_minute: this worker's share of the RPM quota; None likewise.
-        share: this worker's part of the quota (1 / workers sharing it): it counts this
-            fraction of the room the service reports as its own, and never goes past the
-            whole quota (its limit / ``share``).
+        share: this worker's part of the quota (1 / workers sharing it), when it has no
+            peers (:attr:`peers`): it counts this fraction of the room the service reports
+            as its own, and never goes past the whole quota (its limit / ``share``).
         clock: monotonic seconds; must tick with the event loop's ``time()``.
         headroom: fraction of the limit left unused.
         minute_s: the service's minute, in seconds (tests against a scaled endpoint shorten it);
@@ -213,7 +299,7 @@ class RateLimiter:
     __slots__ = (
         "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
         "_paused_until", "_waited_s", "_told_room", "_in_flight", "_heard_at", "_leave", "_waiting",
-        "_billed", "_estimated",
+        "_billed", "_estimated", "_wall", "_due", "peers", "id",
     )  # fmt: skip
 
     def __init__(
@@ -227,6 +313,7 @@ class RateLimiter:
         minute_s: float = 60.0,
         leave_tokens: float = 0.0,
         leave_requests: float = 0.0,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if not 0 <= headroom < 1:
             raise ValueError(f"headroom must be in [0, 1), got {headroom}")
@@ -236,9 +323,8 @@ class RateLimiter:
             raise ValueError(f"share must be in (0, 1], got {share}")
 
         def window(per_minute: float | None, per_window: float, length_s: float) -> SendWindow:
-            limit = None if per_minute is None else per_minute * per_window
-            ceiling = None if limit is None else limit / share
-            return SendWindow(limit, ceiling, length_s, clock=clock, headroom=headroom)
+            quota = None if per_minute is None else per_minute * per_window / share
+            return SendWindow(quota, length_s, share=share, clock=clock, headroom=headroom)
 
         self._tokens = window(tokens_per_minute, 1.0, window_s)
         self._requests = window(requests_per_minute, 1 / 6, window_s / 6)
@@ -255,6 +341,12 @@ class RateLimiter:
         self._heard_at: float | None = None  # when a request was last settled
         self._waiting = [0.0, 0]  # tokens and requests of the callers waiting in acquire
         self._billed = self._estimated = 0.0  # decayed sums of successes' usage and estimates
+        self._wall = wall
+        self._due: list[_Reading] = []  # readings waiting for the peers' charges until then
+        self.peers: Callable[[], PeerView | None] | None = None
+        """What the other workers on this deployment sent (set per task; None: unknown)."""
+        self.id = uuid.uuid4().hex[:12]
+        """Names this pacer in the spend files its peers read."""
 
     @property
     def waited_s(self) -> float:
@@ -275,6 +367,15 @@ class RateLimiter:
     def ratio(self) -> float:
         """Tokens the service bills per estimated token, learned from successes (1.0 at first)."""
         return self._billed / self._estimated if self._estimated else 1.0
+
+    def sent(self) -> dict[str, list[list[float]]]:
+        """This worker's charges still in a window, for its peers: ``[when, amount]`` on the
+        wall clock, tokens and requests."""
+        offset = self._wall() - self._clock()
+        return {
+            "tokens": [[when + offset, amount] for when, amount in self._tokens.sent()],
+            "requests": [[when + offset, amount] for when, amount in self._requests.sent()],
+        }
 
     def request_cap(self) -> float | None:
         """Most estimated tokens one request should hold now: a :data:`REQUESTS_PER_LIMIT`
@@ -355,9 +456,9 @@ class RateLimiter:
             self._requests.correct(charge_requests, 0)
         for reading in grant._readings:
             if reading.tokens is not None:
-                reading.tokens += token_change
+                reading.tokens += token_change * reading.scale
             if reading.requests is not None and actual_tokens == 0:
-                reading.requests -= 1
+                reading.requests -= reading.scale
             reading.waiting -= 1
             self._learn(reading)
         grant._readings.clear()
@@ -368,27 +469,37 @@ class RateLimiter:
     ) -> None:
         """A request succeeded; the service said what room it has left, if it said.
 
-        What this worker has sent in the window, plus its share of that room, bounds its limit.
-        Requests still in flight count as sent, since the service may have counted them
-        before this one (requests overtake each other) and a bound must never be too low;
-        the bound is tightened once they are settled, without those the service refused.
+        What the job has sent in the window, plus that room, bounds what it may send. With
+        peers, what they sent is known; without, each other worker is taken to have sent what
+        this one did. This worker's requests still in flight count as sent, since the service
+        may have counted them before this one (requests overtake each other) and a bound must
+        never be too low; the bound is tightened once they are settled, without those the
+        service refused. The peers' charges up to this moment are added once their files
+        show them all (a fraction of a second): before, the bound would be too low.
         """
         if remaining_tokens is None and remaining_requests is None:
             return
         self._told_room = self._told_room or remaining_tokens is not None
-        share = self._share
+        peered = self._view() is not None
+        scale = 1.0 if peered else 1 / self._share
         leave_tokens, leave_requests = self._leave
         reading = _Reading(
             None
             if remaining_tokens is None
-            else self._tokens.used() + max(0.0, remaining_tokens - leave_tokens) * share,
+            else self._tokens.used() * scale + max(0.0, remaining_tokens - leave_tokens),
             None
             if remaining_requests is None
-            else self._requests.used() + max(0.0, remaining_requests - leave_requests) * share,
+            else self._requests.used() * scale + max(0.0, remaining_requests - leave_requests),
             len(self._in_flight),
+            scale,
+            self._wall() if peered else None,
         )
         for other in self._in_flight:
             other._readings.append(reading)
+        if peered:
+            self._due.append(reading)
+            self._learn(reading)
+            return
         # Loose until then, but a bound already: the next sends must not plan on more.
         waiting, reading.waiting = reading.waiting, 0
         self._learn(reading)
@@ -397,9 +508,9 @@ class RateLimiter:
     def on_throttle(self, grant: Grant | None, retry_after_s: float | None) -> None:
         """A 429 arrived: pause every acquirer until its retry-after, and lower the limit.
 
-        The service had less room than the refused cost: this worker's limit is below what
-        it had sent plus its share of that cost. That bound is learned only from a service
-        that does not report its room: the 429 may be for requests, not tokens.
+        The service had less room than the refused cost: the job may send less than it had
+        sent plus that cost. That bound is learned only from a service that does not report
+        its room: the 429 may be for requests, not tokens.
 
         Args:
             grant: the refused request's grant (None: learn nothing from it).
@@ -410,15 +521,65 @@ class RateLimiter:
         pause = DEFAULT_COOLDOWN_S if retry_after_s is None else max(0.0, retry_after_s)
         self._paused_until = max(self._paused_until, now + pause)
         if grant is not None and not self._told_room:
-            self._tokens.learn(self._tokens.used() + grant.tokens * self._share)
+            view = self._view()
+            if view is None:
+                sent = self._tokens.used() / self._share
+            else:
+                sent = self._tokens.used() + self._others_sent(self._tokens, view.tokens)
+            self._tokens.learn(sent + grant.tokens)
 
-    def _learn(self, reading: _Reading) -> None:
+    def _view(self) -> PeerView | None:
+        """The peers' latest view, if any; it sets the windows' equal parts, and completes the
+        readings that waited for it."""
+        view = self.peers() if self.peers is not None else None
+        workers = None if view is None else max(1, view.workers)
+        self._tokens.peers = self._requests.peers = workers
+        if view is not None:  # what peers that stopped sending still hold is no one's part
+            self._tokens.held = self._others_sent(self._tokens, view.ended_tokens)
+            self._requests.held = self._others_sent(self._requests, view.ended_requests)
+        if view is None:
+            self._due.clear()  # a task ended: its peers' files are no longer read
+        for reading in list(self._due):
+            self._learn(reading, view)
+        return view
+
+    def _others_sent(self, window: SendWindow, theirs: tuple[tuple[float, float], ...]) -> float:
+        """What the peers' charges ``theirs`` hold in ``window`` now."""
+        start = self._wall() - window.window_s
+        return sum(amount for when, amount in theirs if when > start)
+
+    def _room_delay(self, window: SendWindow, theirs: tuple[tuple[float, float], ...], cost: float) -> float:
+        """Seconds until ``cost`` fits under the job's bound, counting the peers' charges too."""
+        bound = window.bound
+        if bound is None or cost > bound:
+            return 0.0
+        now = self._clock()
+        offset = self._wall() - now
+        start = now - window.window_s
+        charges = [(when - offset, amount) for when, amount in theirs if when - offset > start]
+        charges += [(when, amount) for when, amount in window.sent()]
+        must_free = sum(amount for _, amount in charges) + cost - bound
+        if must_free <= bound * _EPSILON:
+            return 0.0
+        return _time_to_free(sorted(charges), must_free, window.window_s, now)
+
+    def _learn(self, reading: _Reading, view: PeerView | None = None) -> None:
         if reading.waiting > 0:
             return
-        if reading.tokens is not None:
-            self._tokens.learn(reading.tokens)
-        if reading.requests is not None:
-            self._requests.learn(reading.requests)
+        tokens, requests = reading.tokens, reading.requests
+        if reading.at is not None:  # the peers' charges until then are still to be added
+            view = view or (self.peers() if self.peers is not None else None)
+            if view is None or view.as_of < reading.at or reading not in self._due:
+                return  # not yet, or dropped when the task ended
+            self._due.remove(reading)
+            if tokens is not None:
+                tokens += _sum_between(view.tokens, reading.at - self._tokens.window_s, reading.at)
+            if requests is not None:
+                requests += _sum_between(view.requests, reading.at - self._requests.window_s, reading.at)
+        if tokens is not None:
+            self._tokens.learn(tokens)
+        if requests is not None:
+            self._requests.learn(requests)
         self._wake_sleeper()
 
     def _delay_s(self, tokens: float) -> float:
@@ -427,9 +588,16 @@ class RateLimiter:
         if self._in_flight and quiet:
             # Nothing heard yet, or not lately: one request goes first, to learn the room from its answer.
             return DEFAULT_COOLDOWN_S
+        view = self._view()
         delay = max(
             self._paused_until - self._clock(), self._tokens.delay_s(tokens), self._requests.delay_s(1)
         )
+        if view is not None:
+            delay = max(
+                delay,
+                self._room_delay(self._tokens, view.tokens, tokens),
+                self._room_delay(self._requests, view.requests, 1),
+            )
         return delay if delay > _EPSILON else 0.0
 
     def _take(self, tokens: float, waited: float, estimate: int) -> Grant:
@@ -448,6 +616,8 @@ class RateLimiter:
         """Sleep ``delay`` seconds, or less if :meth:`_wake_sleeper` is called."""
         loop = asyncio.get_running_loop()
         self._kick = kick = loop.create_future()
+        if self.peers is not None:
+            delay = min(delay, PEER_POLL_S)  # their charges age out and change meanwhile
         timer = loop.call_later(delay, _resolve, kick)
         try:
             await kick

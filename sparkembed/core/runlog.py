@@ -13,6 +13,11 @@ reads them for live progress and for the run's spend, and writes ``STOP`` on Ctr
 SIGTERM: tasks then send no new request, let the ones in flight finish, and end with
 what is done.
 
+The files also carry each attempt's pacing: the charges its rate limiter holds in a window,
+per deployment. Every :data:`PACE_EVERY_S` seconds an attempt publishes its own and reads
+those of the current and previous wave's attempts, so each pacer knows what its peers sent
+and how many of them are sending (:class:`~sparkembed.core.ratelimit.PeerView`).
+
 The folder must be one the driver and the executors both see (local mode, a standalone
 worker on the same host, ``/dbfs/...`` on Databricks). Where it is not, tasks write their
 files locally and nothing fails: the driver then counts only what committed tasks report,
@@ -22,11 +27,14 @@ and a stop waits for the wave in flight. Pure stdlib: no Spark here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,11 +43,16 @@ from types import TracebackType
 from typing import Any
 
 from sparkembed.core.metrics import Metrics
+from sparkembed.core.ratelimit import PeerView, RateLimiter
 
 log = logging.getLogger(__name__)
 
 WRITE_EVERY_S = 1.0
 """How often, at least, a task attempt rewrites its spend file and looks for ``STOP``."""
+PACE_EVERY_S = 0.25
+"""With pacers to publish, how often an attempt rewrites its file and reads its peers'."""
+ALIVE_S = 5.0
+"""An attempt whose file is older than this, and not final, no longer counts as sending."""
 STOP_FILE = "STOP"
 TASKS_DIR = "tasks"
 
@@ -121,6 +134,56 @@ def read_spend(run_dir: str | Path, *, wave: int | None = None, exclude: Path | 
     return Spend(**totals)
 
 
+def read_peers(
+    run_dir: str | Path, wave: int, mine: dict[str, str], *, now: float | None = None
+) -> dict[str, PeerView]:
+    """What the other pacers of the wave and the one before published, per deployment.
+
+    Args:
+        mine: deployment name -> this process's pacer id, left out of its own view.
+        now: the wall clock (``time.time()``).
+
+    A pacer that moved on to another task attempt is counted once, from its newest file.
+    """
+    newest: dict[tuple[str, str], tuple[float, bool, list[Any], list[Any]]] = {}
+    for prefix in {wave, max(0, wave - 1)}:
+        for path in (Path(run_dir) / TASKS_DIR).glob(f"w{prefix:05d}-*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            written, final = float(data.get("written_at", 0.0)), bool(data.get("final"))
+            for route, pacer in (data.get("pacing") or {}).items():
+                key = (route, str(pacer.get("id")))
+                if key not in newest or newest[key][0] < written:
+                    newest[key] = (written, final, pacer.get("tokens", []), pacer.get("requests", []))
+    now = time.time() if now is None else now
+    views = {}
+    for route, own in mine.items():
+        workers, as_of = 1, math.inf
+        sending: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+        ended: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+        for (name, pacer_id), (written, final, their_tokens, their_requests) in newest.items():
+            if name != route or pacer_id == own:
+                continue
+            alive = not final and now - written < ALIVE_S
+            if alive:  # known up to its last write
+                workers += 1
+                as_of = min(as_of, written)
+            tokens, requests = sending if alive else ended
+            tokens += [(float(when), float(amount)) for when, amount in their_tokens]
+            requests += [(float(when), float(amount)) for when, amount in their_requests]
+        views[route] = PeerView(
+            workers,
+            tuple(sorted(sending[0] + ended[0])),
+            tuple(sorted(sending[1] + ended[1])),
+            as_of,
+            tuple(sorted(ended[0])),
+            tuple(sorted(ended[1])),
+        )
+    return views
+
+
 def read_task_metrics(run_dir: str | Path, *, wave: int) -> Metrics:
     """The metrics of the wave's task attempts that ended (their last spend files), merged.
 
@@ -156,11 +219,14 @@ class TaskLog:
         metrics: the attempt's live counters, read every ``interval_s`` seconds.
         interval_s: seconds between writes.
         reserved: tokens of requests in flight (a budget's reservations), written beside the spend.
+        pacers: this process's rate limiters by deployment: published, and told their peers'
+            view while the attempt runs (then every ``PACE_EVERY_S`` seconds, not ``interval_s``).
+        wave: the wave whose peers the pacers count (with the one before).
     """
 
     __slots__ = (
         "_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint",
-        "_seen", "_answered", "_reserved", "_writing",
+        "_seen", "_answered", "_reserved", "_writing", "_pacers", "_wave", "_views",
     )  # fmt: skip
 
     def __init__(
@@ -170,8 +236,15 @@ class TaskLog:
         metrics: Metrics,
         interval_s: float = WRITE_EVERY_S,
         reserved: Callable[[], int] | None = None,
+        pacers: dict[str, RateLimiter] | None = None,
+        wave: int = 0,
     ):
         self._reserved = reserved
+        self._pacers = dict(pacers or {})
+        self._wave = wave
+        self._views: dict[str, PeerView] = {}
+        if self._pacers:
+            interval_s = min(interval_s, PACE_EVERY_S)
         self._dir = Path(run_dir)
         self._path = self._dir / TASKS_DIR / f"{name}-{uuid.uuid4().hex[:8]}.json"
         self._metrics = metrics
@@ -195,6 +268,10 @@ class TaskLog:
         before they reserve (:class:`~sparkembed.core.budget.BudgetGuard`)."""
         self._write(final=False)
 
+    def peer_view(self, deployment: str) -> PeerView | None:
+        """What the other pacers on ``deployment`` sent, as last read; None before the first read."""
+        return self._views.get(deployment)
+
     def stop_requested(self) -> bool:
         """Whether the driver asked the run to stop (seen within ``interval_s``)."""
         return self._stop.is_set()
@@ -205,6 +282,8 @@ class TaskLog:
         with contextlib.suppress(ValueError):  # not the main thread: signals are not ours
             self._sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._look()
+        for name, pacer in self._pacers.items():
+            pacer.peers = functools.partial(self.peer_view, name)
         self._metrics.on_record = self._wake.set  # an answer was counted: write it down now
         self._thread.start()
         return self
@@ -215,6 +294,8 @@ class TaskLog:
         self._done.set()
         self._wake.set()
         self._thread.join(timeout=self._interval_s + 5)
+        for pacer in self._pacers.values():
+            pacer.peers = None
         self._metrics.on_record = None
         self._write(final=True)
         if self._sigint is not None:
@@ -230,6 +311,10 @@ class TaskLog:
 
     def _look(self) -> None:
         self._write(final=False)
+        if self._pacers:
+            mine = {name: pacer.id for name, pacer in self._pacers.items()}
+            with contextlib.suppress(OSError):
+                self._views = read_peers(self._dir, self._wave, mine)
         if not self._stop.is_set() and (self._dir / STOP_FILE).exists():
             self._stop.set()
 
@@ -250,7 +335,10 @@ class TaskLog:
             "rows_done": m.ok_rows + m.skipped_rows + m.failed_rows,
             "tokens_reserved": self._reserved() if self._reserved is not None else 0,
             "final": final,
+            "written_at": time.time(),
         }
+        if self._pacers:
+            data["pacing"] = {name: {"id": p.id, **p.sent()} for name, p in self._pacers.items()}
         if final:  # the whole account, once: for sessions without accumulators (Spark Connect)
             data["metrics"] = m.to_dict(timeline=True)
         try:
@@ -260,4 +348,3 @@ class TaskLog:
             os.replace(partial, self._path)  # readers never see half a file
         except OSError as exc:
             log.debug("cannot write %s: %s", self._path, exc)
-

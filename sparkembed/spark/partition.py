@@ -28,7 +28,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.core.answers import AnswerLog
 from sparkembed.core.budget import BudgetGuard
 from sparkembed.core.context import RunContext
-from sparkembed.core.engine import get_embedder
+from sparkembed.core.engine import Embedder, get_embedder
 from sparkembed.core.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.core.metrics import Metrics
 from sparkembed.core.runlog import TaskLog, read_spend, wave_lock
@@ -104,20 +104,29 @@ class PartitionJob:
         reused (:mod:`sparkembed.core.answers`).
         """
         metrics = metrics if metrics is not None else Metrics()
+        embedder = get_embedder(self.config, make_backend, self.context.quota_share)
         if self.run_dir is None:
-            yield from self._embed(batches, metrics, lambda: False)
+            yield from self._embed(embedder, batches, metrics, lambda: False)
             return
         ctx = TaskContext.get()
         part, attempt = (ctx.partitionId(), ctx.attemptNumber()) if ctx else (0, 0)
         answers = AnswerLog(Path(self.run_dir).parent, self.context.run_id, (self.wave, part, attempt))
         guards: list[BudgetGuard] = []  # the spend file publishes the guard's reservations
         reserved = lambda: guards[0].reserved if guards else 0  # noqa: E731
-        with TaskLog(self.run_dir, _attempt_name(self.wave), metrics, reserved=reserved) as task_log:
+        task_log = TaskLog(
+            self.run_dir,
+            _attempt_name(self.wave),
+            metrics,
+            reserved=reserved,
+            pacers=embedder.limiters,
+            wave=self.wave,
+        )
+        with task_log:
             stop = task_log.stop_requested
             if self.context.tokens_left is not None:
                 guards.append(guard := self._budget(task_log))
                 stop = lambda: task_log.stop_requested() or guard.exhausted  # noqa: E731
-            yield from self._embed(batches, metrics, stop, answers, guards[0] if guards else None)
+            yield from self._embed(embedder, batches, metrics, stop, answers, guards[0] if guards else None)
         answers.finish()  # reached only when every batch was handed on: a failed attempt's stay
 
     def _budget(self, task_log: TaskLog) -> BudgetGuard:
@@ -136,6 +145,7 @@ class PartitionJob:
 
     def _embed(
         self,
+        embedder: Embedder,
         batches: Iterator[pa.RecordBatch],
         metrics: Metrics,
         stop: Callable[[], bool],
@@ -153,7 +163,6 @@ class PartitionJob:
                 pending.append((batch, plan))
                 yield plan
 
-        embedder = get_embedder(self.config, make_backend, self.context.quota_share)
         for results in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers, budget=budget):
             batch, plan = pending.popleft()
             out = combine(plan, results)

@@ -19,6 +19,7 @@ from sparkembed.core.ratelimit import (
     DEFAULT_COOLDOWN_S,
     REQUESTS_PER_LIMIT,
     WINDOW_MARGIN,
+    PeerView,
     RateLimiter,
     SendWindow,
 )
@@ -100,7 +101,7 @@ async def acquire_logged(
 
 def test_window_admits_up_to_its_limit_then_waits_for_the_oldest_to_age_out() -> None:
     clock = FakeClock()
-    window = SendWindow(100, None, 60.0, clock=clock)
+    window = SendWindow(100, 60.0, clock=clock)
     assert window.delay_s(100) == 0.0
     window.take(60)
     clock.now = 20.0
@@ -114,7 +115,7 @@ def test_window_admits_up_to_its_limit_then_waits_for_the_oldest_to_age_out() ->
 
 def test_window_lets_an_oversized_cost_into_an_empty_window_only() -> None:
     clock = FakeClock()
-    window = SendWindow(100, None, 60.0, clock=clock)
+    window = SendWindow(100, 60.0, clock=clock)
     window.take(10)
     clock.now = 5.0
     assert window.delay_s(250) == 55.0
@@ -124,7 +125,7 @@ def test_window_lets_an_oversized_cost_into_an_empty_window_only() -> None:
 
 def test_window_correction_gives_back_what_was_not_billed() -> None:
     clock = FakeClock()
-    window = SendWindow(100, None, 60.0, clock=clock)
+    window = SendWindow(100, 60.0, clock=clock)
     charge = window.take(100)
     assert window.delay_s(50) == 60.0
     window.correct(charge, 40)
@@ -132,16 +133,16 @@ def test_window_correction_gives_back_what_was_not_billed() -> None:
 
 
 def test_window_without_a_limit_admits_everything_and_still_counts() -> None:
-    window = SendWindow(None, None, 60.0, clock=FakeClock())
+    window = SendWindow(None, 60.0, clock=FakeClock())
     window.take(10**9)
     assert (window.limit, window.delay_s(10**9), window.used()) == (None, 0.0, 10**9)
 
 
 def test_the_tightest_recent_bound_is_the_limit_until_it_grows_old() -> None:
     clock = FakeClock()
-    window = SendWindow(None, 1_000, 60.0, clock=clock)
+    window = SendWindow(1_000, 60.0, clock=clock)
     window.learn(5_000)
-    assert window.limit == 1_000  # never above the ceiling
+    assert window.limit == 1_000  # never above the quota
     window.learn(700)
     clock.now = 30.0
     window.learn(900)
@@ -155,10 +156,22 @@ def test_the_tightest_recent_bound_is_the_limit_until_it_grows_old() -> None:
 
 
 def test_headroom_is_taken_off_limits_and_bounds() -> None:
-    window = SendWindow(1_000, 2_000, 60.0, clock=FakeClock(), headroom=0.1)
+    window = SendWindow(2_000, 60.0, share=0.5, clock=FakeClock(), headroom=0.1)
     assert window.limit == 900
-    window.learn(1_500)
+    window.learn(3_000)
     assert window.limit == 1_350
+
+
+def test_a_share_may_grow_to_the_whole_quota_but_equal_parts_split_the_bound() -> None:
+    window = SendWindow(1_000, 60.0, share=0.25, clock=FakeClock())
+    assert window.limit == 250
+    window.learn(4_000)  # alone in the tail: what it sent plus a quarter of the room is large
+    assert window.limit == 1_000
+    window.peers = 2
+    assert (window.bound, window.limit) == (1_000, 500)
+    window.learn(800)
+    window.peers = 4
+    assert (window.bound, window.limit) == (800, 200)
 
 
 # --- pacing -------------------------------------------------------------------------------
@@ -470,3 +483,81 @@ def test_after_a_quiet_spell_one_request_goes_first_and_its_answer_sets_the_burs
     run(loop, main)
     assert second_at[0] == pytest.approx(2 * MINUTE + 0.05, abs=0.01)
     assert limiter.token_limit == pytest.approx(6_000)
+
+
+# --- peers: what the other workers sent, from their spend files ---------------------------
+
+
+class Peers:
+    """A settable :class:`PeerView` source on the loop's clock (wall time = loop time)."""
+
+    def __init__(self, workers: int, **charges: Any) -> None:
+        self.view = PeerView(workers, **charges)
+
+    def __call__(self) -> PeerView:
+        return self.view
+
+
+def peered(loop: VirtualTimeLoop, peers: Peers, quota: float | None = None) -> RateLimiter:
+    """A limiter told a quarter of ``quota`` (per minute), with ``peers``."""
+    share = 1 / 4
+    limiter = RateLimiter(
+        quota and quota * share, None, share=share, clock=loop.time, wall=loop.time, headroom=0.0
+    )
+    limiter.settle(limiter._take(0, 0.0, 0), 0)
+    limiter.peers = peers
+    return limiter
+
+
+def test_with_peers_each_sender_takes_an_equal_part_and_the_tail_takes_more_at_once(
+    loop: VirtualTimeLoop,
+) -> None:
+    peers = Peers(4)
+    limiter = peered(loop, peers, 20_000)
+    limiter._view()
+    assert limiter.token_limit == 5_000
+    peers.view = PeerView(2)  # two tasks ended: no bound has to age out first
+    limiter._view()
+    assert limiter.token_limit == 10_000
+    # What an ended task sent in the window is still counted by the service: no one's part.
+    peers.view = PeerView(2, tokens=((0.0, 4_000.0),), ended_tokens=((0.0, 4_000.0),))
+    limiter._view()
+    assert limiter.token_limit == 8_000
+
+
+def test_with_peers_a_reading_waits_for_their_charges_until_then(loop: VirtualTimeLoop) -> None:
+    """Without peers the others are taken to have sent what this worker did (a share's guess);
+    with them, the bound is what all sent plus the room, once their files show it all."""
+    peers = Peers(2, tokens=((0.0, 9_000.0),), as_of=0.0)
+    limiter = peered(loop, peers)
+
+    async def main() -> list[float | None]:
+        await asyncio.sleep(1.0)
+        grant = await limiter.acquire(1_000)
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=10_000)
+        before = limiter.token_limit  # their file is older than the answer: not learned yet
+        peers.view = PeerView(2, tokens=((0.0, 9_000.0), (1.0, 2_000.0)), as_of=1.5)
+        limiter._view()
+        return [before, limiter.token_limit]
+
+    # 1,000 mine + 11,000 theirs + 10,000 room = 22,000 for the job, half of it this worker's.
+    assert run(loop, main) == [None, 11_000]
+
+
+def test_with_peers_nothing_is_sent_past_the_bound_counting_what_they_sent(loop: VirtualTimeLoop) -> None:
+    """A worker that joins late has an equal part, yet waits while the others' earlier sends
+    fill the window: the service counts them."""
+    peers = Peers(2, tokens=((0.0, 18_000.0),))
+    limiter = peered(loop, peers, 20_000)
+    log: list[tuple[str, float, float]] = []
+
+    async def main() -> None:
+        await asyncio.sleep(10.0)
+        await acquire_logged(limiter, 1_000, "fits", log)
+        await acquire_logged(limiter, 5_000, "waits", log)
+
+    run(loop, main)
+    assert limiter.token_limit == 10_000
+    assert log[0] == ("fits", 10.0, 0.0)
+    assert log[1][0] == "waits" and log[1][1] == pytest.approx(MINUTE)  # the 18,000 age out

@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 from sparkembed.core.metrics import Metrics, RequestRecord
-from sparkembed.core.runlog import TaskLog, read_spend, read_task_metrics, request_stop, wave_lock
+from sparkembed.core.runlog import (
+    TaskLog,
+    read_peers,
+    read_spend,
+    read_task_metrics,
+    request_stop,
+    wave_lock,
+)
 
 
 def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) -> None:
@@ -95,3 +102,41 @@ def test_the_wave_lock_holds_other_attempts_off_until_released(tmp_path: Path) -
     assert order == ["first out", "second in"]
     with wave_lock(tmp_path, 4):  # another wave's lock is another file
         pass
+
+
+def test_pacers_publish_their_charges_and_read_their_peers(tmp_path: Path) -> None:
+    """Each pacer counts once (its newest file), its own files are left out, and a pacer
+    whose task ended, or whose file went stale, holds its charges but no longer sends."""
+    from sparkembed.core.ratelimit import RateLimiter
+
+    def pacer_file(name: str, pacer: str, written: float, final: bool, sent: float) -> None:
+        charges = {"tokens": [[written - 1, sent]], "requests": [[written - 1, 1.0]]}
+        data = {"final": final, "written_at": written, "pacing": {"a": {"id": pacer, **charges}}}
+        (tmp_path / "tasks" / f"{name}.json").write_text(json.dumps(data))
+
+    (tmp_path / "tasks").mkdir()
+    now = 1_000.0
+    pacer_file("w00003-p00000-a0-t1", "mine", now, False, 9.0)
+    pacer_file("w00002-p00001-a0-t2", "busy", now - 30, True, 100.0)  # its earlier task
+    pacer_file("w00003-p00001-a0-t5", "busy", now - 0.2, False, 200.0)
+    pacer_file("w00003-p00002-a0-t6", "ended", now - 0.5, True, 300.0)
+    pacer_file("w00003-p00003-a0-t7", "dead", now - 60, False, 400.0)
+    pacer_file("w00001-p00000-a0-t0", "old", now - 90, True, 500.0)  # two waves back: unread
+
+    view = read_peers(tmp_path, 3, {"a": "mine", "b": "mine"}, now=now)["a"]
+    assert (view.workers, view.as_of) == (2, now - 0.2)
+    assert sorted(amount for _, amount in view.tokens) == [200.0, 300.0, 400.0]
+    assert sorted(amount for _, amount in view.ended_tokens) == [300.0, 400.0]
+    assert len(view.requests) == 3
+
+    # A live attempt publishes its pacer's charges and hands the pacer its peers' view.
+    limiter = RateLimiter(None, None)
+    limiter._take(700, 0.0, 700)
+    with TaskLog(tmp_path, "w00003-p00004-a0-t8", Metrics(), pacers={"a": limiter}, wave=3) as task_log:
+        assert limiter.peers is not None and limiter.peers() == task_log.peer_view("a")
+        view = limiter.peers()
+        # By the real clock every file above is stale: their charges are held, none sends.
+        assert view is not None and (view.workers, len(view.ended_tokens)) == (1, 4)
+    assert limiter.peers is None
+    published = json.loads(task_log.path.read_text())["pacing"]["a"]
+    assert published["id"] == limiter.id and [amount for _, amount in published["tokens"]] == [700.0]
