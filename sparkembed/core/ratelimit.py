@@ -474,36 +474,58 @@ class RateLimiter:
         this one did. This worker's requests still in flight count as sent, since the service
         may have counted them before this one (requests overtake each other) and a bound must
         never be too low; the bound is tightened once they are settled, without those the
-        service refused. The peers' charges up to this moment are added once their files
-        show them all (a fraction of a second): before, the bound would be too low.
+        service refused. With peers, see :meth:`_read_with_peers`.
         """
         if remaining_tokens is None and remaining_requests is None:
             return
         self._told_room = self._told_room or remaining_tokens is not None
-        peered = self._view() is not None
-        scale = 1.0 if peered else 1 / self._share
         leave_tokens, leave_requests = self._leave
+        tokens_room = None if remaining_tokens is None else max(0.0, remaining_tokens - leave_tokens)
+        requests_room = None if remaining_requests is None else max(0.0, remaining_requests - leave_requests)
+        if self._view() is not None:
+            self._read_with_peers(grant, tokens_room, requests_room)
+            return
+        scale = 1 / self._share
         reading = _Reading(
-            None
-            if remaining_tokens is None
-            else self._tokens.used() * scale + max(0.0, remaining_tokens - leave_tokens),
-            None
-            if remaining_requests is None
-            else self._requests.used() * scale + max(0.0, remaining_requests - leave_requests),
+            None if tokens_room is None else self._tokens.used() * scale + tokens_room,
+            None if requests_room is None else self._requests.used() * scale + requests_room,
             len(self._in_flight),
             scale,
-            self._wall() if peered else None,
+            None,
         )
         for other in self._in_flight:
             other._readings.append(reading)
-        if peered:
-            self._due.append(reading)
-            self._learn(reading)
-            return
         # Loose until then, but a bound already: the next sends must not plan on more.
         waiting, reading.waiting = reading.waiting, 0
         self._learn(reading)
         reading.waiting = waiting
+
+    def _read_with_peers(self, grant: Grant, tokens_room: float | None, requests_room: float | None) -> None:
+        """The room the service had when it took ``grant``'s request, plus what all had sent
+        by then: this worker's charges now, its peers' once their files show them all.
+
+        Requests sent later are left out, though the service may have taken one first (a
+        bound a request too low, at times); counting them would put every request in flight
+        in both the room and the sends, and each bound too high.
+        """
+        charged = grant._charges[0] or grant._charges[1]
+        sent_at = charged[0] if charged is not None else self._clock()
+
+        def mine(window: SendWindow) -> float:
+            return sum(amount for when, amount in window.sent() if when <= sent_at)
+
+        earlier = [g for g in self._in_flight if (g._charges[0] or g._charges[1] or [sent_at])[0] <= sent_at]
+        reading = _Reading(
+            None if tokens_room is None else mine(self._tokens) + tokens_room,
+            None if requests_room is None else mine(self._requests) + requests_room,
+            len(earlier),
+            1.0,
+            self._wall() - (self._clock() - sent_at),
+        )
+        for other in earlier:
+            other._readings.append(reading)
+        self._due.append(reading)
+        self._learn(reading)
 
     def on_throttle(self, grant: Grant | None, retry_after_s: float | None) -> None:
         """A 429 arrived: pause every acquirer until its retry-after, and lower the limit.
@@ -589,6 +611,8 @@ class RateLimiter:
             # Nothing heard yet, or not lately: one request goes first, to learn the room from its answer.
             return DEFAULT_COOLDOWN_S
         view = self._view()
+        if view is not None and self._due and self._tokens.bound is None:
+            return PEER_POLL_S  # the first answer's room, until the peers' files complete it
         delay = max(
             self._paused_until - self._clock(), self._tokens.delay_s(tokens), self._requests.delay_s(1)
         )

@@ -8,10 +8,12 @@ failed row, and few 429s.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from sparkembed.config import EmbedConfig
 from sparkembed.core.engine import Embedder
 from sparkembed.core.metrics import Metrics
 from sparkembed.core.ratelimit import RateLimiter
+from sparkembed.core.runlog import TaskLog
 from sparkembed.server.launch import LocalEndpoint
 
 pytestmark = pytest.mark.integration
@@ -54,20 +57,33 @@ def config_for(endpoint: LocalEndpoint, key: str, **limits: Any) -> EmbedConfig:
 
 
 def run(
-    config: EmbedConfig, texts: list[str], tokens_per_minute: float | None = None, share: float = 1.0
+    config: EmbedConfig,
+    texts: list[str],
+    tokens_per_minute: float | None = None,
+    share: float = 1.0,
+    run_dir: Path | None = None,
+    limiters: list[RateLimiter] | None = None,
 ) -> Metrics:
-    """Embed ``texts`` in chunks of 500, paced on the scaled minute; return the metrics."""
+    """Embed ``texts`` in chunks of 500, paced on the scaled minute; return the metrics.
+
+    With ``run_dir``, the pacer publishes its charges and reads its peers' there, as a
+    Spark task's does; ``limiters`` gets the pacer, to look at afterwards."""
     limiter = RateLimiter(
         tokens_per_minute and tokens_per_minute * share, None, share=share, minute_s=MINUTE_S
     )
+    if limiters is not None:
+        limiters.append(limiter)
     embedder = Embedder(config, make_backend(config), share=share, limiter=limiter)
     metrics = Metrics()
     chunks = [texts[i : i + 500] for i in range(0, len(texts), 500)]
-    try:
-        for results in embedder.embed_stream(chunks, metrics):
-            assert all(status == "ok" for status in results.status), set(results.error)
-    finally:
-        embedder.close()
+    with contextlib.ExitStack() as stack:
+        if run_dir is not None:
+            stack.enter_context(TaskLog(run_dir, f"w00000-{limiter.id}", metrics, pacers=embedder.limiters))
+        try:
+            for results in embedder.embed_stream(chunks, metrics):
+                assert all(status == "ok" for status in results.status), set(results.error)
+        finally:
+            embedder.close()
     return metrics
 
 
@@ -126,6 +142,48 @@ def test_two_workers_share_a_quota_neither_knows(start_endpoint: Any, endpoint_k
     assert sorted(outcomes) == [0, 1]
     assert sum(m.failed_rows for m in outcomes.values()) == 0
     assert sum(m.ok_rows for m in outcomes.values()) == 2500
+
+
+@pytest.mark.parametrize("limiter", LIMITERS)
+def test_four_tasks_with_peers_learn_the_whole_limit_and_split_it(
+    start_endpoint: Any, endpoint_key: str, limiter: str, tmp_path: Path
+) -> None:
+    """Four tasks, two starting late, none told the quota: through the run's spend files each
+    learns what the whole job may send (the quota, within the jitter), not a guess from its
+    own sends, and counts the tasks sending (each takes an equal part: tests/unit)."""
+    endpoint = start(start_endpoint, limiter, "--tpm-jitter", "0.05", "--seed", "3")
+    config = config_for(endpoint, endpoint_key)
+    texts = corpus(6000)
+    outcomes: dict[int, Metrics] = {}
+    limiters: list[RateLimiter] = []
+    seen: set[int | None] = set()
+
+    def task(number: int) -> None:
+        time.sleep(0.0 if number < 2 else MINUTE_S / 3)
+        outcomes[number] = run(config, texts[number::4], share=1 / 4, run_dir=tmp_path, limiters=limiters)
+
+    def watch() -> None:  # how many senders the pacers counted
+        while len(outcomes) < 4:
+            seen.update(pacer._tokens.peers for pacer in list(limiters))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=task, args=(n,)) for n in range(4)] + [threading.Thread(target=watch)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert sorted(outcomes) == [0, 1, 2, 3]
+    assert sum(m.ok_rows for m in outcomes.values()) == len(texts)
+    assert sum(m.failed_rows for m in outcomes.values()) == 0
+    requests = sum(m.requests for m in outcomes.values())
+    assert sum(m.throttled for m in outcomes.values()) / requests < 0.1
+    # Without peers: what it sent times four, plus the room. A bucket refills while it is
+    # drawn, so until it runs dry the room it reports plus a window's sends may reach twice
+    # its size: that much could be sent in a window, then.
+    quota = QUOTA_TPM * (1 + 0.05) * (2 if limiter == "token-bucket" else 1)
+    for pacer in limiters:
+        assert pacer._tokens.bound is not None and 0.75 * QUOTA_TPM < pacer._tokens.bound <= quota
+    assert 4 in seen  # all four at once, from their files
 
 
 def test_no_row_fails_while_another_client_keeps_taking_the_room(
