@@ -125,11 +125,19 @@ class SendWindow:
     @property
     def limit(self) -> float | None:
         """The most this worker may send in one window now (headroom taken off); None: no limit."""
+        return self._part(self.held)
+
+    @property
+    def part(self) -> float | None:
+        """This worker's limit once what ended workers hold has aged out."""
+        return self._part(0.0)
+
+    def _part(self, held: float) -> float | None:
         bound = self.bound
         if bound is None:
             return None
         if self.peers is not None:
-            return max(1.0, bound - self.held) / self.peers
+            return max(1.0, bound - held) / self.peers
         if not self._bounds or self._quota is None:
             return bound * self.share
         return min(self._bounds[0][1] * self.share, self._quota)  # a tail task may take it all
@@ -379,8 +387,9 @@ class RateLimiter:
 
     def request_cap(self) -> float | None:
         """Most estimated tokens one request should hold now: a :data:`REQUESTS_PER_LIMIT`
-        part of the token limit; None when no limit is known."""
-        limit = self._tokens.limit
+        part of the token limit (what ended peers still hold aside: it ages out within a
+        window); None when no limit is known."""
+        limit = self._tokens.part
         return None if limit is None else limit / REQUESTS_PER_LIMIT / self.ratio
 
     def load(self, tokens: int) -> float:

@@ -523,6 +523,7 @@ def test_with_peers_each_sender_takes_an_equal_part_and_the_tail_takes_more_at_o
     peers.view = PeerView(2, tokens=((0.0, 4_000.0),), ended_tokens=((0.0, 4_000.0),))
     limiter._view()
     assert limiter.token_limit == 8_000
+    assert limiter.request_cap() == 10_000 / REQUESTS_PER_LIMIT  # sized for when it has aged out
 
 
 def test_with_peers_a_reading_waits_for_their_charges_until_then(loop: VirtualTimeLoop) -> None:
