@@ -135,28 +135,35 @@ def read_spend(run_dir: str | Path, *, wave: int | None = None, exclude: Path | 
 
 
 def read_peers(
-    run_dir: str | Path, wave: int, mine: dict[str, str], *, now: float | None = None
+    run_dir: str | Path, wave: int, mine: dict[str, str], *, expected: int = 1, now: float | None = None
 ) -> dict[str, PeerView]:
     """What the other pacers of the wave and the one before published, per deployment.
 
     Args:
         mine: deployment name -> this process's pacer id, left out of its own view.
+        expected: task attempts of ``wave`` that must have published before any view is
+            given (the task slots): fewer means the folder is not shared by every executor,
+            or the wave is still starting, and each pacer keeps to its share instead.
         now: the wall clock (``time.time()``).
 
     A pacer that moved on to another task attempt is counted once, from its newest file.
     """
     newest: dict[tuple[str, str], tuple[float, bool, list[Any], list[Any]]] = {}
+    published = 0
     for prefix in {wave, max(0, wave - 1)}:
         for path in (Path(run_dir) / TASKS_DIR).glob(f"w{prefix:05d}-*.json"):
             try:
                 data = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            published += prefix == wave and "pacing" in data
             written, final = float(data.get("written_at", 0.0)), bool(data.get("final"))
             for route, pacer in (data.get("pacing") or {}).items():
                 key = (route, str(pacer.get("id")))
                 if key not in newest or newest[key][0] < written:
                     newest[key] = (written, final, pacer.get("tokens", []), pacer.get("requests", []))
+    if published < expected:
+        return {}
     now = time.time() if now is None else now
     views = {}
     for route, own in mine.items():
@@ -222,11 +229,12 @@ class TaskLog:
         pacers: this process's rate limiters by deployment: published, and told their peers'
             view while the attempt runs (then every ``PACE_EVERY_S`` seconds, not ``interval_s``).
         wave: the wave whose peers the pacers count (with the one before).
+        expected: the task slots: see :func:`read_peers`.
     """
 
     __slots__ = (
         "_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint",
-        "_seen", "_answered", "_reserved", "_writing", "_pacers", "_wave", "_views",
+        "_seen", "_answered", "_reserved", "_writing", "_pacers", "_wave", "_expected", "_views",
     )  # fmt: skip
 
     def __init__(
@@ -238,10 +246,12 @@ class TaskLog:
         reserved: Callable[[], int] | None = None,
         pacers: dict[str, RateLimiter] | None = None,
         wave: int = 0,
+        expected: int = 1,
     ):
         self._reserved = reserved
         self._pacers = dict(pacers or {})
         self._wave = wave
+        self._expected = expected
         self._views: dict[str, PeerView] = {}
         if self._pacers:
             interval_s = min(interval_s, PACE_EVERY_S)
@@ -314,7 +324,7 @@ class TaskLog:
         if self._pacers:
             mine = {name: pacer.id for name, pacer in self._pacers.items()}
             with contextlib.suppress(OSError):
-                self._views = read_peers(self._dir, self._wave, mine)
+                self._views = read_peers(self._dir, self._wave, mine, expected=self._expected)
         if not self._stop.is_set() and (self._dir / STOP_FILE).exists():
             self._stop.set()
 

@@ -120,6 +120,7 @@ class PartitionJob:
             reserved=reserved,
             pacers=embedder.limiters,
             wave=self.wave,
+            expected=self.context.workers,
         )
         with task_log:
             stop = task_log.stop_requested
