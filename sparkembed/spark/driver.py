@@ -54,7 +54,7 @@ from sparkembed.spark.migration import (
     record_start,
 )
 from sparkembed.spark.partition import output_schema
-from sparkembed.spark.planning import REPLACES, WorkPlan, plan_work
+from sparkembed.spark.planning import REPLACES, WorkPlan, held_texts, materialize, plan_work
 from sparkembed.spark.session import default_parallelism
 from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
@@ -231,17 +231,6 @@ def preflight(config: EmbedConfig) -> RunContext:
         route = f"a pool of {len(answers)} deployments ({', '.join(name for name, _ in answers)})"
     log.info("preflight ok: model %s, %d dimensions; route %s", model, dims, route)
     return RunContext(served_model=model, served_dimensions=dims)
-
-
-def _materialize(todo: DataFrame) -> DataFrame:
-    """Compute the rows to do once: waves then slice a fixed set, without re-reading the
-    source and redoing the anti-join per wave, and a non-deterministic source cannot
-    hand two waves different rows. Kept on the executors' memory and disk."""
-    try:
-        return todo.localCheckpoint(eager=True)
-    except Exception as exc:  # e.g. Spark Connect 3.5 has no localCheckpoint
-        log.warning("could not checkpoint the rows to do (%s); each wave recomputes them", exc)
-        return todo
 
 
 def _absolute_target(config: EmbedConfig) -> EmbedConfig:
@@ -456,19 +445,18 @@ def _split_copies(
     rows whose text the cache holds (:mod:`sparkembed.spark.cache`), computed once too."""
     store = cache.read_cache(spark, config)
     if not config.run.dedup and store is None:
-        return _materialize(plan.todo), None, None
+        return materialize(plan.todo), None, None
     marked = plan.todo
     if config.run.dedup:
-        target = None if plan.whole_source else read_target(spark, config)
-        marked = mark_copies(plan.todo, target, config, context)
-    marked = _materialize(marked if store is None else cache.with_keys(marked, config))
+        marked = mark_copies(plan.todo, held_texts(plan, plan.todo, config), config)
+    marked = materialize(marked if store is None else cache.with_keys(marked, config))
     hits = None
     if store is not None:  # a join of the rows left to do with the cache, on the text hash
-        entries = _materialize(cache.cache_entries(store, marked, config, context))
+        entries = materialize(cache.cache_entries(store, marked, config, context))
         marked = cache.mark_cached(marked, entries)
         found = marked.filter(F.col(cache.CACHED_FROM).isNotNull())
         schema = _output_schema(plan.todo, config)
-        hits = _materialize(cache.cached_rows(entries, found, config, context, schema))
+        hits = materialize(cache.cached_rows(entries, found, config, context, schema))
         marked = marked.filter(F.col(cache.CACHED_FROM).isNull()).drop(cache.CACHED_FROM)
     todo = marked.filter(F.col(COPY_OF).isNull()).drop(COPY_OF, HASH, FROM_TARGET)
     copies = marked.filter(F.col(COPY_OF).isNotNull()) if config.run.dedup else None
