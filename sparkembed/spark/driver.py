@@ -48,6 +48,7 @@ from sparkembed.errors import (
 from sparkembed.spark import cache, writers
 from sparkembed.spark.dedup import COPY_OF, FROM_TARGET, HASH, copy_rows, mark_copies
 from sparkembed.spark.migration import (
+    Migration,
     drop_switched_staging,
     finish_migration,
     plan_migration,
@@ -360,6 +361,10 @@ def _run_waves(
         summary.from_cache = hits.count()  # output rows, chunks included
         hit_ids = hits.select(config.source.id_col).distinct().count()
     summary.rows_total = total + copied + hit_ids
+    if not summary.rows_total and not plan.whole_source:
+        progress("0 source rows to embed: the target holds every one")
+        _finish_idle(spark, df, config, work, plan, migration, context, summary, run_dir, progress)
+        return
     cap = _check_budget(todo, config, progress)
     run_limits = config.run
     planner = WavePlanner(total, tokens, WaveLimits(
@@ -437,18 +442,50 @@ def _run_waves(
         summary.error_reasons, summary.error_examples = top_errors(spark, work, summary.run_id)
 
 
+def _finish_idle(
+    spark: SparkSession,
+    df: DataFrame,
+    config: EmbedConfig,
+    work: EmbedConfig,
+    plan: WorkPlan,
+    migration: Migration | None,
+    context: RunContext,
+    summary: RunSummary,
+    run_dir: str,
+    progress: Callable[[str], None],
+) -> None:
+    """A rerun with nothing to send, copy or take from the cache: no wave and no commit (the
+    pending table, if a crashed run left one, was applied before planning); only what needs no
+    wave: a prune, and a migration's check and switch."""
+    if plan.prune is not None:
+        sink = writers.choose_sink(spark, work, run_dir)
+        summary.pruned = sink.prune(plan.prune, work, summary.run_id, version=0)
+        if summary.pruned:
+            progress(f"pruned {summary.pruned} ids that are gone from the source")
+            sink.finish(work, summary.run_id)
+    if migration is not None:
+        summary.migration = finish_migration(spark, df, config, migration, context, progress)
+
+
 def _split_copies(
     spark: SparkSession, plan: WorkPlan, config: EmbedConfig, context: RunContext
 ) -> tuple[DataFrame, DataFrame | None, DataFrame | None]:
     """The rows to send (computed once); with ``run.dedup`` the rows that copy another's
     result instead (:mod:`sparkembed.spark.dedup`); with ``cache.path`` the output rows of the
     rows whose text the cache holds (:mod:`sparkembed.spark.cache`), computed once too."""
+    todo = plan.todo
+    if not plan.whole_source:
+        # Computed before dedup and the cache: a rerun with nothing to do stops here.
+        todo = materialize(todo)
+        # Not isEmpty(): Spark Connect's caches its DataFrame for good, and with it the checkpoint.
+        if not todo.limit(1).count():
+            return todo, None, None
     store = cache.read_cache(spark, config)
     if not config.run.dedup and store is None:
-        return materialize(plan.todo), None, None
-    marked = plan.todo
+        return (materialize(todo) if plan.whole_source else todo), None, None
+    marked = todo
     if config.run.dedup:
-        marked = mark_copies(plan.todo, held_texts(plan, plan.todo, config), config)
+        marked = mark_copies(todo, held_texts(plan, todo, config), config)
     marked = materialize(marked if store is None else cache.with_keys(marked, config))
     hits = None
     if store is not None:  # a join of the rows left to do with the cache, on the text hash
