@@ -16,7 +16,9 @@ no asserts; not run by CI).
    fraction). Every committed version is checked for an (id, chunk_index) shown twice.
 5. Before those, ``--rounds`` reruns of the built target with nothing changed, each timed
    against a plain ``count()`` of the source (parquet answers it from file footers) and a scan
-   hashing every text, in the same session, one after the other.
+   hashing every text, in the same session, one after the other. Each rerun also reports, from
+   Spark's SQL status store, its queries (with their seconds), its jobs, and the columns read by
+   each scan of the target's files.
 
 "Before" and "after" run this same script against two checkouts of the package::
 
@@ -169,13 +171,53 @@ def nothing_changed(spark: Any, endpoint: Any, config: EmbedConfig, source: Path
     spark.read.parquet(str(source)).agg(F.sum(F.length(F.sha2("text", 256)))).collect()
     scan_s = time.monotonic() - t0
     endpoint.reset()
+    after = last_execution(spark)
+    spark.conf.set("spark.sql.maxMetadataStringLength", "10000")  # plans show whole locations
     t0 = time.monotonic()
-    summary = driver.run(spark, config, progress=lambda _: None)
+    try:
+        summary = driver.run(spark, config, progress=lambda _: None)
+        seconds = time.monotonic() - t0
+    finally:
+        spark.conf.unset("spark.sql.maxMetadataStringLength")
     return {
-        "seconds": round(time.monotonic() - t0, 1), "source_count_s": round(count_s, 2),
+        "seconds": round(seconds, 1), "source_count_s": round(count_s, 2),
         "hash_scan_s": round(scan_s, 2), "rows": rows, "rows_to_do": summary.rows_total,
         "requests": endpoint.stats(billed=False)["requests"],
+        **spark_work(spark, str(config.target.path), after),
     }  # fmt: skip
+
+
+def last_execution(spark: Any) -> int:
+    """The id of the last Spark SQL query run so far (-1: none)."""
+    spark.sparkContext._jsc.sc().listenerBus().waitUntilEmpty()
+    executions = spark._jsparkSession.sharedState().statusStore().executionsList()
+    return max((executions.apply(k).executionId() for k in range(executions.size())), default=-1)
+
+
+def spark_work(spark: Any, target: str, after: int) -> dict[str, Any]:
+    """What the Spark queries since execution ``after`` did: queries, jobs, and the scans of the
+    target's files, by the columns each read (a checkpoint or a reused exchange reads no file)."""
+    spark.sparkContext._jsc.sc().listenerBus().waitUntilEmpty()
+    store = spark._jsparkSession.sharedState().statusStore()
+    executions = store.executionsList()
+    jobs = 0
+    queries: list[str] = []
+    scans: list[str] = []
+    for k in range(executions.size()):
+        execution = executions.apply(k)
+        if execution.executionId() <= after:
+            continue
+        ended = execution.completionTime()
+        seconds = (ended.get().getTime() - execution.submissionTime()) / 1000 if ended.isDefined() else None
+        queries.append(f"{execution.description().split(' at ')[0]} {seconds} s")
+        jobs += execution.jobs().size()
+        # The plan's details: one block per node, "(3) Scan parquet", then "Location: ...".
+        for node in execution.physicalPlanDescription().split("\n\n"):
+            lines = node.strip().splitlines()
+            fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            if lines and "Scan parquet" in lines[0] and f"{target}/" in fields.get("Location", ""):
+                scans.append(fields.get("ReadSchema", ""))
+    return {"spark_queries": queries, "spark_jobs": jobs, "target_scans": scans}
 
 
 def main() -> int:

@@ -23,9 +23,8 @@ from pyspark.sql import types as T
 
 from sparkembed.config import EmbedConfig
 from sparkembed.core.context import RunContext
-from sparkembed.core.types import Status
 from sparkembed.spark.partition import CACHED_FROM, DEDUP_OF, OUTPUT_FIELDS
-from sparkembed.spark.planning import REPLACES
+from sparkembed.spark.planning import HELD_BY, HELD_HASH, REPLACES
 
 HASH = "_sparkembed_hash"
 """Column of the marked rows: the text's hash, null for a blank text."""
@@ -36,44 +35,27 @@ FROM_TARGET = "_sparkembed_from_target"
 _ZERO = ("prompt_tokens", "total_tokens")
 
 
-def mark_copies(
-    todo: DataFrame, target: DataFrame | None, config: EmbedConfig, context: RunContext
-) -> DataFrame:
+def mark_copies(todo: DataFrame, held: DataFrame | None, config: EmbedConfig) -> DataFrame:
     """``todo`` with :data:`HASH`, :data:`COPY_OF` and :data:`FROM_TARGET`.
 
     Args:
         todo: the rows to do (:class:`~sparkembed.spark.planning.WorkPlan`).
-        target: the target as it is, or None (no target, or an overwrite): nothing to reuse.
+        held: the texts the target holds (:func:`~sparkembed.spark.planning.held_texts`), or
+            None (no target, or an overwrite): nothing to reuse.
     """
     id_col, text = config.source.id_col, F.col(config.source.text_col)
     sendable = text.isNotNull() & ~text.rlike(r"^\s*$")
     marked = todo.withColumn(HASH, F.when(sendable, F.sha2(text, 256)))
     first = F.min(id_col).over(Window.partitionBy(HASH))  # the shuffle on the hash
     in_run = F.when(F.col(HASH).isNotNull() & (first != F.col(id_col)), first)
-    if target is None:
+    if held is None:
         return marked.withColumn(COPY_OF, in_run).withColumn(FROM_TARGET, F.lit(False))
-    paid = _texts_held(target, todo.select(id_col), config, context)
-    marked = marked.join(paid, marked[HASH] == paid["_held_hash"], "left").drop("_held_hash")
+    marked = marked.join(held, marked[HASH] == held[HELD_HASH], "left").drop(HELD_HASH)
     return (
-        marked.withColumn(COPY_OF, F.coalesce(F.col("_held_by"), in_run))
-        .withColumn(FROM_TARGET, F.col("_held_by").isNotNull())
-        .drop("_held_by")
+        marked.withColumn(COPY_OF, F.coalesce(F.col(HELD_BY), in_run))
+        .withColumn(FROM_TARGET, F.col(HELD_BY).isNotNull())
+        .drop(HELD_BY)
     )
-
-
-def _texts_held(
-    target: DataFrame, todo_ids: DataFrame, config: EmbedConfig, context: RunContext
-) -> DataFrame:
-    """Per text hash, the smallest target id holding it wholly ``ok`` under this fingerprint,
-    among ids this run leaves alone (``_held_hash``, ``_held_by``)."""
-    id_col = config.source.id_col
-    fingerprints = list(config.equivalent_fingerprints(context))
-    mine = target.filter(F.col("embedding_fingerprint").isin(fingerprints))
-    per_text = mine.groupBy(id_col, "text_hash").agg(
-        F.min((F.col("status") == Status.OK.value).cast("int")).alias("_all_ok")
-    )
-    held = per_text.filter(F.col("_all_ok") == 1).join(todo_ids, id_col, "left_anti")
-    return held.groupBy(F.col("text_hash").alias("_held_hash")).agg(F.min(id_col).alias("_held_by"))
 
 
 def copy_rows(

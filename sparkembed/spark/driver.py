@@ -48,13 +48,14 @@ from sparkembed.errors import (
 from sparkembed.spark import cache, writers
 from sparkembed.spark.dedup import COPY_OF, FROM_TARGET, HASH, copy_rows, mark_copies
 from sparkembed.spark.migration import (
+    Migration,
     drop_switched_staging,
     finish_migration,
     plan_migration,
     record_start,
 )
 from sparkembed.spark.partition import output_schema
-from sparkembed.spark.planning import REPLACES, WorkPlan, plan_work
+from sparkembed.spark.planning import REPLACES, WorkPlan, held_texts, materialize, plan_work
 from sparkembed.spark.session import default_parallelism
 from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
@@ -233,17 +234,6 @@ def preflight(config: EmbedConfig) -> RunContext:
     return RunContext(served_model=model, served_dimensions=dims)
 
 
-def _materialize(todo: DataFrame) -> DataFrame:
-    """Compute the rows to do once: waves then slice a fixed set, without re-reading the
-    source and redoing the anti-join per wave, and a non-deterministic source cannot
-    hand two waves different rows. Kept on the executors' memory and disk."""
-    try:
-        return todo.localCheckpoint(eager=True)
-    except Exception as exc:  # e.g. Spark Connect 3.5 has no localCheckpoint
-        log.warning("could not checkpoint the rows to do (%s); each wave recomputes them", exc)
-        return todo
-
-
 def _absolute_target(config: EmbedConfig) -> EmbedConfig:
     """Executors may run in other folders: a local target path must be absolute."""
 
@@ -371,6 +361,10 @@ def _run_waves(
         summary.from_cache = hits.count()  # output rows, chunks included
         hit_ids = hits.select(config.source.id_col).distinct().count()
     summary.rows_total = total + copied + hit_ids
+    if not summary.rows_total and not plan.whole_source:
+        progress("0 source rows to embed: the target holds every one")
+        _finish_idle(spark, df, config, work, plan, migration, context, summary, run_dir, progress)
+        return
     cap = _check_budget(todo, config, progress)
     run_limits = config.run
     planner = WavePlanner(total, tokens, WaveLimits(
@@ -448,27 +442,58 @@ def _run_waves(
         summary.error_reasons, summary.error_examples = top_errors(spark, work, summary.run_id)
 
 
+def _finish_idle(
+    spark: SparkSession,
+    df: DataFrame,
+    config: EmbedConfig,
+    work: EmbedConfig,
+    plan: WorkPlan,
+    migration: Migration | None,
+    context: RunContext,
+    summary: RunSummary,
+    run_dir: str,
+    progress: Callable[[str], None],
+) -> None:
+    """A rerun with nothing to send, copy or take from the cache: no wave and no commit (the
+    pending table, if a crashed run left one, was applied before planning); only what needs no
+    wave: a prune, and a migration's check and switch."""
+    if plan.prune is not None:
+        sink = writers.choose_sink(spark, work, run_dir)
+        summary.pruned = sink.prune(plan.prune, work, summary.run_id, version=0)
+        if summary.pruned:
+            progress(f"pruned {summary.pruned} ids that are gone from the source")
+            sink.finish(work, summary.run_id)
+    if migration is not None:
+        summary.migration = finish_migration(spark, df, config, migration, context, progress)
+
+
 def _split_copies(
     spark: SparkSession, plan: WorkPlan, config: EmbedConfig, context: RunContext
 ) -> tuple[DataFrame, DataFrame | None, DataFrame | None]:
     """The rows to send (computed once); with ``run.dedup`` the rows that copy another's
     result instead (:mod:`sparkembed.spark.dedup`); with ``cache.path`` the output rows of the
     rows whose text the cache holds (:mod:`sparkembed.spark.cache`), computed once too."""
+    todo = plan.todo
+    if not plan.whole_source:
+        # Computed before dedup and the cache: a rerun with nothing to do stops here.
+        todo = materialize(todo)
+        # Not isEmpty(): Spark Connect's caches its DataFrame for good, and with it the checkpoint.
+        if not todo.limit(1).count():
+            return todo, None, None
     store = cache.read_cache(spark, config)
     if not config.run.dedup and store is None:
-        return _materialize(plan.todo), None, None
-    marked = plan.todo
+        return (materialize(todo) if plan.whole_source else todo), None, None
+    marked = todo
     if config.run.dedup:
-        target = None if plan.whole_source else read_target(spark, config)
-        marked = mark_copies(plan.todo, target, config, context)
-    marked = _materialize(marked if store is None else cache.with_keys(marked, config))
+        marked = mark_copies(todo, held_texts(plan, todo, config), config)
+    marked = materialize(marked if store is None else cache.with_keys(marked, config))
     hits = None
     if store is not None:  # a join of the rows left to do with the cache, on the text hash
-        entries = _materialize(cache.cache_entries(store, marked, config, context))
+        entries = materialize(cache.cache_entries(store, marked, config, context))
         marked = cache.mark_cached(marked, entries)
         found = marked.filter(F.col(cache.CACHED_FROM).isNotNull())
         schema = _output_schema(plan.todo, config)
-        hits = _materialize(cache.cached_rows(entries, found, config, context, schema))
+        hits = materialize(cache.cached_rows(entries, found, config, context, schema))
         marked = marked.filter(F.col(cache.CACHED_FROM).isNull()).drop(cache.CACHED_FROM)
     todo = marked.filter(F.col(COPY_OF).isNull()).drop(COPY_OF, HASH, FROM_TARGET)
     copies = marked.filter(F.col(COPY_OF).isNotNull()) if config.run.dedup else None

@@ -15,10 +15,9 @@ from sparkembed.spark import cache
 from sparkembed.spark.dedup import COPY_OF, mark_copies
 from sparkembed.spark.driver import prepare, refuse_speculation
 from sparkembed.spark.migration import plan_migration
-from sparkembed.spark.planning import REPLACES, plan_work
+from sparkembed.spark.planning import REPLACES, held_texts, plan_work
 from sparkembed.spark.sizing import count_work
 from sparkembed.spark.sources import check_ids, read_source, select_input
-from sparkembed.spark.targets import read_target
 
 
 def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None = None) -> dict[str, Any]:
@@ -33,7 +32,7 @@ def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None 
     minute and requests per minute of the quota (None without ``limits.tokens_per_minute``).
     """
     context = RunContext()
-    target = None
+    held = None
     if config.target.path:
         # The same checks and preflight as a run (one tiny request), so the fingerprint
         # compared with the target is the one the run would write.
@@ -41,8 +40,7 @@ def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None 
         migration = plan_migration(spark, config, context)  # a new fingerprint: what staging lacks
         work = migration.staging if migration else config
         plan = plan_work(spark, df, work, context)
-        todo = plan.todo
-        target = None if plan.whole_source else read_target(spark, work)
+        todo, held = plan.todo, held_texts(plan, plan.todo, work)
     else:
         refuse_speculation(spark)
         todo = select_input(
@@ -51,7 +49,7 @@ def estimate(spark: SparkSession, config: EmbedConfig, source: DataFrame | None 
         check_ids(todo, config.source.id_col)
     copied = from_cache = 0
     if config.run.dedup:
-        todo = mark_copies(todo, target, config, context)
+        todo = mark_copies(todo, held, config)
     store = cache.read_cache(spark, cache.absolute_cache(config))
     if store is not None:  # rows whose text the cache holds are not sent
         todo = cache.with_keys(todo, config).cache()

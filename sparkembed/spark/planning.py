@@ -2,12 +2,18 @@
 
 A source row is done when the target holds its (id, text_hash) under the current
 ``embedding_fingerprint`` (model, dimensions, input type, long-text strategy),
-and, with ``--retry-failed``, none of that id's rows failed. The work left is a
-left anti-join, lazy and pushed down to Spark: nothing is collected.
+and, with ``--retry-failed``, none of that id's rows failed.
+
+The target is read once: one aggregation per id (:func:`target_ids`) holds what every
+question of the plan asks (is this text done? does the id have rows? did it fail? which
+texts does it hold wholly ``ok``?), and is checkpointed. The rows to do are one join of the
+hashed source with it; the failed ids, the ids to prune and dedup's texts held by the target
+come from the same checkpoint, not from the target again.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession
@@ -21,6 +27,14 @@ from sparkembed.spark.targets import read_target
 
 REPLACES = "_sparkembed_replaces"
 """Column of ``WorkPlan.todo``: the id already has rows in the target (sinks drop it)."""
+HELD_HASH = "_held_hash"
+"""Column of ``WorkPlan.held``: a text hash the target holds wholly ``ok``."""
+HELD_BY = "_held_by"
+"""Column of ``WorkPlan.held``: the smallest id holding it, among ids this run leaves alone."""
+_NO_HASH = ""
+"""Stands for a null hash (a null text) in the per-id hash sets: no sha256 is empty."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,8 @@ class WorkPlan:
         overwrite: replace the whole target (``target.mode: overwrite``).
         failed_left: ids whose failed rows stay as they are (no ``--retry-failed``).
         prune: target ids that are gone from the source, when ``--prune`` is on.
+        target_ids: :func:`target_ids` of the target, computed once; None without a target
+            (or with an overwrite).
     """
 
     todo: DataFrame
@@ -40,10 +56,11 @@ class WorkPlan:
     overwrite: bool = False
     failed_left: int = 0
     prune: DataFrame | None = None
+    target_ids: DataFrame | None = None
 
 
 def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig, context: RunContext) -> WorkPlan:
-    """Anti-join the source against the target rows made with this run's fingerprint.
+    """Join the source with the target's ids and hashes under this run's fingerprints.
 
     ``config.target`` is where the run writes: for a migration, the staging table
     (:mod:`sparkembed.spark.migration` decides, and checks fingerprints, before this).
@@ -56,39 +73,80 @@ def plan_work(spark: SparkSession, source: DataFrame, config: EmbedConfig, conte
         return WorkPlan(todo=todo, whole_source=True, overwrite=config.target.mode == "overwrite")
     _check_columns(target, source, config)
     id_col, text_col = config.source.id_col, config.source.text_col
-    mine = target.filter(F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints(context))))
-    per_text = mine.groupBy(id_col, "text_hash").agg(
-        F.max((F.col("status") == Status.FAILED.value).cast("int")).alias("_failed")
-    )
-    done = per_text.filter(F.col("_failed") == 0) if config.run.retry_failed else per_text
-    done = done.select(F.col(id_col).alias("_done_id"), F.col("text_hash").alias("_done_hash"))
-    hashed = source.withColumn("_hash", F.sha2(F.col(text_col), 256))
-    todo = hashed.join(
-        done,
-        (hashed[id_col] == done["_done_id"]) & hashed["_hash"].eqNullSafe(done["_done_hash"]),
-        "left_anti",
-    ).drop("_hash")
-    # Which ids already have rows: only those need the upsert's rewrite of old files.
-    known = target.select(F.col(id_col).alias("_known_id")).distinct()
-    todo = (
-        todo.join(known, todo[id_col] == known["_known_id"], "left")
-        .withColumn(REPLACES, F.col("_known_id").isNotNull())
-        .drop("_known_id")
+    ids = materialize(target_ids(target, config, context))  # the one read of the target
+    hashed = source.withColumn("_hash", F.coalesce(F.sha2(F.col(text_col), 256), F.lit(_NO_HASH)))
+    joined = hashed.join(ids, id_col, "left")
+    done = F.array_contains("_mine", F.col("_hash"))
+    if config.run.retry_failed:
+        done = done & ~F.array_contains("_failed", F.col("_hash"))
+    todo = joined.filter(~F.coalesce(done, F.lit(False))).select(
+        *source.columns,
+        F.col("_mine").isNotNull().alias(REPLACES),  # the id has rows: the upsert rewrites their files
     )
     failed_left = 0
     if not config.run.retry_failed:
-        failed_left = per_text.filter(F.col("_failed") == 1).select(id_col).distinct().count()
+        failed_left = ids.filter(F.size("_failed") > 0).count()
     prune = None
     if config.run.prune:
-        prune = target.select(id_col).distinct().join(source.select(id_col), id_col, "left_anti")
-    return WorkPlan(todo=todo, failed_left=failed_left, prune=prune)
+        prune = ids.select(id_col).join(source.select(id_col), id_col, "left_anti")
+    return WorkPlan(todo=todo, failed_left=failed_left, prune=prune, target_ids=ids)
+
+
+def held_texts(plan: WorkPlan, todo: DataFrame, config: EmbedConfig) -> DataFrame | None:
+    """Per text hash the target holds wholly ``ok`` under this run's fingerprints, the smallest
+    id holding it among ids this run leaves alone (:data:`HELD_HASH`, :data:`HELD_BY`): what
+    dedup copies instead of sending. From ``plan.target_ids``, not the target; None without one.
+
+    Args:
+        todo: the rows to do (``plan.todo``, or its checkpoint).
+    """
+    if plan.target_ids is None:
+        return None
+    id_col = config.source.id_col
+    wholly_ok = F.explode(F.array_except("_mine", "_not_ok")).alias(HELD_HASH)
+    return (
+        plan.target_ids.join(todo.select(id_col), id_col, "left_anti")
+        .select(id_col, wholly_ok)
+        .filter(F.col(HELD_HASH) != _NO_HASH)
+        .groupBy(HELD_HASH)
+        .agg(F.min(id_col).alias(HELD_BY))
+    )
+
+
+def target_ids(target: DataFrame, config: EmbedConfig, context: RunContext) -> DataFrame:
+    """One row per target id: the hashes of its texts under this run's fingerprints
+    (``_mine``), those with a failed row (``_failed``), and those with a row not ``ok``
+    (``_not_ok``). A null hash is :data:`_NO_HASH`; an id without rows of this fingerprint
+    has an empty ``_mine``."""
+    mine = F.col("embedding_fingerprint").isin(list(config.equivalent_fingerprints(context)))
+    text_hash = F.coalesce(F.col("text_hash"), F.lit(_NO_HASH))
+    status = F.col("status")
+    return target.groupBy(config.source.id_col).agg(
+        F.collect_set(F.when(mine, text_hash)).alias("_mine"),
+        F.collect_set(F.when(mine & (status == Status.FAILED.value), text_hash)).alias("_failed"),
+        F.collect_set(F.when(mine & (status != Status.OK.value), text_hash)).alias("_not_ok"),
+    )
+
+
+def materialize(df: DataFrame) -> DataFrame:
+    """Compute ``df`` once and keep it on the executors' memory and disk: later queries read
+    it instead of its sources (and a non-deterministic source cannot give two of them
+    different rows)."""
+    try:
+        return df.localCheckpoint(eager=True)
+    except Exception as exc:  # e.g. Spark Connect 3.5 has no localCheckpoint
+        log.warning("could not checkpoint a plan's rows (%s); each use recomputes them", exc)
+        return df
 
 
 def other_fingerprints(target: DataFrame, config: EmbedConfig, context: RunContext) -> list[str]:
     """Fingerprints in ``target`` other than this run's (and its equivalents), at most five."""
-    same = config.equivalent_fingerprints(context)
-    found = [r[0] for r in target.select("embedding_fingerprint").distinct().limit(6).collect()]
-    return [fp for fp in found if fp not in same][:5]
+    same = list(config.equivalent_fingerprints(context))
+    # Filtered before the distinct: parquet skips the row groups whose statistics hold only
+    # this run's fingerprints, so a target of one fingerprint is answered from file footers.
+    fingerprint = F.col("embedding_fingerprint")
+    other = target.filter(~fingerprint.isin(same) | fingerprint.isNull())
+    return [r[0] for r in other.select("embedding_fingerprint").distinct().limit(5).collect()]
 
 
 def _check_columns(target: DataFrame, source: DataFrame, config: EmbedConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,74 @@ def test_a_crash_mid_rerun_then_rerun_pays_nothing_twice(
     assert_matches(target, rerun_rows)
     # The rerun applied the crashed run's rows, then its own: each a single commit.
     assert len(commits(target, version_before)) == 2
+
+
+def target_scans(spark: SparkSession, target: str, after: int) -> list[tuple[str, int]]:
+    """Each scan of ``target``'s files in the Spark queries run since execution id ``after``:
+    the columns it read and the rows it output (from Spark's SQL status store; a checkpoint
+    or a reused exchange reads no file)."""
+    spark.sparkContext._jsc.sc().listenerBus().waitUntilEmpty()  # type: ignore[attr-defined]
+    store = spark._jsparkSession.sharedState().statusStore()  # type: ignore[attr-defined]
+    executions = store.executionsList()
+    found = []
+    for k in range(executions.size()):
+        execution_id = executions.apply(k).executionId()
+        if execution_id <= after:
+            continue
+        values = store.executionMetrics(execution_id)
+        nodes = store.planGraph(execution_id).allNodes()
+        for node in (nodes.apply(n) for n in range(nodes.size())):
+            if node.name().strip() != "Scan parquet" or f"{target}/" not in node.desc():
+                continue
+            columns = re.search(r"ReadSchema: (struct<[^>]*>)", node.desc())
+            metrics = node.metrics()
+            rows = next(
+                values.get(m.accumulatorId()).get()
+                for m in (metrics.apply(i) for i in range(metrics.size()))
+                if m.name() == "number of output rows"
+            )
+            found.append((columns.group(1) if columns else "", int(rows.replace(",", ""))))
+    return found
+
+
+def last_execution(spark: SparkSession) -> int:
+    spark.sparkContext._jsc.sc().listenerBus().waitUntilEmpty()  # type: ignore[attr-defined]
+    executions = spark._jsparkSession.sharedState().statusStore().executionsList()  # type: ignore[attr-defined]
+    return max((executions.apply(k).executionId() for k in range(executions.size())), default=-1)
+
+
+def test_a_rerun_with_nothing_changed_reads_the_target_once(
+    spark: SparkSession, start_endpoint: Any, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = texts()
+    rows["text"][5] = "POISON 5"  # a failed id: the rerun counts it from the same read
+    rows["text"][9] = rows["text"][8]  # a copy: dedup's look-up must not read the target again
+    source = write_source(tmp_path, rows, "source.parquet")
+    target = str(tmp_path / "target")
+    faulty = start_endpoint("--model", "hash", "--dims", "16", "--fail-text", "POISON")
+    config = config_for(faulty, endpoint_key, source, target, 100).with_overrides({"run.dedup": True})
+    driver.run(spark, config, progress=lambda _: None)
+    version = DeltaTable(target).version()
+
+    clean = start_endpoint("--model", "hash", "--dims", "16")
+    config = config.with_overrides({"endpoint.url": clean.url})
+    before = last_execution(spark)
+    lines: list[str] = []
+    spark.conf.set("spark.sql.maxMetadataStringLength", "10000")  # plans show whole locations
+    try:
+        summary = driver.run(spark, config, progress=lines.append)
+    finally:
+        spark.conf.unset("spark.sql.maxMetadataStringLength")
+
+    assert clean.stats(billed=False)["requests"] == 1  # the preflight only
+    assert summary.failed_before == 1 and any(line.startswith("1 ids have failed rows") for line in lines)
+    assert summary.rows_total == summary.waves == 0 and DeltaTable(target).version() == version
+    # Planning reads the target's ids and hashes once; the fingerprint check reads only the
+    # fingerprint column, answered from the files' statistics (no row comes out of that scan).
+    scans = target_scans(spark, target, before)
+    assert [columns for columns, _ in scans if "text_hash" in columns] == [
+        "struct<id:string,text_hash:string,status:string,embedding_fingerprint:string>"
+    ]
+    assert [scan for scan in scans if "text_hash" not in scan[0]] == [
+        ("struct<embedding_fingerprint:string>", 0)
+    ]
