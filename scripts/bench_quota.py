@@ -282,6 +282,8 @@ def run_one(
             records = [RequestRecord(**r) for r in summary.timeline]
             failed = summary.counts["failed_rows"]
         figures = analyse(records, sum(quotas) * spec.get("max_share", 1.0)) | {"failed_rows": failed}
+        begin = min(r.start_s for r in records)
+        figures["throttled_at_s"] = [round(r.start_s - begin, 1) for r in records if r.status == 429]
         if killer is not None and killer.at is not None:
             left = sum(quotas) - quotas[spec["kill"]]
             figures["killed_after_s"] = round(killer.at - min(r.start_s for r in records), 1)
