@@ -284,6 +284,10 @@ def run_one(
         figures = analyse(records, sum(quotas) * spec.get("max_share", 1.0)) | {"failed_rows": failed}
         begin = min(r.start_s for r in records)
         figures["throttled_at_s"] = [round(r.start_s - begin, 1) for r in records if r.status == 429]
+        per_minute = [0.0] * (int((max(r.end_s for r in records) - begin) // 60) + 1)
+        for r in records:
+            per_minute[int((r.end_s - begin) // 60)] += r.prompt_tokens / sum(quotas)
+        figures["tokens_per_minute_over_quota"] = [round(x, 2) for x in per_minute]
         if killer is not None and killer.at is not None:
             left = sum(quotas) - quotas[spec["kill"]]
             figures["killed_after_s"] = round(killer.at - min(r.start_s for r in records), 1)
