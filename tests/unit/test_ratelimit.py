@@ -562,3 +562,30 @@ def test_with_peers_nothing_is_sent_past_the_bound_counting_what_they_sent(loop:
     assert limiter.token_limit == 10_000
     assert log[0] == ("fits", 10.0, 0.0)
     assert log[1][0] == "waits" and log[1][1] == pytest.approx(MINUTE)  # the 18,000 age out
+
+
+def test_with_peers_and_no_quota_nothing_more_is_sent_until_the_first_room_is_learned(
+    loop: VirtualTimeLoop,
+) -> None:
+    """The first answer's room is completed by the peers' files a moment later; until then
+    no limit is known, and a burst could go past the quota."""
+    peers = Peers(2, as_of=0.0)
+    limiter = peered(loop, peers)
+    log: list[tuple[str, float, float]] = []
+
+    async def fresh_files_at(when: float) -> None:
+        await asyncio.sleep(when - loop.time())
+        peers.view = PeerView(2, as_of=when)
+
+    async def main() -> None:
+        await asyncio.sleep(1.0)
+        grant = await limiter.acquire(1_000)
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=19_000)
+        files = asyncio.ensure_future(fresh_files_at(2.0))
+        await acquire_logged(limiter, 1_000, "next", log)
+        await files
+
+    run(loop, main)
+    assert log[0][0] == "next" and log[0][1] >= 2.0  # waited for the files, not the window
+    assert limiter.token_limit == 10_000  # 1,000 sent + 19,000 room, for two
