@@ -9,7 +9,17 @@ import time
 from pathlib import Path
 
 from sparkembed.core.metrics import Metrics, RequestRecord
-from sparkembed.core.runlog import TaskLog, read_spend, read_task_metrics, request_stop, wave_lock
+from sparkembed.core.runlog import (
+    CACHE_DUE_FILE,
+    TaskLog,
+    cache_due_runs,
+    clear_cache_due,
+    mark_cache_due,
+    read_spend,
+    read_task_metrics,
+    request_stop,
+    wave_lock,
+)
 
 
 def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) -> None:
@@ -95,3 +105,19 @@ def test_the_wave_lock_holds_other_attempts_off_until_released(tmp_path: Path) -
     assert order == ["first out", "second in"]
     with wave_lock(tmp_path, 4):  # another wave's lock is another file
         pass
+
+
+def test_only_the_runs_that_died_with_their_appends_due_on_this_target_and_cache_are_found(
+    tmp_path: Path,
+) -> None:
+    mine = {"target": "/lake/a", "cache": "/lake/cache"}
+    mark_cache_due(tmp_path / "run-1", **mine)  # died
+    mark_cache_due(tmp_path / "run-2", **mine)
+    clear_cache_due(tmp_path / "run-2")  # made its last append
+    mark_cache_due(tmp_path / "run-3", target="/lake/b", cache="/lake/cache")  # another target
+    mark_cache_due(tmp_path / "run-4", target="/lake/a", cache="/lake/other")  # another cache
+    (tmp_path / "run-5").mkdir()
+    (tmp_path / "run-5" / CACHE_DUE_FILE).write_text('{"target": "/lake/a", "ca')  # cut short
+    assert cache_due_runs(tmp_path, **mine) == ["run-1"]
+    clear_cache_due(tmp_path / "run-2")  # cleared twice: nothing to do
+    assert cache_due_runs(tmp_path / "no such folder", **mine) == []
