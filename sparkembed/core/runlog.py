@@ -4,6 +4,7 @@
 
     <run.log_dir>/<run_id>/tasks/w00003-p00001-a0-t42-1f2e3d4c.json   one per task attempt
     <run.log_dir>/<run_id>/STOP                                       the driver asks tasks to stop
+    <run.log_dir>/<run_id>/CACHE_DUE                                  waves whose cache appends are due
 
 Each task attempt rewrites its file as soon as a response is counted (and at least every
 :data:`WRITE_EVERY_S` seconds, and once more when it ends), so the files count what was
@@ -54,6 +55,8 @@ PACE_EVERY_S = 0.25
 ALIVE_S = 5.0
 """An attempt whose file is older than this, and not final, no longer counts as sending."""
 STOP_FILE = "STOP"
+CACHE_DUE_FILE = "CACHE_DUE"
+"""The driver's mark, from its first wave until its last cache append: a crash leaves it."""
 TASKS_DIR = "tasks"
 
 
@@ -358,3 +361,30 @@ class TaskLog:
             os.replace(partial, self._path)  # readers never see half a file
         except OSError as exc:
             log.debug("cannot write %s: %s", self._path, exc)
+
+
+def mark_cache_due(run_dir: str | Path, *, target: str, cache: str) -> None:
+    """Driver side, before a run's first wave: the appends of its waves to ``cache`` are due."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CACHE_DUE_FILE).write_text(json.dumps({"target": target, "cache": cache}))
+
+
+def clear_cache_due(run_dir: str | Path) -> None:
+    """Driver side: every wave of the run that committed has made its cache append."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(run_dir) / CACHE_DUE_FILE).unlink()
+
+
+def cache_due_runs(log_dir: str | Path, *, target: str, cache: str) -> list[str]:
+    """The runs under ``log_dir`` whose mark names ``target`` and ``cache``: runs that died (or
+    still run) between their first wave and their last cache append."""
+    found = []
+    for path in sorted(Path(log_dir).glob(f"*/{CACHE_DUE_FILE}")):
+        try:
+            mark = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a mark cut short: its run died before its first wave
+        if mark.get("target") == target and mark.get("cache") == cache:
+            found.append(path.parent.name)
+    return found

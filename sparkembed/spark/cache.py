@@ -10,9 +10,14 @@ Adding: after each wave commits, the rows that wave paid for (not copies: ``dedu
 ``cached_from`` null), of texts whose every chunk is ``ok``, are read back from the target and
 appended to the cache in one commit (Delta ``txn`` = run id, wave: a retried commit adds
 nothing twice). A chunked text is cached as all its chunks or not at all, under the hash of its
-full text; its chunking is part of the fingerprint. A crash between a wave's commit to the
-target and its append to the cache leaves that one wave's texts out of the cache (the target
-holds them, so its reruns still pay nothing for them).
+full text; its chunking is part of the fingerprint.
+
+Crashes: a run marks its cache appends due in its run folder before its first wave and clears
+the mark after its last (:func:`mark_due`). A run that dies between a wave's commit to the
+target and that wave's append leaves the mark; the next run of the target with the cache
+(before planning: reruns with nothing to do too) appends the marked runs' target rows as a
+wave would, but the texts the cache holds already, and clears the marks (:func:`add_crashed`).
+Without a mark, that costs one folder listing: no read of the target or the cache.
 
 Cache hits win over in-run dedup (every row of a cached text is a hit); rows whose text the
 target already holds keep copying it from the target (``dedup_of``).
@@ -31,6 +36,7 @@ from pyspark.sql import types as T
 
 from sparkembed import sinks
 from sparkembed.config import EmbedConfig
+from sparkembed.core import runlog
 from sparkembed.core.context import RunContext
 from sparkembed.core.metrics import Metrics
 from sparkembed.core.types import Status
@@ -207,31 +213,76 @@ def add_wave(
         return 0
     id_col = config.source.id_col
     rows = target.filter(
-        (F.col("run_id") == context.run_id)
-        & (F.col("embedding_fingerprint") == config.fingerprint(context))
-        & F.col(DEDUP_OF).isNull()
-        & F.col(CACHED_FROM).isNull()
+        (F.col("run_id") == context.run_id) & (F.col("embedding_fingerprint") == config.fingerprint(context))
     )
     if buckets is not None:
         bucket = F.expr(f"pmod(xxhash64(`{id_col}`), {BUCKETS})")
         rows = rows.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
+    prefix = f"part-{context.run_id}-cache-w{wave:05d}"
+    return _append(spark, paid_entries(rows, id_col), config, context.run_id, wave, prefix)
+
+
+def mark_due(config: EmbedConfig, run_dir: str) -> None:
+    """Before a run's first wave: mark its cache appends due, for :func:`add_crashed` should the
+    run die before its last one (the driver clears the mark after it)."""
+    runlog.mark_cache_due(run_dir, target=str(config.target.path), cache=str(config.cache.path))
+
+
+def add_crashed(spark: SparkSession, config: EmbedConfig, context: RunContext) -> int:
+    """Append to the cache what runs that died (their marks in ``run.log_dir``, see
+    :func:`mark_due`) committed to this target but not to this cache, then clear their marks.
+
+    Without a mark, nothing is read. With one: the target rows of those runs, as a wave's
+    append takes them (:func:`paid_entries`), but the texts the cache already holds under
+    their fingerprint.
+
+    Returns:
+        The cache rows added.
+    """
+    if not config.cache.path:
+        return 0
+    log_dir = os.path.abspath(config.run.log_dir)
+    key = {"target": str(config.target.path), "cache": str(config.cache.path)}
+    runs = [run for run in runlog.cache_due_runs(log_dir, **key) if run != context.run_id]
+    target = read_with_pending(spark, config) if runs else None
+    added = 0
+    if target is not None:
+        entries = paid_entries(target.filter(F.col("run_id").isin(runs)), config.source.id_col)
+        store = read_cache(spark, config)
+        if store is not None:
+            held = store.select("fingerprint", "text_hash").distinct()
+            entries = entries.join(held, ["fingerprint", "text_hash"], "left_anti")
+        app_id = f"sparkembed-backfill-{context.run_id}"  # not the run's own: its waves use 0, 1, ...
+        added = _append(spark, entries, config, app_id, 0, f"part-{context.run_id}-cache-backfill")
+    for run in runs:
+        runlog.clear_cache_due(os.path.join(log_dir, run))
+    return added
+
+
+def paid_entries(rows: DataFrame, id_col: str) -> DataFrame:
+    """The cache rows of target ``rows``: those paid for (not copies, not cache hits) of ids
+    whose every row is ``ok``, one id per text and fingerprint, in the cache's columns."""
+    paid = rows.filter(F.col(DEDUP_OF).isNull() & F.col(CACHED_FROM).isNull())
     per_id = Window.partitionBy(id_col)
-    whole_ok = rows.withColumn(
+    whole_ok = paid.withColumn(
         "_all_ok", F.min((F.col("status") == Status.OK.value).cast("int")).over(per_id)
     )
     whole_ok = whole_ok.withColumn("chunks", F.count("*").over(per_id)).filter(F.col("_all_ok") == 1)
     # Two ids with one text (run.dedup off) would add it twice: the smallest id's rows go.
-    payer = F.min(id_col).over(Window.partitionBy("text_hash"))
-    paid = whole_ok.withColumn("_payer", payer).filter(F.col(id_col) == F.col("_payer"))
-    added = paid.select(
+    payer = F.min(id_col).over(Window.partitionBy("embedding_fingerprint", "text_hash"))
+    kept = whole_ok.withColumn("_payer", payer).filter(F.col(id_col) == F.col("_payer"))
+    return kept.select(
         F.col("embedding_fingerprint").alias("fingerprint"), "text_hash", "chunk_index", "chunk_start",
         "chunk_end", F.col("chunks").cast("int").alias("chunks"), "embedding", "model",
         F.col("prompt_tokens").alias("tokens"), "run_id", F.current_timestamp().alias("created_at"),
     )  # fmt: skip
-    return _append(spark, added, config, context.run_id, wave)
 
 
-def _append(spark: SparkSession, rows: DataFrame, config: EmbedConfig, run_id: str, version: int) -> int:
+def _append(
+    spark: SparkSession, rows: DataFrame, config: EmbedConfig, app_id: str, version: int, prefix: str
+) -> int:
+    """Append ``rows`` to the cache in one commit, idempotent by ``(app_id, version)``; the
+    delta-rs files are named ``prefix…`` (``part-<run id>-…``: the run's vacuum knows them)."""
     path = str(config.cache.path)
     if sink_kind(spark, config) == "native":
         _create_native(spark, path)
@@ -240,17 +291,16 @@ def _append(spark: SparkSession, rows: DataFrame, config: EmbedConfig, run_id: s
             count = rows.count()
             if count:
                 delta_native.write_native(
-                    rows, path, mode="append", id_col="text_hash", app_id=run_id, version=version
+                    rows, path, mode="append", id_col="text_hash", app_id=app_id, version=version
                 )
         finally:
             rows.unpersist()
         return count
     sinks.create_cache(path)
-    prefix = f"part-{run_id}-cache-w{version:05d}"
     meta = rows.mapInArrow(lambda batches: _write_cache_part(path, prefix, batches), META_SCHEMA).collect()
     files, _ = read_reports(meta)
     if files:
-        sinks.append_to_cache(path, files, app_id=run_id, version=version)
+        sinks.append_to_cache(path, files, app_id=app_id, version=version)
     return sum(f.num_records for f in files)
 
 

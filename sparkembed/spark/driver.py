@@ -31,7 +31,7 @@ from sparkembed.core.budget import check_estimate, token_cap
 from sparkembed.core.context import RunContext
 from sparkembed.core.engine import Embedder
 from sparkembed.core.pool import check_same_space
-from sparkembed.core.runlog import read_spend, request_stop
+from sparkembed.core.runlog import clear_cache_due, read_spend, request_stop
 from sparkembed.core.summary import RunSummary
 from sparkembed.core.tokens import BYTES_PER_TOKEN
 from sparkembed.core.types import Status
@@ -337,6 +337,8 @@ def _run_waves(
         writers.apply_pending(spark, work, context.run_id)
     if migration is None and config.target.mode != "overwrite":
         drop_switched_staging(spark, config, context)
+    # What a crashed run committed but never added to the cache goes there now (only after a crash).
+    summary.cache_added += cache.add_crashed(spark, work, context)
     plan = plan_work(spark, df, work, context)
     if migration is not None:
         record_start(migration, config, context, source_rows=df.count())
@@ -377,6 +379,8 @@ def _run_waves(
     partitions = config.run.partitions or context.workers  # workers: the session's task slots
     sink = writers.choose_sink(spark, work, run_dir)
     bucket = F.expr(f"pmod(xxhash64(`{config.source.id_col}`), {BUCKETS})")
+    if work.cache.path:
+        cache.mark_due(work, run_dir)  # cleared after the last wave's cache append
     while not stop.signum and (buckets := planner.next_wave()) is not None:
         wave = planner.waves_done - 1
         wave_context = context
@@ -400,6 +404,7 @@ def _run_waves(
             summary.stopped = "budget"
             break
     summary.waves = version = planner.waves_done
+    clear_cache_due(run_dir)
     # The rows copied from may still be pending: read the target as the apply will leave it.
     target = read_with_pending(spark, work) if copies is not None and copied else None
     rows = None

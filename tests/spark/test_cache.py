@@ -19,9 +19,10 @@ from test_spark_job import billed_besides_preflight
 
 from sparkembed import cli, sinks
 from sparkembed.core.tokenizers import counter_for
+from sparkembed.core.waves_plan import BUCKETS
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import read_table
-from sparkembed.spark import driver, writers
+from sparkembed.spark import cache, driver, writers
 from sparkembed.spark.estimate import estimate
 
 QUIET = {"progress": lambda _: None}
@@ -129,6 +130,55 @@ def test_a_crash_mid_wave_then_reruns_with_the_cache_bill_nothing_already_embedd
     assert billed_besides_preflight(endpoint) == (0, 0)
     assert read_table(str(tmp_path / "a")).num_rows == 120
     assert read_table(str(tmp_path / "cache")).to_pandas()["text_hash"].nunique() == 120
+
+
+def test_a_crash_between_a_wave_commit_and_its_cache_append_is_added_by_the_next_run(
+    spark: SparkSession,
+    endpoint: LocalEndpoint,
+    endpoint_key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    texts = [f"Gap text {i} on {i % 13}." for i in range(100)]
+    texts[90], texts[91], texts[92] = LONG, "POISON gap text", "  "  # never cached: a failure, a blank
+    source = write_source(tmp_path, rows_of("g", texts))
+    real_add = cache.add_wave
+
+    def die_before_the_last_append(spark, config, context, wave, buckets):  # type: ignore[no-untyped-def]
+        if buckets is None or buckets[1] == BUCKETS:  # the last wave is in the target; the driver dies
+            raise KeyboardInterrupt("driver killed")
+        return real_add(spark, config, context, wave, buckets)
+
+    monkeypatch.setattr(cache, "add_wave", die_before_the_last_append)
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "a"), **QUIET)
+    monkeypatch.undo()
+    table_a = read_table(str(tmp_path / "a")).to_pandas()
+    ok_a = table_a[table_a["status"] == "ok"]
+    left_out = set(ok_a["text_hash"]) - set(read_table(str(tmp_path / "cache")).to_pandas()["text_hash"])
+    assert set(table_a["id"]) == set(rows_of("g", texts)["id"]) and left_out  # the last wave's texts
+
+    # The rerun of A pays for nothing and adds what the crash left out, each entry once...
+    endpoint.reset()
+    rerun = driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "a"), **QUIET)
+    assert billed_besides_preflight(endpoint) == (0, 0) and rerun.cache_added > 0
+    store = read_table(str(tmp_path / "cache")).to_pandas()
+    assert len(store) == len(ok_a) and set(store["text_hash"]) == set(ok_a["text_hash"])
+    assert not store.duplicated(["text_hash", "chunk_index"]).any() and store["embedding"].notna().all()
+    chunks = int((ok_a["text_hash"] == sha256_hex(LONG)).sum())
+    assert chunks > 1 and (store["chunks"][store["text_hash"] == sha256_hex(LONG)] == chunks).all()
+    # ...and only once: the next rerun finds nothing left to add.
+    again = driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "a"), **QUIET)
+    assert again.cache_added == 0 and read_table(str(tmp_path / "cache")).num_rows == len(store)
+
+    # Another table over the same texts bills nothing: every ok row comes from the cache.
+    endpoint.reset()
+    driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "b"), **QUIET)
+    assert billed_besides_preflight(endpoint) == (0, 0)
+    table_b = read_table(str(tmp_path / "b")).to_pandas()
+    ok_b = table_b[table_b["status"] == "ok"]
+    assert len(ok_b) == len(ok_a) and set(ok_b["cached_from"]) == set(ok_a["run_id"])
+    assert (ok_b["prompt_tokens"] == 0).all()
 
 
 def test_concurrent_runs_on_one_cache_lose_nothing(

@@ -10,7 +10,11 @@ from pathlib import Path
 
 from sparkembed.core.metrics import Metrics, RequestRecord
 from sparkembed.core.runlog import (
+    CACHE_DUE_FILE,
     TaskLog,
+    cache_due_runs,
+    clear_cache_due,
+    mark_cache_due,
     read_peers,
     read_spend,
     read_task_metrics,
@@ -143,3 +147,19 @@ def test_pacers_publish_their_charges_and_read_their_peers(tmp_path: Path) -> No
     assert limiter.peers is None
     published = json.loads(task_log.path.read_text())["pacing"]["a"]
     assert published["id"] == limiter.id and [amount for _, amount in published["tokens"]] == [700.0]
+
+
+def test_only_the_runs_that_died_with_their_appends_due_on_this_target_and_cache_are_found(
+    tmp_path: Path,
+) -> None:
+    mine = {"target": "/lake/a", "cache": "/lake/cache"}
+    mark_cache_due(tmp_path / "run-1", **mine)  # died
+    mark_cache_due(tmp_path / "run-2", **mine)
+    clear_cache_due(tmp_path / "run-2")  # made its last append
+    mark_cache_due(tmp_path / "run-3", target="/lake/b", cache="/lake/cache")  # another target
+    mark_cache_due(tmp_path / "run-4", target="/lake/a", cache="/lake/other")  # another cache
+    (tmp_path / "run-5").mkdir()
+    (tmp_path / "run-5" / CACHE_DUE_FILE).write_text('{"target": "/lake/a", "ca')  # cut short
+    assert cache_due_runs(tmp_path, **mine) == ["run-1"]
+    clear_cache_due(tmp_path / "run-2")  # cleared twice: nothing to do
+    assert cache_due_runs(tmp_path / "no such folder", **mine) == []
