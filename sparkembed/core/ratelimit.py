@@ -123,6 +123,11 @@ class SendWindow:
         return learned if self._quota is None else min(learned, self._quota)
 
     @property
+    def learned(self) -> bool:
+        """Whether the service said anything yet (else the bound is the configured quota)."""
+        return bool(self._bounds)
+
+    @property
     def limit(self) -> float | None:
         """The most this worker may send in one window now (headroom taken off); None: no limit."""
         return self._part(self.held)
@@ -620,8 +625,10 @@ class RateLimiter:
             # Nothing heard yet, or not lately: one request goes first, to learn the room from its answer.
             return DEFAULT_COOLDOWN_S
         view = self._view()
-        if view is not None and self._due and self._tokens.bound is None:
-            return PEER_POLL_S  # the first answer's room, until the peers' files complete it
+        if view is not None and self._due and not self._tokens.learned:
+            # The first answer's room, until the peers' files complete it: a quota set too
+            # high must not be burst into meanwhile.
+            return PEER_POLL_S
         delay = max(
             self._paused_until - self._clock(), self._tokens.delay_s(tokens), self._requests.delay_s(1)
         )

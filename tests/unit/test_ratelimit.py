@@ -564,13 +564,15 @@ def test_with_peers_nothing_is_sent_past_the_bound_counting_what_they_sent(loop:
     assert log[1][0] == "waits" and log[1][1] == pytest.approx(MINUTE)  # the 18,000 age out
 
 
-def test_with_peers_and_no_quota_nothing_more_is_sent_until_the_first_room_is_learned(
-    loop: VirtualTimeLoop,
+@pytest.mark.parametrize("quota", [None, 80_000])
+def test_with_peers_nothing_more_is_sent_until_the_first_room_is_learned(
+    loop: VirtualTimeLoop, quota: float | None
 ) -> None:
     """The first answer's room is completed by the peers' files a moment later; until then
-    no limit is known, and a burst could go past the quota."""
+    no limit is known, or only a configured quota that may be too high (here four times),
+    and a burst could go past the real limit."""
     peers = Peers(2, as_of=0.0)
-    limiter = peered(loop, peers)
+    limiter = peered(loop, peers, quota)
     log: list[tuple[str, float, float]] = []
 
     async def fresh_files_at(when: float) -> None:
