@@ -509,16 +509,17 @@ def _share_limiter(
     """This worker's ``share`` of the job's part of the quota (learned from the service if unset).
 
     With ``limits.max_share`` below 1 the job keeps the rest of the quota free for others: its
-    limits shrink, and the room the service reports is counted without that rest.
+    limits shrink to that share. The room the service reports already leaves out what the
+    others sent, so it is not cut again: others busier than their part shrink the job's
+    bound, and idle ones leave it at the share.
     """
     tpm, rpm, mine = limits.tokens_per_minute, limits.requests_per_minute, limits.max_share
     return RateLimiter(
         tpm * mine * share if tpm else None,
         rpm * mine * share if rpm else None,
         share=share,
-        leave_tokens=tpm * (1 - mine) if tpm else 0.0,
-        leave_requests=rpm * (1 - mine) if rpm else 0.0,
         minute_s=minute_s,
+        keep_share=mine < 1,
         clock=clock,
     )
 

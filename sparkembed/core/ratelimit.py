@@ -77,8 +77,8 @@ class SendWindow:
     ``bound`` is the most the whole job may send in a window: the tightest of what
     :meth:`learn` was told in the last :data:`BOUND_HORIZON_WINDOWS` windows, never above
     ``quota`` (None: unknown). This worker's limit is its part of that: ``share`` of it, up to
-    the whole quota, or with ``peers`` set (active workers, this one included) an equal part
-    of what workers that ended do not still hold (``held``).
+    the whole quota (unless not ``grow_alone``), or with ``peers`` set (active workers, this
+    one included) an equal part of what workers that ended do not still hold (``held``).
     Before anything is learned the limit is ``share`` (or the equal part) of ``quota``. A cost
     larger than the limit goes into an empty window::
 
@@ -91,6 +91,7 @@ class SendWindow:
 
     __slots__ = (
         "window_s", "share", "peers", "held", "_clock", "_sent", "_used", "_quota", "_bounds", "_keep",
+        "_grow",
     )  # fmt: skip
 
     def __init__(
@@ -101,9 +102,11 @@ class SendWindow:
         share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         headroom: float = 0.0,
+        grow_alone: bool = True,
     ) -> None:
         self.window_s = window_s
         self.share = share
+        self._grow = grow_alone
         self.peers: int | None = None
         self.held = 0.0
         self._clock = clock
@@ -143,7 +146,7 @@ class SendWindow:
             return None
         if self.peers is not None:
             return max(1.0, bound - held) / self.peers
-        if not self._bounds or self._quota is None:
+        if not self._bounds or self._quota is None or not self._grow:
             return bound * self.share
         return min(self._bounds[0][1] * self.share, self._quota)  # a tail task may take it all
 
@@ -304,14 +307,14 @@ class RateLimiter:
         headroom: fraction of the limit left unused.
         minute_s: the service's minute, in seconds (tests against a scaled endpoint shorten it);
             RPM is paced over a sixth of it.
-        leave_tokens, leave_requests: room per minute kept for other clients of the deployment
-            (``limits.max_share``): taken off the room the service reports before this
-            worker counts its share of it.
+        keep_share: the job's quota is below the deployment's (``limits.max_share``): without
+            peers, this worker never takes more than its share of it, since room the service
+            reports may be other clients' part, not workers that ended.
     """
 
     __slots__ = (
         "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
-        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_heard_at", "_leave", "_waiting",
+        "_paused_until", "_waited_s", "_told_room", "_in_flight", "_heard_at", "_waiting",
         "_billed", "_estimated", "_wall", "_due", "peers", "id",
     )  # fmt: skip
 
@@ -324,8 +327,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         headroom: float = HEADROOM,
         minute_s: float = 60.0,
-        leave_tokens: float = 0.0,
-        leave_requests: float = 0.0,
+        keep_share: bool = False,
         wall: Callable[[], float] = time.time,
     ) -> None:
         if not 0 <= headroom < 1:
@@ -337,12 +339,13 @@ class RateLimiter:
 
         def window(per_minute: float | None, per_window: float, length_s: float) -> SendWindow:
             quota = None if per_minute is None else per_minute * per_window / share
-            return SendWindow(quota, length_s, share=share, clock=clock, headroom=headroom)
+            return SendWindow(
+                quota, length_s, share=share, clock=clock, headroom=headroom, grow_alone=not keep_share
+            )
 
         self._tokens = window(tokens_per_minute, 1.0, window_s)
         self._requests = window(requests_per_minute, 1 / 6, window_s / 6)
         self._share = share
-        self._leave = (leave_tokens, leave_requests / 6)  # per window: RPM is paced per 10 s
         self._clock = clock
         self._queue: deque[asyncio.Future[None]] = deque()
         self._retries = 0  # waiters at the front of the queue retrying after a 429
@@ -493,9 +496,8 @@ class RateLimiter:
         if remaining_tokens is None and remaining_requests is None:
             return
         self._told_room = self._told_room or remaining_tokens is not None
-        leave_tokens, leave_requests = self._leave
-        tokens_room = None if remaining_tokens is None else max(0.0, remaining_tokens - leave_tokens)
-        requests_room = None if remaining_requests is None else max(0.0, remaining_requests - leave_requests)
+        tokens_room = None if remaining_tokens is None else float(remaining_tokens)
+        requests_room = None if remaining_requests is None else float(remaining_requests)
         if self._view() is not None:
             self._read_with_peers(grant, tokens_room, requests_room)
             return

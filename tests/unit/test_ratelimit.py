@@ -347,23 +347,32 @@ def test_the_limit_never_passes_the_configured_quota(loop: VirtualTimeLoop) -> N
     assert limiter.token_limit == 20_000  # a tail task may take the whole quota, no more
 
 
-def test_room_kept_for_others_is_not_counted_as_ours(loop: VirtualTimeLoop) -> None:
-    """limits.max_share 0.7 of 10,000: 3,000 a minute stay free for the deployment's other
-    clients, so only the room above that is this worker's to share."""
-    limiter = RateLimiter(7_000 / 2, None, share=1 / 2, leave_tokens=3_000, clock=loop.time, headroom=0.0)
+def test_max_share_caps_the_job_and_busy_others_shrink_it(loop: VirtualTimeLoop) -> None:
+    """limits.max_share 0.7 of 10,000: the job never goes past 7,000 a minute, even when the
+    deployment's other clients are idle; when they take more than their 3,000, the room the
+    service reports is smaller and the job's bound follows it down. That room already leaves
+    out what the others sent, so it is not cut again (a double count kept the job at 40 %)."""
+    limiter = RateLimiter(7_000 / 2, None, share=1 / 2, clock=loop.time, headroom=0.0, keep_share=True)
 
     async def main() -> list[float | None]:
         grant = await limiter.acquire(1_000)
         limiter.settle(grant, 1_000)
-        limiter.on_success(grant, remaining_tokens=9_000)  # the other clients are idle
+        limiter.on_success(grant, remaining_tokens=8_000)  # the others idle: room to spare
         idle = limiter.token_limit
         grant = await limiter.acquire(1_000)
         limiter.settle(grant, 1_000)
-        limiter.on_success(grant, remaining_tokens=2_500)  # they took their part back
-        return [idle, limiter.token_limit]
+        limiter.on_success(grant, remaining_tokens=2_000)  # they sent their 3,000
+        steady = limiter.token_limit
+        grant = await limiter.acquire(500)
+        limiter.settle(grant, 500)
+        limiter.on_success(grant, remaining_tokens=0)  # they sent 5,000
+        return [idle, steady, limiter.token_limit]
 
-    # 1,000 + half of (9,000 - 3,000); then 2,000 sent and nothing above the 3,000 kept.
-    assert run(loop, main) == [4_000, 2_000]
+    # Each worker counts the other as having sent what it did: 2 x its sends + the room.
+    # 2,000 + 8,000 is over the 7,000 cap: half of 7,000 (not the whole, as a lone tail
+    # worker would take: the room may be the others' part). Then 4,000 + 2,000 = 6,000: 3,000
+    # each. Then 5,000 + 0: 2,500 each.
+    assert run(loop, main) == [3_500, 3_000, 2_500]
 
 
 def test_a_429_pauses_all_pending_acquirers_until_its_retry_after(loop: VirtualTimeLoop) -> None:
