@@ -288,6 +288,9 @@ def run_one(
         for r in records:
             per_minute[int((r.end_s - begin) // 60)] += r.prompt_tokens / sum(quotas)
         figures["tokens_per_minute_over_quota"] = [round(x, 2) for x in per_minute]
+        figures["timeline"] = [  # written to --json only: start, end, tokens, status
+            [round(r.start_s - begin, 3), round(r.end_s - begin, 3), r.prompt_tokens, r.status] for r in records
+        ]
         if killer is not None and killer.at is not None:
             left = sum(quotas) - quotas[spec["kill"]]
             figures["killed_after_s"] = round(killer.at - min(r.start_s for r in records), 1)
@@ -322,7 +325,8 @@ def main() -> int:
         for name, spec in chosen.items():
             rows_source = work / "source-x2.parquet" if "rows" in spec else source
             results[name] = run_one(name, spec, rows_source, work, tokens_per_text)
-            print(f"{name:18} {json.dumps(results[name])}", flush=True)
+            shown = {k: v for k, v in results[name].items() if k != "timeline"}
+            print(f"{name:18} {json.dumps(shown)}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
