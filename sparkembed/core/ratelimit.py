@@ -524,8 +524,7 @@ class RateLimiter:
         bound a request too low, at times); counting them would put every request in flight
         in both the room and the sends, and each bound too high.
         """
-        charged = grant._charges[0] or grant._charges[1]
-        sent_at = charged[0] if charged is not None else self._clock()
+        sent_at = _sent_at(grant, self._clock())
 
         def mine(window: SendWindow) -> float:
             return sum(amount for when, amount in window.sent() if when <= sent_at)
@@ -548,7 +547,9 @@ class RateLimiter:
 
         The service had less room than the refused cost: the job may send less than it had
         sent plus that cost. That bound is learned only from a service that does not report
-        its room: the 429 may be for requests, not tokens.
+        its room (the 429 may be for requests, not tokens), and with peers only once their
+        files show what they had sent by then: without the others' sends, a task whose first
+        answer is a 429 would learn a bound of one request, and keep a tiny part.
 
         Args:
             grant: the refused request's grant (None: learn nothing from it).
@@ -558,13 +559,16 @@ class RateLimiter:
         now = self._clock()
         pause = DEFAULT_COOLDOWN_S if retry_after_s is None else max(0.0, retry_after_s)
         self._paused_until = max(self._paused_until, now + pause)
-        if grant is not None and not self._told_room:
-            view = self._view()
-            if view is None:
-                sent = self._tokens.used() / self._share
-            else:
-                sent = self._tokens.used() + self._others_sent(self._tokens, view.tokens)
-            self._tokens.learn(sent + grant.tokens)
+        if grant is None or self._told_room:
+            return
+        view = self._view()
+        if view is None and self.peers is None:
+            sent = self._tokens.used() / self._share
+        elif view is not None and view.as_of >= self._wall() - (now - _sent_at(grant, now)):
+            sent = self._tokens.used() + self._others_sent(self._tokens, view.tokens)
+        else:
+            return  # the peers' sends until then are not known yet: any bound could be far too low
+        self._tokens.learn(sent + grant.tokens)
 
     def _view(self) -> PeerView | None:
         """The peers' latest view, if any; it sets the windows' equal parts, and completes the
@@ -672,6 +676,12 @@ class RateLimiter:
         """Room came back early, or the head changed: let the head recompute its delay."""
         if self._kick is not None:
             _resolve(self._kick)
+
+
+def _sent_at(grant: Grant, default: float) -> float:
+    """When ``grant`` was charged (the limiter's clock); ``default`` if it holds no charge."""
+    charged = grant._charges[0] or grant._charges[1]
+    return charged[0] if charged is not None else default
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -600,3 +600,24 @@ def test_with_peers_nothing_more_is_sent_until_the_first_room_is_learned(
     run(loop, main)
     assert log[0][0] == "next" and log[0][1] >= 2.0  # waited for the files, not the window
     assert limiter.token_limit == 10_000  # 1,000 sent + 19,000 room, for two
+
+
+def test_with_peers_a_429_teaches_a_bound_only_once_their_sends_are_known(loop: VirtualTimeLoop) -> None:
+    """A task whose first answer is a 429 learns what the job sent plus the refused cost; with
+    peers whose files are older than its request (or not all there), it waits: its own sends
+    alone would make a bound of one request, and a part a quarter of that."""
+    peers = Peers(4, tokens=((0.0, 50_000.0),), as_of=0.0)
+    limiter = peered(loop, peers)
+
+    async def main() -> list[float | None]:
+        await asyncio.sleep(1.0)
+        refused = await limiter.acquire(20_000)
+        limiter.settle(refused, 0)
+        limiter.on_throttle(refused, 1.0)
+        stale = limiter.token_limit
+        peers.view = PeerView(4, tokens=((0.0, 50_000.0), (1.0, 30_000.0)), as_of=1.5)
+        limiter.on_throttle(refused, 1.0)
+        return [stale, limiter.token_limit]
+
+    # 80,000 sent by the others + the 20,000 refused: the job may send less than 100,000.
+    assert run(loop, main) == [None, 25_000]
