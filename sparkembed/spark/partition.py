@@ -173,6 +173,7 @@ class PartitionJob:
             batch, split = pending.popleft()
             metrics.count_rows(sent.status, sign=-1)  # count output rows, not the engine's units
             results, dedup_of = dedup.join(split, sent) if dedup else (sent, [])
+            metrics.copied_chunks += sum(results.status[i] != Status.UNSENT for i, _ in split.copies)
             plan = split.plan
             out = combine(plan, results)
             rows, status = self._to_arrow(batch, out, dedup_of_rows(plan, dedup_of)), out.status

@@ -194,6 +194,7 @@ def test_long_texts_sharing_chunks_pay_each_distinct_chunk_once_in_a_task(
     assert texts_billed == table["unit"].nunique() == len(table) - len(copies)
     assert int(table["prompt_tokens"].sum()) == tokens == summary.counts["prompt_tokens"]
     assert int(table["total_tokens"].sum()) == summary.counts["total_tokens"]
+    assert summary.to_json()["chunks_deduplicated"] == len(copies)
 
     # The copies: usage 0, dedup_of names the row that paid, its vector exactly.
     assert (copies["dedup_of"] == "r03").all()
@@ -211,7 +212,7 @@ def test_long_texts_sharing_chunks_pay_each_distinct_chunk_once_in_a_task(
     endpoint.reset()
     plain_target = str(tmp_path / "plain")
     plain = one_task(endpoint, endpoint_key, source, plain_target, **{"run.dedup": False})
-    driver.run(spark, plain, progress=lambda _: None)
+    assert driver.run(spark, plain, progress=lambda _: None).counts["copied_chunks"] == 0
     plain_table = read_table(plain_target).to_pandas()
     texts_billed, tokens = billed_besides_preflight(endpoint)
     assert texts_billed == len(plain_table) == len(table)
