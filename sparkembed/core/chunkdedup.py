@@ -12,7 +12,7 @@ request id, model and deployment, with usage 0, and names the id of the row that
 Short (whole) texts are left to the Spark dedup. A copy takes whatever its payer got: a
 payer that failed fails it with the same reason, one left unsent by a stopping run leaves it
 unsent. Only ``ok`` results are remembered for later batches (a later unit whose payer failed
-is sent again), and at most :data:`REMEMBERED_BYTES` of vectors: the oldest are forgotten
+is sent again), and at most :data:`REMEMBERED_BYTES` of them: the oldest are forgotten
 first, so a repeat seen long after its first occurrence may be paid for again.
 
 Example::
@@ -37,7 +37,9 @@ from sparkembed.core.streaming import EmbedResults
 from sparkembed.core.types import Status
 
 REMEMBERED_BYTES = 64 << 20
-"""Vectors of paid units kept per task for later batches to copy (about 11,000 of 1536 floats)."""
+"""Memory for the paid units a task keeps for later batches to copy (about 10,000 of 1536 floats)."""
+_ENTRY_BYTES = 400
+"""What a kept unit costs besides its vector: its record, key and dict slot, about."""
 
 
 class _Paid:
@@ -88,7 +90,8 @@ class ChunkDedup:
     """Sends each distinct long-text unit once per task; see the module docstring.
 
     Args:
-        remembered_bytes: vectors of ok paid units kept for later batches, at most.
+        remembered_bytes: memory for the ok paid units kept for later batches (their vectors,
+            and :data:`_ENTRY_BYTES` each besides), at most.
     """
 
     __slots__ = ("_known", "_bytes", "_limit")
@@ -180,11 +183,11 @@ class ChunkDedup:
         if paid.vector is None:
             del self._known[paid.key]
             return
-        self._bytes += paid.vector.nbytes
+        self._bytes += paid.vector.nbytes + _ENTRY_BYTES
         while self._bytes > self._limit and self._known:
             oldest = self._known.pop(next(iter(self._known)))
             if oldest.vector is not None:
-                self._bytes -= oldest.vector.nbytes
+                self._bytes -= oldest.vector.nbytes + _ENTRY_BYTES
 
 
 def dedup_of_rows(plan: Plan, dedup_of: Sequence[object]) -> list[object]:

@@ -150,7 +150,7 @@ def test_a_copy_of_an_unsent_unit_is_unsent() -> None:
 def test_past_the_memory_limit_the_oldest_chunks_are_paid_again() -> None:
     long_planner = planner()
     remembered = ChunkDedup()
-    forgetful = ChunkDedup(remembered_bytes=DIMS * 4)  # one vector
+    forgetful = ChunkDedup(remembered_bytes=DIMS * 4 + 400)  # one unit
     for dedup in (remembered, forgetful):
         split = dedup.split(long_planner.plan([TEXT_A]), ids_of("a"))
         dedup.join(split, engine(split.send))
