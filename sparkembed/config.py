@@ -235,8 +235,9 @@ class RunConfig(_Frozen):
     """Before a migration's switch, compare the nearest neighbours of this many sample ids in the
     old and the new vectors (0: no check)."""
     dedup: bool = True
-    """Send each distinct text once per run (and not at all when the target already holds it):
-    rows sharing a text copy the vector of the row that paid, named in ``dedup_of``."""
+    """Send each distinct text once per run (and not at all when the target already holds it),
+    and each chunk shared by different long texts once per task: rows sharing a text or a
+    chunk copy the vector of the row that paid, named in ``dedup_of``."""
     max_tokens: int | None = Field(default=None, gt=0)
     """Prompt tokens this run may be billed at most (after dedup)."""
     max_cost_usd: float | None = Field(default=None, gt=0)

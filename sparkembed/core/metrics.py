@@ -51,6 +51,8 @@ class Metrics:
         dropped_tokens: billed tokens of rows a stopping run left out (texts it did not finish).
         reused_tokens: tokens of rows filled from an earlier attempt's answers (billed then).
         unsent_rows: output rows a stopping run left out, not sent (the next run embeds them).
+        copied_chunks: long-text units not sent because their task had sent the same text
+            (:mod:`sparkembed.core.chunkdedup`).
         timeline: one :class:`RequestRecord` per attempt.
         on_record: called after each attempt is counted (on the engine's loop: keep it quick).
     """
@@ -67,6 +69,7 @@ class Metrics:
     dropped_tokens: int = 0
     reused_tokens: int = 0
     unsent_rows: int = 0
+    copied_chunks: int = 0
     timeline: list[RequestRecord] = field(default_factory=list)
     on_record: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
@@ -123,6 +126,7 @@ COUNTERS = (
     "dropped_tokens",
     "reused_tokens",
     "unsent_rows",
+    "copied_chunks",
 )
 """The integer counters of a :class:`Metrics`, which a run summary adds up: defined here only."""
 _SUMMED = (*COUNTERS, "limiter_wait_s")

@@ -121,6 +121,7 @@ class RunSummary:
             "rows_skipped": self.counts["skipped_rows"],
             "rows_failed": self.counts["failed_rows"],
             "rows_deduplicated": self.deduplicated,
+            "chunks_deduplicated": counts["copied_chunks"],
             "rows_from_cache": self.from_cache,
             "cache_rows_added": self.cache_added,
             "requests": self.counts["requests"],
@@ -170,6 +171,7 @@ class RunSummary:
             "prompt_tokens": prompt,
             "total_tokens": int(data.get("total_tokens", 0)),
             "reused_tokens": reused,
+            "copied_chunks": int(data.get("chunks_deduplicated", 0)),
             "dropped_tokens": prompt + reused - int(data.get("tokens_in_table", prompt + reused)),
         }
         deployments = dict(data.get("deployments") or {})

@@ -6,8 +6,9 @@ sent: each of its rows is written from the cache, ``ok``, with usage 0 and ``cac
 naming the run that paid; ``attempts`` is 0 and ``request_id`` null, as no request was made.
 Two runs that added the same text are both in the cache: the earliest addition is used.
 
-Adding: after each wave commits, the rows that wave paid for (not copies: ``dedup_of`` and
-``cached_from`` null), of texts whose every chunk is ``ok``, are read back from the target and
+Adding: after each wave commits, the rows that wave paid for (not copies: ``cached_from``
+null, and ``dedup_of`` null on at least one of the id's rows, see :func:`paid_entries`), of
+texts whose every chunk is ``ok``, are read back from the target and
 appended to the cache in one commit (Delta ``txn`` = run id, wave: a retried commit adds
 nothing twice). A chunked text is cached as all its chunks or not at all, under the hash of its
 full text; its chunking is part of the fingerprint.
@@ -260,11 +261,18 @@ def add_crashed(spark: SparkSession, config: EmbedConfig, context: RunContext) -
 
 
 def paid_entries(rows: DataFrame, id_col: str) -> DataFrame:
-    """The cache rows of target ``rows``: those paid for (not copies, not cache hits) of ids
-    whose every row is ``ok``, one id per text and fingerprint, in the cache's columns."""
-    paid = rows.filter(F.col(DEDUP_OF).isNull() & F.col(CACHED_FROM).isNull())
-    per_id = Window.partitionBy(id_col)
-    whole_ok = paid.withColumn(
+    """The cache rows of target ``rows``: those of ids that paid (not copies, not cache hits)
+    whose every row is ``ok``, one id per text and fingerprint, in the cache's columns.
+
+    An id paid when any of its rows has no ``dedup_of``: its rows go whole, chunks that copied
+    another text's chunk included (a cache hit must find every chunk). An id whose every row
+    is a copy (a copied text, or one whose every chunk other texts paid for) adds nothing.
+    """
+    per_id = Window.partitionBy(id_col)  # the three windows share one shuffle
+    paid = rows.filter(F.col(CACHED_FROM).isNull()).withColumn(
+        "_paid", F.max(F.col(DEDUP_OF).isNull().cast("int")).over(per_id)
+    )
+    whole_ok = paid.filter(F.col("_paid") == 1).withColumn(
         "_all_ok", F.min((F.col("status") == Status.OK.value).cast("int")).over(per_id)
     )
     whole_ok = whole_ok.withColumn("chunks", F.count("*").over(per_id)).filter(F.col("_all_ok") == 1)

@@ -12,7 +12,9 @@ A text the target already holds, ``ok`` under this run's fingerprint, for an id 
 leaves alone, is not sent at all: its rows copy the target's (a rerun after a crash between
 the waves and the copies, or a new row repeating an old text).
 
-Blank texts are never sent, so never deduplicated.
+Blank texts are never sent, so never deduplicated. Different texts that share a chunk are
+deduplicated later, by the task that cuts and sends them (:mod:`sparkembed.core.chunkdedup`):
+a copy of such a text names, per chunk row, the id that paid for that chunk.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from sparkembed.backends.transport import hide_bridge_traffic
 from sparkembed.config import EmbedConfig
 from sparkembed.core.answers import AnswerLog
 from sparkembed.core.budget import BudgetGuard
+from sparkembed.core.chunkdedup import ChunkDedup, Split, dedup_of_rows
 from sparkembed.core.context import RunContext
 from sparkembed.core.engine import Embedder, get_embedder
 from sparkembed.core.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
@@ -154,21 +156,27 @@ class PartitionJob:
         budget: BudgetGuard | None = None,
     ) -> Iterator[pa.RecordBatch]:
         planner = LongTextPlanner(self.config)
-        pending: deque[tuple[pa.RecordBatch, Plan]] = deque()
+        dedup = ChunkDedup() if self.config.run.dedup else None  # chunks shared by long texts: sent once
+        pending: deque[tuple[pa.RecordBatch, Split]] = deque()
 
         def plans() -> Iterator[Plan]:
             for batch in batches:
                 if stop():
                     continue  # read the rest of the input, embed none of it
                 plan = planner.plan(batch.column(self.text_col).to_pylist())
-                pending.append((batch, plan))
-                yield plan
+                id_of = partial(_id_at, batch.column(self.id_col))
+                split = dedup.split(plan, id_of) if dedup else _unsplit(plan)
+                pending.append((batch, split))
+                yield split.send
 
-        for results in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers, budget=budget):
-            batch, plan = pending.popleft()
+        for sent in embedder.embed_stream(plans(), metrics, stop=stop, answers=answers, budget=budget):
+            batch, split = pending.popleft()
+            metrics.count_rows(sent.status, sign=-1)  # count output rows, not the engine's units
+            results, dedup_of = dedup.join(split, sent) if dedup else (sent, [])
+            metrics.copied_chunks += sum(results.status[i] != Status.UNSENT for i, _ in split.copies)
+            plan = split.plan
             out = combine(plan, results)
-            metrics.count_rows(results.status, sign=-1)  # count output rows, not the engine's units
-            rows, status = self._to_arrow(batch, out), out.status
+            rows, status = self._to_arrow(batch, out, dedup_of_rows(plan, dedup_of)), out.status
             if Status.UNSENT in results.status:
                 keep = _sent_rows(plan, results, out)
                 metrics.dropped_tokens += int(out.prompt_tokens[~keep].sum())
@@ -178,8 +186,11 @@ class PartitionJob:
             metrics.count_rows(status)
             yield rows
 
-    def _to_arrow(self, batch: pa.RecordBatch, out: Combined) -> pa.RecordBatch:
+    def _to_arrow(self, batch: pa.RecordBatch, out: Combined, dedup_of: list[object]) -> pa.RecordBatch:
+        """``out`` as output rows; ``dedup_of`` per row names the id that paid for a copied chunk
+        (empty: none)."""
         n = len(out.status)
+        id_type = self.arrow_schema.field(self.id_col).type
         rows = pa.array(out.row)
         hashes = text_hashes(batch.column(self.text_col))
         status = pa.array(out.status, pa.string())
@@ -207,13 +218,22 @@ class PartitionJob:
             "embedded_at": _repeat(now, pa.timestamp("us", tz="UTC"), n),
             "embedding_fingerprint": _repeat(self.config.fingerprint(self.context), pa.string(), n),
             "deployment": pa.array(out.deployment, pa.string()),
-            DEDUP_OF: pa.nulls(n, self.arrow_schema.field(self.id_col).type),
+            DEDUP_OF: pa.array(dedup_of, id_type) if dedup_of else pa.nulls(n, id_type),
             CACHED_FROM: pa.nulls(n, pa.string()),
         }
         for name in self.passthrough:
             columns[name] = batch.column(name).take(rows)
         arrays = [columns[f.name].cast(f.type) for f in self.arrow_schema]
         return pa.RecordBatch.from_arrays(arrays, schema=self.arrow_schema)
+
+
+def _id_at(ids: pa.Array, row: int) -> object:
+    return ids[row].as_py()
+
+
+def _unsplit(plan: Plan) -> Split:
+    """A batch sent whole (``run.dedup: false``)."""
+    return Split(plan, plan, np.arange(len(plan.units), dtype=np.int64), [], [])
 
 
 def _sent_rows(plan: Plan, results: EmbedResults, out: Combined) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 from deltalake import write_deltalake
 from pyspark.sql import SparkSession
 from support import sha256_hex
-from test_dedup import DIMS, LONG, make_config, write_source
+from test_dedup import DIMS, LONG, make_config, sharing_rows, write_source
 from test_spark_job import billed_besides_preflight
 
 from sparkembed import cli, sinks
@@ -92,6 +92,29 @@ def test_two_targets_sharing_half_their_texts_bill_the_shared_half_once(
     assert not table_b.duplicated(["id", "chunk_index"]).any() and set(table_b["id"]) == set(
         rows_of("b", only_b + shared)["id"]
     )
+
+
+def test_a_text_whose_chunks_were_copied_in_its_task_is_cached_whole(
+    spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = sharing_rows()  # r03 and r07: two long texts sharing chunks, in one task
+    source = write_source(tmp_path, rows)
+    one_task = {"run.partitions": 1, "run.commit_every_rows": 1000}
+    driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "a", **one_task), **QUIET)
+    table_a = read_table(str(tmp_path / "a")).to_pandas()
+    of_b = table_a[table_a["id"] == "r07"]
+    assert of_b["dedup_of"].notna().any() and of_b["dedup_of"].isna().any()  # some chunks copied
+
+    # The cache holds r07 with every chunk, the copied ones too: another table pays nothing.
+    store = read_table(str(tmp_path / "cache")).to_pandas()
+    assert (store["text_hash"] == of_b["text_hash"].iloc[0]).sum() == len(of_b)
+    endpoint.reset()
+    driver.run(spark, cached(endpoint, endpoint_key, tmp_path, source, "b", **one_task), **QUIET)
+    assert billed_besides_preflight(endpoint) == (0, 0)
+    table_b = read_table(str(tmp_path / "b")).to_pandas().set_index(["id", "chunk_index"]).sort_index()
+    assert len(table_b) == len(table_a) and table_b["cached_from"].notna().all()
+    for row in table_a.itertuples():
+        np.testing.assert_array_equal(table_b.loc[(row.id, row.chunk_index), "embedding"], row.embedding)
 
 
 def test_a_crash_mid_wave_then_reruns_with_the_cache_bill_nothing_already_embedded(

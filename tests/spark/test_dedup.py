@@ -139,3 +139,111 @@ def test_a_rerun_copies_texts_the_target_holds_and_dedup_false_pays_per_row(
     driver.run(spark, plain, progress=lambda _: None)
     assert billed_besides_preflight(endpoint)[0] == 50
     assert read_table(str(tmp_path / "plain")).to_pandas()["dedup_of"].isna().all()
+
+
+SHARED = "\n\n".join(
+    f"Shared section {k}. " + " ".join(f"boiler{i % 37} clause {k}.{i}." for i in range(40))
+    for k in range(12)
+)
+TEXT_A = SHARED + "\n\n" + " ".join(f"alpha{i} tail sentence {i}." for i in range(300))
+TEXT_B = SHARED + "\n\n" + " ".join(f"beta{i} other ending {i}." for i in range(300))
+
+
+def sharing_rows() -> dict[str, list[Any]]:
+    """Two different long texts with a long common section, and short texts around them."""
+    texts = [f"Short text {i} about {i % 5}." for i in range(10)]
+    texts[3], texts[7] = TEXT_A, TEXT_B
+    return {"id": [f"r{i:02d}" for i in range(10)], "text": texts, "title": [f"t{i}" for i in range(10)]}
+
+
+def one_task(endpoint: LocalEndpoint, key: str, source: str, target: str, **sets: Any) -> EmbedConfig:
+    """Both long texts in one task (chunk dedup's scope): one partition, one wave."""
+    sets = {"run.partitions": 1, "run.commit_every_rows": 1000, **sets}
+    return make_config(endpoint, key, source, target, **sets)
+
+
+def unit_texts(table: Any, rows: dict[str, list[Any]]) -> list[str]:
+    """What each output row stands for: its chunk of the source text, or the whole text."""
+    text_of = dict(zip(rows["id"], rows["text"], strict=True))
+    return [
+        text_of[r.id] if np.isnan(r.chunk_start) else text_of[r.id][int(r.chunk_start) : int(r.chunk_end)]
+        for r in table.itertuples()
+    ]
+
+
+def test_long_texts_sharing_chunks_pay_each_distinct_chunk_once_in_a_task(
+    spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = sharing_rows()
+    source = write_source(tmp_path, rows)
+    target = str(tmp_path / "target")
+    summary = driver.run(spark, one_task(endpoint, endpoint_key, source, target), progress=lambda _: None)
+
+    table = read_table(target).to_pandas().sort_values(["id", "chunk_index"], ignore_index=True)
+    table["unit"] = unit_texts(table, rows)
+    assert (table["status"] == "ok").all() and not table.duplicated(["id", "chunk_index"]).any()
+    assert sorted(set(table["id"])) == rows["id"]
+    of_a = table[table["id"] == "r03"]
+    copies = table[(table["id"] == "r07") & table["unit"].isin(set(of_a["unit"]))]
+    assert len(copies) >= 3 and len(copies) < (table["id"] == "r07").sum()
+
+    # Billed: each distinct chunk once, and the table's usage sums to the bill.
+    billed = endpoint.stats()["billed"]
+    assert all(billed.get(sha256_hex(unit)) == 1 for unit in table["unit"])
+    texts_billed, tokens = billed_besides_preflight(endpoint)
+    assert texts_billed == table["unit"].nunique() == len(table) - len(copies)
+    assert int(table["prompt_tokens"].sum()) == tokens == summary.counts["prompt_tokens"]
+    assert int(table["total_tokens"].sum()) == summary.counts["total_tokens"]
+    assert summary.to_json()["chunks_deduplicated"] == len(copies)
+
+    # The copies: usage 0, dedup_of names the row that paid, its vector exactly.
+    assert (copies["dedup_of"] == "r03").all()
+    assert (copies["prompt_tokens"] == 0).all() and (copies["total_tokens"] == 0).all()
+    assert table.loc[~table.index.isin(copies.index), "dedup_of"].isna().all()
+    paid = of_a.set_index("unit")
+    for copy in copies.itertuples():
+        np.testing.assert_array_equal(copy.embedding, paid.loc[copy.unit, "embedding"])
+        assert copy.request_id == paid.loc[copy.unit, "request_id"]
+    np.testing.assert_array_equal(
+        np.stack(copies["embedding"].to_numpy()), expected_vectors(list(copies["unit"]))
+    )
+
+    # run.dedup: false pays for every chunk of both texts.
+    endpoint.reset()
+    plain_target = str(tmp_path / "plain")
+    plain = one_task(endpoint, endpoint_key, source, plain_target, **{"run.dedup": False})
+    assert driver.run(spark, plain, progress=lambda _: None).counts["copied_chunks"] == 0
+    plain_table = read_table(plain_target).to_pandas()
+    texts_billed, tokens = billed_besides_preflight(endpoint)
+    assert texts_billed == len(plain_table) == len(table)
+    assert int(plain_table["prompt_tokens"].sum()) == tokens
+    assert plain_table["dedup_of"].isna().all()
+    assert all(endpoint.stats()["billed"][sha256_hex(unit)] == 2 for unit in copies["unit"])
+
+
+def test_a_mean_row_counts_only_the_chunks_it_paid_for_and_keeps_its_vector(
+    spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = sharing_rows()
+    source = write_source(tmp_path, rows)
+    tables = {}
+    for dedup in (True, False):
+        endpoint.reset()
+        target = str(tmp_path / f"mean-{dedup}")
+        config = one_task(
+            endpoint, endpoint_key, source, target, **{"long_text.strategy": "mean", "run.dedup": dedup}
+        )
+        driver.run(spark, config, progress=lambda _: None)
+        table = tables[dedup] = read_table(target).to_pandas().set_index("id").sort_index()
+        assert int(table["prompt_tokens"].sum()) == billed_besides_preflight(endpoint)[1]  # the bill
+        assert (table["status"] == "ok").all() and len(table) == 10 and table["dedup_of"].isna().all()
+
+    deduped, plain = tables[True], tables[False]
+    for i in rows["id"]:  # the same vectors, with or without dedup
+        np.testing.assert_allclose(
+            deduped.loc[i, "embedding"], plain.loc[i, "embedding"], rtol=1e-5, atol=1e-6
+        )
+    # r07 paid for its own chunks only, the shared ones were r03's: a request's usage is shared
+    # by its inputs' estimated tokens, so the rows' shares, not their sums, move with the mix.
+    assert 0 < deduped.loc["r07", "prompt_tokens"] < plain.loc["r07", "prompt_tokens"] / 2
+    assert int(deduped["prompt_tokens"].sum()) < int(plain["prompt_tokens"].sum())
