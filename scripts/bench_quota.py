@@ -289,7 +289,8 @@ def run_one(
             per_minute[int((r.end_s - begin) // 60)] += r.prompt_tokens / sum(quotas)
         figures["tokens_per_minute_over_quota"] = [round(x, 2) for x in per_minute]
         figures["timeline"] = [  # written to --json only: start, end, tokens, status
-            [round(r.start_s - begin, 3), round(r.end_s - begin, 3), r.prompt_tokens, r.status] for r in records
+            [round(r.start_s - begin, 3), round(r.end_s - begin, 3), r.prompt_tokens, r.status]
+            for r in records
         ]
         if killer is not None and killer.at is not None:
             left = sum(quotas) - quotas[spec["kill"]]
