@@ -306,6 +306,7 @@ def test_metrics_merge_and_round_trip() -> None:
         "dropped_tokens": 0,
         "reused_tokens": 0,
         "unsent_rows": 0,
+        "copied_chunks": 0,
     }
     again = Metrics.from_dict(first.to_dict(timeline=True))
     assert again.to_dict(timeline=True) == first.to_dict(timeline=True)
