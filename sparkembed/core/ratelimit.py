@@ -518,8 +518,9 @@ class RateLimiter:
         reading.waiting = waiting
 
     def _read_with_peers(self, grant: Grant, tokens_room: float | None, requests_room: float | None) -> None:
-        """The room the service had when it took ``grant``'s request, plus what all had sent
-        by then: this worker's charges now, its peers' once their files show them all.
+        """The room the service had when it took ``grant``'s request (or the cost it refused),
+        plus what all had sent by then: this worker's charges now, its peers' once their files
+        show them all.
 
         Requests sent later are left out, though the service may have taken one first (a
         bound a request too low, at times); counting them would put every request in flight
@@ -548,9 +549,11 @@ class RateLimiter:
 
         The service had less room than the refused cost: the job may send less than it had
         sent plus that cost. That bound is learned only from a service that does not report
-        its room (the 429 may be for requests, not tokens), and with peers only once their
-        files show what they had sent by then: without the others' sends, a task whose first
-        answer is a 429 would learn a bound of one request, and keep a tiny part.
+        its room (the 429 may be for requests, not tokens). With peers it counts what all had
+        sent when the request went, once their files show it, as a success's room does (see
+        :meth:`_read_with_peers`); while the wave's files are not all there yet, each other
+        task is taken to have tried what this one did. Counting this task's sends alone, one
+        whose first answer is a 429 would learn a bound of one request, and keep a tiny part.
 
         Args:
             grant: the refused request's grant (None: learn nothing from it).
@@ -562,14 +565,12 @@ class RateLimiter:
         self._paused_until = max(self._paused_until, now + pause)
         if grant is None or self._told_room:
             return
-        view = self._view()
-        if view is None and self.peers is None:
-            sent = self._tokens.used() / self._share
-        elif view is not None and view.as_of >= self._wall() - (now - _sent_at(grant, now)):
-            sent = self._tokens.used() + self._others_sent(self._tokens, view.tokens)
-        else:
-            return  # the peers' sends until then are not known yet: any bound could be far too low
-        self._tokens.learn(sent + grant.tokens)
+        if self._view() is not None:
+            self._read_with_peers(grant, grant.tokens, None)  # once their files show their sends
+        elif self.peers is None:
+            self._tokens.learn(self._tokens.used() / self._share + grant.tokens)
+        else:  # the wave is starting: the others are taken to have sent what this one tried to
+            self._tokens.learn((self._tokens.used() + grant.tokens) / self._share)
 
     def _view(self) -> PeerView | None:
         """The peers' latest view, if any; it sets the windows' equal parts, and completes the

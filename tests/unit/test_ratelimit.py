@@ -616,8 +616,23 @@ def test_with_peers_a_429_teaches_a_bound_only_once_their_sends_are_known(loop: 
         limiter.on_throttle(refused, 1.0)
         stale = limiter.token_limit
         peers.view = PeerView(4, tokens=((0.0, 50_000.0), (1.0, 30_000.0)), as_of=1.5)
-        limiter.on_throttle(refused, 1.0)
+        limiter._view()  # their files caught up with the refused request
         return [stale, limiter.token_limit]
 
     # 80,000 sent by the others + the 20,000 refused: the job may send less than 100,000.
     assert run(loop, main) == [None, 25_000]
+
+
+def test_a_429_while_the_wave_starts_counts_the_others_as_trying_the_same(loop: VirtualTimeLoop) -> None:
+    """Before every task of the wave has published, a task whose first request is refused
+    takes each other task to have tried as much: a bound of four requests, not one."""
+    limiter = peered(loop, Peers(4))
+    limiter.peers = lambda: None  # not all the wave's files are there yet
+
+    async def main() -> float | None:
+        refused = await limiter.acquire(20_000)
+        limiter.settle(refused, 0)
+        limiter.on_throttle(refused, 1.0)
+        return limiter.token_limit
+
+    assert run(loop, main) == 20_000  # a quarter of the 80,000 the job may not reach
