@@ -13,7 +13,9 @@ signals bound what the job may send in a window: after a success, what was sent 
 window plus the room the service reports left (``x-ratelimit-remaining-*``); after a 429,
 what was sent plus the refused cost. The tightest bound of the last few windows wins, so
 the pacer finds the real limit when the quota is unset or set too high, and follows a limit
-that wanders.
+that wanders down. A reading taken when the job had nothing in the window is the limit now
+under every model, so it replaces the older bounds: a job that spends each window in a burst
+(as it does once a trailing window frees all at once) follows a limit that rose, too.
 
 What the other workers sent is known in one of two ways:
 
@@ -187,9 +189,18 @@ class SendWindow:
             self._used += amount - charge[1]
         charge[1] = float(amount)
 
-    def learn(self, bound: float) -> None:
-        """The service says the job may send at most ``bound`` in a window (headroom aside)."""
+    def learn(self, bound: float, *, fresh: bool = False) -> None:
+        """The service says the job may send at most ``bound`` in a window (headroom aside).
+
+        ``fresh``: read with nothing of the job's in the window, so the room the service
+        reported is its whole limit now (whether it meters a trailing window, clock minutes or
+        a bucket of a minute): it replaces the older bounds, so a limit that rose is followed
+        at once. Other readings may be loose (a clock minute that reset, a bucket that
+        refilled): only the tightest of the horizon counts.
+        """
         now, bound = self._clock(), max(1.0, bound) * self._keep
+        if fresh:
+            self._bounds.clear()
         # Oldest first, and increasing: an older, larger bound can never be the tightest again.
         while self._bounds and self._bounds[-1][1] >= bound:
             self._bounds.pop()
@@ -249,18 +260,26 @@ class _Reading:
     """The room a service reported, as bounds on what the job may send in a window, waiting
     until this worker's requests in flight when it arrived are settled: any of them may have
     been counted. ``scale``: how much one unit this worker sent weighs in the bounds (the
-    workers it stands for, without peers)."""
+    workers it stands for, without peers). ``fresh``: the job had nothing in the window when
+    the request went (with peers, once their files confirm it)."""
 
-    __slots__ = ("tokens", "requests", "waiting", "scale", "at")
+    __slots__ = ("tokens", "requests", "waiting", "scale", "at", "fresh")
 
     def __init__(
-        self, tokens: float | None, requests: float | None, waiting: int, scale: float, at: float | None
+        self,
+        tokens: float | None,
+        requests: float | None,
+        waiting: int,
+        scale: float,
+        at: float | None,
+        fresh: bool = False,
     ) -> None:
         self.tokens = tokens
         self.requests = requests
         self.waiting = waiting
         self.scale = scale
         self.at = at  # with peers: when it arrived (wall clock), to add what they had sent by then
+        self.fresh = fresh
 
 
 @dataclass(eq=False)
@@ -503,12 +522,14 @@ class RateLimiter:
             self._read_with_peers(grant, tokens_room, requests_room)
             return
         scale = 1 / self._share
+        used = self._tokens.used()
         reading = _Reading(
-            None if tokens_room is None else self._tokens.used() * scale + tokens_room,
+            None if tokens_room is None else used * scale + tokens_room,
             None if requests_room is None else self._requests.used() * scale + requests_room,
             len(self._in_flight),
             scale,
             None,
+            fresh=self._share == 1 and not self._in_flight and used <= _charged(grant),
         )
         for other in self._in_flight:
             other._readings.append(reading)
@@ -517,7 +538,9 @@ class RateLimiter:
         self._learn(reading)
         reading.waiting = waiting
 
-    def _read_with_peers(self, grant: Grant, tokens_room: float | None, requests_room: float | None) -> None:
+    def _read_with_peers(
+        self, grant: Grant, tokens_room: float | None, requests_room: float | None, *, exact: bool = True
+    ) -> None:
         """The room the service had when it took ``grant``'s request (or the cost it refused),
         plus what all had sent by then: this worker's charges now, its peers' once their files
         show them all.
@@ -525,6 +548,10 @@ class RateLimiter:
         Requests sent later are left out, though the service may have taken one first (a
         bound a request too low, at times); counting them would put every request in flight
         in both the room and the sends, and each bound too high.
+
+        An ``exact`` reading (a success's room, not a 429's cost) taken when the job had
+        nothing in the window is the limit now under every metering model, so it replaces the
+        older bounds (:meth:`SendWindow.learn`).
         """
         sent_at = _sent_at(grant, self._clock())
 
@@ -532,12 +559,14 @@ class RateLimiter:
             return sum(amount for when, amount in window.sent() if when <= sent_at)
 
         earlier = [g for g in self._in_flight if (g._charges[0] or g._charges[1] or [sent_at])[0] <= sent_at]
+        mine_tokens = mine(self._tokens)
         reading = _Reading(
-            None if tokens_room is None else mine(self._tokens) + tokens_room,
+            None if tokens_room is None else mine_tokens + tokens_room,
             None if requests_room is None else mine(self._requests) + requests_room,
             len(earlier),
             1.0,
             self._wall() - (self._clock() - sent_at),
+            fresh=exact and not earlier and mine_tokens <= _charged(grant),
         )
         for other in earlier:
             other._readings.append(reading)
@@ -566,7 +595,7 @@ class RateLimiter:
         if grant is None or self._told_room:
             return
         if self._view() is not None:
-            self._read_with_peers(grant, grant.tokens, None)  # once their files show their sends
+            self._read_with_peers(grant, grant.tokens, None, exact=False)  # once their files show it
         elif self.peers is None:
             self._tokens.learn(self._tokens.used() / self._share + grant.tokens)
         else:  # the wave is starting: the others are taken to have sent what this one tried to
@@ -610,20 +639,22 @@ class RateLimiter:
     def _learn(self, reading: _Reading, view: PeerView | None = None) -> None:
         if reading.waiting > 0:
             return
-        tokens, requests = reading.tokens, reading.requests
+        tokens, requests, fresh = reading.tokens, reading.requests, reading.fresh
         if reading.at is not None:  # the peers' charges until then are still to be added
             view = view or (self.peers() if self.peers is not None else None)
             if view is None or view.as_of < reading.at or reading not in self._due:
                 return  # not yet, or dropped when the task ended
             self._due.remove(reading)
+            theirs = _sum_between(view.tokens, reading.at - self._tokens.window_s, reading.at)
+            fresh = fresh and theirs == 0
             if tokens is not None:
-                tokens += _sum_between(view.tokens, reading.at - self._tokens.window_s, reading.at)
+                tokens += theirs
             if requests is not None:
                 requests += _sum_between(view.requests, reading.at - self._requests.window_s, reading.at)
         if tokens is not None:
-            self._tokens.learn(tokens)
+            self._tokens.learn(tokens, fresh=fresh)
         if requests is not None:
-            self._requests.learn(requests)
+            self._requests.learn(requests, fresh=fresh)
         self._wake_sleeper()
 
     def _delay_s(self, tokens: float) -> float:
@@ -678,6 +709,11 @@ class RateLimiter:
         """Room came back early, or the head changed: let the head recompute its delay."""
         if self._kick is not None:
             _resolve(self._kick)
+
+
+def _charged(grant: Grant) -> float:
+    """The tokens ``grant`` holds in its window now (its billed usage, once settled)."""
+    return grant._charges[0][1] if grant._charges[0] is not None else 0.0
 
 
 def _sent_at(grant: Grant, default: float) -> float:

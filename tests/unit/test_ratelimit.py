@@ -636,3 +636,25 @@ def test_a_429_while_the_wave_starts_counts_the_others_as_trying_the_same(loop: 
         return limiter.token_limit
 
     assert run(loop, main) == 20_000  # a quarter of the 80,000 the job may not reach
+
+
+def test_a_reading_with_nothing_in_the_window_follows_a_limit_that_rose(loop: VirtualTimeLoop) -> None:
+    """The room read when the job had sent nothing for a window is the whole limit now,
+    whatever the metering: it replaces the tighter bound of a minute ago. A reading with
+    sends in the window may be loose (a clock minute that reset) and only tightens."""
+    peers = Peers(2)
+    limiter = peered(loop, peers)
+
+    async def send(room: int) -> float | None:
+        grant = await limiter.acquire(1_000)
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=room)
+        return limiter.token_limit
+
+    async def main() -> list[float | None]:
+        first = await send(9_000)  # the job's 1,000 + 9,000: 10,000, half each
+        loose = await send(20_000)  # 2,000 sent + 20,000: looser, the 10,000 stays
+        await asyncio.sleep(MINUTE + 1)  # the window empties
+        return [first, loose, await send(14_000)]
+
+    assert run(loop, main) == [5_000, 5_000, 7_500]
