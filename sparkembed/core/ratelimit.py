@@ -134,6 +134,20 @@ class SendWindow:
         return bool(self._bounds)
 
     @property
+    def learned_bound(self) -> float | None:
+        """The tightest bound the service taught (headroom taken off), None before any."""
+        if not self._bounds:
+            return None
+        self._forget(self._clock())
+        return self._bounds[0][1]
+
+    def adopt(self, bound: float) -> None:
+        """Start from ``bound``, another worker's :attr:`learned_bound`, until this one learns
+        its own: a worker joining a busy job then waits for room instead of probing into it."""
+        if not self._bounds:
+            self._bounds.append((self._clock(), bound))
+
+    @property
     def limit(self) -> float | None:
         """The most this worker may send in one window now (headroom taken off); None: no limit."""
         return self._part(self.held)
@@ -246,6 +260,8 @@ class PeerView:
         as_of: the others' charges are all known up to this wall-clock time.
         ended_tokens, ended_requests: the part of those charges made by workers that no
             longer send (their tasks ended): what they hold ages out, and no one else's.
+        tokens_bound, requests_bound: the tightest bounds the sending ones learned (per
+            window, headroom taken off), None if none did.
     """
 
     workers: int
@@ -254,6 +270,8 @@ class PeerView:
     as_of: float = math.inf
     ended_tokens: tuple[tuple[float, float], ...] = ()
     ended_requests: tuple[tuple[float, float], ...] = ()
+    tokens_bound: float | None = None
+    requests_bound: float | None = None
 
 
 class _Reading:
@@ -412,6 +430,11 @@ class RateLimiter:
             "tokens": [[when + offset, amount] for when, amount in self._tokens.sent()],
             "requests": [[when + offset, amount] for when, amount in self._requests.sent()],
         }
+
+    def learned(self) -> dict[str, float | None]:
+        """The bounds the service taught this worker (per window, headroom taken off; None: not
+        yet), for peers that start later and know nothing yet."""
+        return {"tokens_bound": self._tokens.learned_bound, "requests_bound": self._requests.learned_bound}
 
     def request_cap(self) -> float | None:
         """Most estimated tokens one request should hold now: a :data:`REQUESTS_PER_LIMIT`
@@ -610,6 +633,10 @@ class RateLimiter:
         if view is not None:  # what peers that stopped sending still hold is no one's part
             self._tokens.held = self._others_sent(self._tokens, view.ended_tokens)
             self._requests.held = self._others_sent(self._requests, view.ended_requests)
+            if view.tokens_bound is not None:
+                self._tokens.adopt(view.tokens_bound)
+            if view.requests_bound is not None:
+                self._requests.adopt(view.requests_bound)
         if view is None:
             self._due.clear()  # a task ended: its peers' files are no longer read
         for reading in list(self._due):

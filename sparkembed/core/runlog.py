@@ -151,7 +151,7 @@ def read_peers(
 
     A pacer that moved on to another task attempt is counted once, from its newest file.
     """
-    newest: dict[tuple[str, str], tuple[float, bool, list[Any], list[Any]]] = {}
+    newest: dict[tuple[str, str], tuple[float, bool, dict[str, Any]]] = {}
     published = 0
     for prefix in {wave, max(0, wave - 1)}:
         for path in (Path(run_dir) / TASKS_DIR).glob(f"w{prefix:05d}-*.json"):
@@ -164,7 +164,7 @@ def read_peers(
             for route, pacer in (data.get("pacing") or {}).items():
                 key = (route, str(pacer.get("id")))
                 if key not in newest or newest[key][0] < written:
-                    newest[key] = (written, final, pacer.get("tokens", []), pacer.get("requests", []))
+                    newest[key] = (written, final, pacer)
     if published < expected:
         return {}
     now = time.time() if now is None else now
@@ -173,16 +173,20 @@ def read_peers(
         workers, as_of = 1, math.inf
         sending: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
         ended: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
-        for (name, pacer_id), (written, final, their_tokens, their_requests) in newest.items():
+        bounds: dict[str, list[float]] = {"tokens_bound": [], "requests_bound": []}
+        for (name, pacer_id), (written, final, pacer) in newest.items():
             if name != route or pacer_id == own:
                 continue
             alive = not final and now - written < ALIVE_S
             if alive:  # known up to its last write
                 workers += 1
                 as_of = min(as_of, written)
+                for kind, learned in bounds.items():
+                    if pacer.get(kind) is not None:
+                        learned.append(float(pacer[kind]))
             tokens, requests = sending if alive else ended
-            tokens += [(float(when), float(amount)) for when, amount in their_tokens]
-            requests += [(float(when), float(amount)) for when, amount in their_requests]
+            tokens += [(float(when), float(amount)) for when, amount in pacer.get("tokens", [])]
+            requests += [(float(when), float(amount)) for when, amount in pacer.get("requests", [])]
         views[route] = PeerView(
             workers,
             tuple(sorted(sending[0] + ended[0])),
@@ -190,6 +194,8 @@ def read_peers(
             as_of,
             tuple(sorted(ended[0])),
             tuple(sorted(ended[1])),
+            min(bounds["tokens_bound"], default=None),
+            min(bounds["requests_bound"], default=None),
         )
     return views
 
@@ -351,7 +357,9 @@ class TaskLog:
             "written_at": time.time(),
         }
         if self._pacers:
-            data["pacing"] = {name: {"id": p.id, **p.sent()} for name, p in self._pacers.items()}
+            data["pacing"] = {
+                name: {"id": p.id, **p.sent(), **p.learned()} for name, p in self._pacers.items()
+            }
         if final:  # the whole account, once: for sessions without accumulators (Spark Connect)
             data["metrics"] = m.to_dict(timeline=True)
         try:

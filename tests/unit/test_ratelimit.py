@@ -658,3 +658,20 @@ def test_a_reading_with_nothing_in_the_window_follows_a_limit_that_rose(loop: Vi
         return [first, loose, await send(14_000)]
 
     assert run(loop, main) == [5_000, 5_000, 7_500]
+
+
+def test_a_pacer_joining_a_busy_job_starts_from_the_bound_its_peers_learned(loop: VirtualTimeLoop) -> None:
+    """A task that starts while the others fill the window knows no limit of its own (none
+    configured); from their files it takes the bound they learned and waits for room,
+    instead of probing into a full window for a 429."""
+    peers = Peers(2, tokens=((0.0, 19_000.0),), tokens_bound=20_000.0)
+    limiter = peered(loop, peers)
+    log: list[tuple[str, float, float]] = []
+
+    async def main() -> None:
+        await asyncio.sleep(1.0)
+        await acquire_logged(limiter, 4_000, "first", log)
+
+    run(loop, main)
+    assert limiter.token_limit == 10_000
+    assert log[0][0] == "first" and log[0][1] == pytest.approx(MINUTE)  # the 19,000 aged out

@@ -111,10 +111,11 @@ def test_the_wave_lock_holds_other_attempts_off_until_released(tmp_path: Path) -
 def test_pacers_publish_their_charges_and_read_their_peers(tmp_path: Path) -> None:
     """Each pacer counts once (its newest file), its own files are left out, and a pacer
     whose task ended, or whose file went stale, holds its charges but no longer sends."""
-    from sparkembed.core.ratelimit import RateLimiter
+    from sparkembed.core.ratelimit import HEADROOM, RateLimiter
 
     def pacer_file(name: str, pacer: str, written: float, final: bool, sent: float) -> None:
         charges = {"tokens": [[written - 1, sent]], "requests": [[written - 1, 1.0]]}
+        charges["tokens_bound"] = sent * 10
         data = {"final": final, "written_at": written, "pacing": {"a": {"id": pacer, **charges}}}
         (tmp_path / "tasks" / f"{name}.json").write_text(json.dumps(data))
 
@@ -135,10 +136,13 @@ def test_pacers_publish_their_charges_and_read_their_peers(tmp_path: Path) -> No
     assert sorted(amount for _, amount in view.tokens) == [200.0, 300.0, 400.0]
     assert sorted(amount for _, amount in view.ended_tokens) == [300.0, 400.0]
     assert len(view.requests) == 3
+    # The tightest bound the sending ones learned, for a pacer that knows none yet.
+    assert (view.tokens_bound, view.requests_bound) == (2_000.0, None)
 
     # A live attempt publishes its pacer's charges and hands the pacer its peers' view.
     limiter = RateLimiter(None, None)
     limiter._take(700, 0.0, 700)
+    limiter._tokens.learn(10_000)
     with TaskLog(tmp_path, "w00003-p00004-a0-t8", Metrics(), pacers={"a": limiter}, wave=3) as task_log:
         assert limiter.peers is not None and limiter.peers() == task_log.peer_view("a")
         view = limiter.peers()
@@ -147,6 +151,7 @@ def test_pacers_publish_their_charges_and_read_their_peers(tmp_path: Path) -> No
     assert limiter.peers is None
     published = json.loads(task_log.path.read_text())["pacing"]["a"]
     assert published["id"] == limiter.id and [amount for _, amount in published["tokens"]] == [700.0]
+    assert (published["tokens_bound"], published["requests_bound"]) == (10_000 * (1 - HEADROOM), None)
 
 
 def test_only_the_runs_that_died_with_their_appends_due_on_this_target_and_cache_are_found(
