@@ -80,7 +80,7 @@ class SendWindow:
     ``bound`` is the most the whole job may send in a window: the tightest of what
     :meth:`learn` was told in the last :data:`BOUND_HORIZON_WINDOWS` windows, never above
     ``quota`` (None: unknown). This worker's limit is its part of that: ``share`` of it, up to
-    the whole quota (unless not ``grow_alone``), or with ``peers`` set (active workers, this
+    the whole quota (if ``alone``), or with ``peers`` set (active workers, this
     one included) an equal part of what workers that ended do not still hold (``held``).
     Before anything is learned the limit is ``share`` (or the equal part) of ``quota``. A cost
     larger than the limit goes into an empty window::
@@ -94,7 +94,7 @@ class SendWindow:
 
     __slots__ = (
         "window_s", "share", "peers", "held", "_clock", "_sent", "_used", "_quota", "_bounds", "_keep",
-        "_grow",
+        "_alone",
     )  # fmt: skip
 
     def __init__(
@@ -105,11 +105,11 @@ class SendWindow:
         share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         headroom: float = 0.0,
-        grow_alone: bool = True,
+        alone: bool = True,
     ) -> None:
         self.window_s = window_s
         self.share = share
-        self._grow = grow_alone
+        self._alone = alone
         self.peers: int | None = None
         self.held = 0.0
         self._clock = clock
@@ -163,7 +163,7 @@ class SendWindow:
             return None
         if self.peers is not None:
             return max(1.0, bound - held) / self.peers
-        if not self._bounds or self._quota is None or not self._grow:
+        if not self._bounds or self._quota is None or not self._alone:
             return bound * self.share
         return min(self._bounds[0][1] * self.share, self._quota)  # a tail task may take it all
 
@@ -209,11 +209,12 @@ class SendWindow:
         ``fresh``: read with nothing of the job's in the window, so the room the service
         reported is its whole limit now (whether it meters a trailing window, clock minutes or
         a bucket of a minute): it replaces the older bounds, so a limit that rose is followed
-        at once. Other readings may be loose (a clock minute that reset, a bucket that
-        refilled): only the tightest of the horizon counts.
+        at once (unless other clients share the deployment: not ``alone``). Other readings
+        may be loose (a clock minute that reset, a bucket that refilled): only the tightest
+        of the horizon counts.
         """
         now, bound = self._clock(), max(1.0, bound) * self._keep
-        if fresh:
+        if fresh and self._alone:
             self._bounds.clear()
         # Oldest first, and increasing: an older, larger bound can never be the tightest again.
         while self._bounds and self._bounds[-1][1] >= bound:
@@ -345,9 +346,12 @@ class RateLimiter:
         headroom: fraction of the limit left unused.
         minute_s: the service's minute, in seconds (tests against a scaled endpoint shorten it);
             RPM is paced over a sixth of it.
-        keep_share: the job's quota is below the deployment's (``limits.max_share``): without
-            peers, this worker never takes more than its share of it, since room the service
-            reports may be other clients' part, not workers that ended.
+        keep_share: the job's quota is below the deployment's (``limits.max_share``): room the
+            service reports may be other clients' part, not workers that ended, so without
+            peers this worker never takes more than its share of the job's quota; and a fresh
+            reading does not replace tighter bounds, since the others' traffic comes and goes
+            and the limit may wander down under it (the job follows it down at once, and up
+            only as tight bounds age out).
     """
 
     __slots__ = (
@@ -378,7 +382,7 @@ class RateLimiter:
         def window(per_minute: float | None, per_window: float, length_s: float) -> SendWindow:
             quota = None if per_minute is None else per_minute * per_window / share
             return SendWindow(
-                quota, length_s, share=share, clock=clock, headroom=headroom, grow_alone=not keep_share
+                quota, length_s, share=share, clock=clock, headroom=headroom, alone=not keep_share
             )
 
         self._tokens = window(tokens_per_minute, 1.0, window_s)

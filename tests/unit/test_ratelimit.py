@@ -507,11 +507,19 @@ class Peers:
         return self.view
 
 
-def peered(loop: VirtualTimeLoop, peers: Peers, quota: float | None = None) -> RateLimiter:
+def peered(
+    loop: VirtualTimeLoop, peers: Peers, quota: float | None = None, *, keep_share: bool = False
+) -> RateLimiter:
     """A limiter told a quarter of ``quota`` (per minute), with ``peers``."""
     share = 1 / 4
     limiter = RateLimiter(
-        quota and quota * share, None, share=share, clock=loop.time, wall=loop.time, headroom=0.0
+        quota and quota * share,
+        None,
+        share=share,
+        clock=loop.time,
+        wall=loop.time,
+        headroom=0.0,
+        keep_share=keep_share,
     )
     limiter.settle(limiter._take(0, 0.0, 0), 0)
     limiter.peers = peers
@@ -638,12 +646,17 @@ def test_a_429_while_the_wave_starts_counts_the_others_as_trying_the_same(loop: 
     assert run(loop, main) == 20_000  # a quarter of the 80,000 the job may not reach
 
 
-def test_a_reading_with_nothing_in_the_window_follows_a_limit_that_rose(loop: VirtualTimeLoop) -> None:
+@pytest.mark.parametrize("keep_share", [False, True])
+def test_a_reading_with_nothing_in_the_window_follows_a_limit_that_rose(
+    loop: VirtualTimeLoop, keep_share: bool
+) -> None:
     """The room read when the job had sent nothing for a window is the whole limit now,
     whatever the metering: it replaces the tighter bound of a minute ago. A reading with
-    sends in the window may be loose (a clock minute that reset) and only tightens."""
+    sends in the window may be loose (a clock minute that reset) and only tightens. With
+    limits.max_share, other clients' traffic shares the room: the job rises only as the
+    tight bound ages out."""
     peers = Peers(2)
-    limiter = peered(loop, peers)
+    limiter = peered(loop, peers, 100_000 if keep_share else None, keep_share=keep_share)
 
     async def send(room: int) -> float | None:
         grant = await limiter.acquire(1_000)
@@ -657,7 +670,7 @@ def test_a_reading_with_nothing_in_the_window_follows_a_limit_that_rose(loop: Vi
         await asyncio.sleep(MINUTE + 1)  # the window empties
         return [first, loose, await send(14_000)]
 
-    assert run(loop, main) == [5_000, 5_000, 7_500]
+    assert run(loop, main) == [5_000, 5_000, 5_000 if keep_share else 7_500]
 
 
 def test_a_pacer_joining_a_busy_job_starts_from_the_bound_its_peers_learned(loop: VirtualTimeLoop) -> None:
