@@ -167,11 +167,6 @@ class SendWindow:
             return bound * self.share
         return min(self._bounds[0][1] * self.share, self._quota)  # a tail task may take it all
 
-    def room(self) -> float | None:
-        """What may still be sent in the window now; None with no limit."""
-        limit = self.limit
-        return None if limit is None else max(0.0, limit - self.used())
-
     def used(self, now: float | None = None) -> float:
         """What was sent in the window ending now."""
         self._expire(self._clock() if now is None else now)
@@ -448,21 +443,9 @@ class RateLimiter:
     def request_cap(self) -> float | None:
         """Most estimated tokens one request should hold now: a :data:`REQUESTS_PER_LIMIT`
         part of the token limit (what ended peers still hold aside: it ages out within a
-        window); None when no limit is known.
-
-        Less when the window has room for less, but for at least a quarter of that part: the
-        last request of a burst then fills the window, instead of waiting a window and leaving
-        up to a request's worth of quota unused each time (a twentieth of the limit, on average
-        half that).
-        """
+        window); None when no limit is known."""
         limit = self._tokens.part
-        if limit is None:
-            return None
-        cap = limit / REQUESTS_PER_LIMIT
-        room = self._tokens.room()
-        if room is not None and cap / 4 <= room < cap:
-            cap = room
-        return cap / self.ratio
+        return None if limit is None else limit / REQUESTS_PER_LIMIT / self.ratio
 
     def load(self, tokens: int) -> float:
         """How booked this limiter would be with ``tokens`` more: what was sent in the window,

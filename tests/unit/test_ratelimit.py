@@ -308,19 +308,6 @@ def test_the_room_reported_after_a_success_bounds_the_limit(loop: VirtualTimeLoo
     assert limiter.request_cap() == pytest.approx(20_000 / REQUESTS_PER_LIMIT / 1.05)
 
 
-def test_the_last_request_of_a_burst_is_sized_to_the_room_left(loop: VirtualTimeLoop) -> None:
-    """Requests are a fifth of the limit; the one that would not fit the window is cut to the
-    room left (not below a quarter of a fifth), so the window fills instead of leaving up to a
-    request's worth unused until the next."""
-    limiter = exact(20_000, None, loop)
-    caps = []
-    for sent in (10_000, 6_000, 2_000, 1_500):
-        limiter._take(sent, 0.0, sent)
-        caps.append(limiter.request_cap())
-    # Room 10,000, 4,000, 2,000: a fifth (4,000), then what is left; 500 is below 1,000.
-    assert caps == [4_000, 4_000, 2_000, 4_000]
-
-
 def test_requests_in_flight_count_until_settled_then_the_refused_drop_out(loop: VirtualTimeLoop) -> None:
     limiter = exact(None, None, loop)
 
