@@ -261,7 +261,9 @@ class Embedder:
         """One request with retries: a response, why its rows failed, or unsent when stopping.
 
         None: the batch holds more tokens than the limiter now allows one request, and more
-        than one text; the caller splits it.
+        than one text; the caller splits it. The limiter checks it again when the request's
+        turn comes: a limit learned while it waited (the first requests of a job told no quota
+        are sized before any is known) must not send a request that takes a task's window.
 
         ``fail_fast`` (the preflight): a host that cannot be reached at all is a wrong
         ``endpoint.url``, raised at once instead of retried.
@@ -298,20 +300,25 @@ class Embedder:
             attempt += 1
             try:
                 # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
-                grant = await route.limiter.acquire(tokens, retry=throttled)
+                grant = await route.limiter.acquire(tokens, retry=throttled, divisible=len(texts) > 1)
             except BaseException:  # cancelled: a probe that never went must not keep the others out
                 if probe:
                     route.breaker.release()
                 raise
+            if grant is None:  # a limit learned while it waited makes it too large: split it
+                if probe:
+                    route.breaker.release()
+                metrics.limiter_wait_s += waited
+                return None
             waited += grant.waited_s
             if self._pooled and not probe and route.breaker.state != "closed":
-                route.limiter.settle(grant, 0)  # it went out while this waited: choose again
+                route.limiter.withdraw(grant)  # it went out while this waited: choose again
                 attempt -= 1
                 continue
             # The wait for quota may have been long: hand the quota back. A budget at its cap
             # leaves the rows unsent too, like a stop.
             if stop() or (budget is not None and not await self._reserve(budget, tokens, stop)):
-                route.limiter.settle(grant, 0)
+                route.limiter.withdraw(grant)
                 if probe:
                     route.breaker.release()
                 metrics.limiter_wait_s += waited

@@ -11,7 +11,10 @@ burst a service may refuse, yet spends a full window's quota as soon as it is th
 The limit starts at the configured share (quota / workers), or none. Then the service's own
 signals bound what the job may send in a window: after a success, what was sent in the
 window plus the room the service reports left (``x-ratelimit-remaining-*``); after a 429,
-what was sent plus the refused cost. The tightest bound of the last few windows wins, so
+what was sent plus the refused cost. "What was sent" is what the service counted when it
+took the request: the sends of its minute before then, including those that have aged out
+of the pacer's window by the time the answer (or a peer's file) arrives, so each worker
+keeps its charges two windows. The tightest bound of the last few windows wins, so
 the pacer finds the real limit when the quota is unset or set too high, and follows a limit
 that wanders down. A reading taken when the job had nothing in the window is the limit now
 under every model, so it replaces the older bounds: a job that spends each window in a burst
@@ -40,6 +43,9 @@ a sliding window): the limit may have wandered meanwhile, and a burst on a stale
 would be refused.
 A 429 pauses every acquirer until its retry-after. Waiters go first come, first served, and
 a request retried after a 429 goes ahead of new ones, so a large request is never starved.
+A request that can be split and has become larger than a fifth of the limit while it waited
+(a limit learned meanwhile) is handed back to be split when its turn comes, instead of
+waiting for a window of its own.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ class SendWindow:
 
     __slots__ = (
         "window_s", "share", "peers", "held", "_clock", "_sent", "_used", "_quota", "_bounds", "_keep",
-        "_alone",
+        "_alone", "_history",
     )  # fmt: skip
 
     def __init__(
@@ -115,6 +121,7 @@ class SendWindow:
         self._clock = clock
         self._keep = 1 - headroom
         self._sent: deque[list[float]] = deque()  # [when, amount], oldest first
+        self._history: deque[list[float]] = deque()  # the same charges, kept two windows
         self._used = 0.0
         self._quota = None if quota is None else quota * self._keep
         self._bounds: deque[tuple[float, float]] = deque()  # (when, bound)
@@ -172,19 +179,23 @@ class SendWindow:
         self._expire(self._clock() if now is None else now)
         return self._used
 
-    def sent(self) -> list[list[float]]:
-        """The charges in the window, oldest first: ``[when, amount]`` on this window's clock.
-        Safe from another thread: it changes nothing."""
-        start = self._clock() - self.window_s
-        return [[when, amount] for when, amount in list(self._sent) if when > start]
+    def sent(self, windows: float = 1.0) -> list[list[float]]:
+        """The charges of the last ``windows`` windows (at most 2), oldest first: ``[when,
+        amount]`` on this window's clock. Safe from another thread: it changes nothing."""
+        start = self._clock() - windows * self.window_s
+        return [[when, amount] for when, amount in list(self._history) if when > start]
+
+    def sent_between(self, start: float, end: float) -> float:
+        """What was sent after ``start`` and up to ``end`` (within the last two windows)."""
+        return _sum_between(self._history, start, end)
 
     def delay_s(self, cost: float) -> float:
         """Seconds until ``cost`` fits in the window (until it is empty, if it exceeds the limit)."""
         now = self._clock()
         self._expire(now)
         limit = self.limit
-        if limit is None or not self._sent or self._used + cost <= limit * (1 + _EPSILON):
-            return 0.0
+        if limit is None or self._used < 1 or self._used + cost <= limit * (1 + _EPSILON):
+            return 0.0  # under a token left: only refused or withdrawn charges, none counted
         must_free = self._used + cost - limit if cost <= limit else self._used
         return _time_to_free(self._sent, must_free, self.window_s, now)
 
@@ -194,6 +205,7 @@ class SendWindow:
         self._expire(now)
         charge = [now, float(cost)]
         self._sent.append(charge)
+        self._history.append(charge)
         self._used += cost
         return charge
 
@@ -229,6 +241,8 @@ class SendWindow:
     def _expire(self, now: float) -> None:
         while self._sent and self._sent[0][0] <= now - self.window_s:
             self._used -= self._sent.popleft()[1]
+        while self._history and self._history[0][0] <= now - 2 * self.window_s:
+            self._history.popleft()
         if not self._sent:
             self._used = 0.0  # no float residue once empty
 
@@ -245,7 +259,7 @@ def _time_to_free(sent: Iterable[Sequence[float]], must_free: float, window_s: f
     return max(0.0, last + window_s - now)
 
 
-def _sum_between(charges: Iterable[tuple[float, float]], start: float, end: float) -> float:
+def _sum_between(charges: Iterable[Sequence[float]], start: float, end: float) -> float:
     """What ``charges`` (``(when, amount)``) hold after ``start`` and up to ``end``."""
     return sum(amount for when, amount in charges if start < when <= end)
 
@@ -256,7 +270,7 @@ class PeerView:
 
     Attributes:
         workers: workers sending now, this one included.
-        tokens, requests: the others' charges still in a window, ``(when, amount)`` oldest
+        tokens, requests: the others' charges of the last two windows, ``(when, amount)`` oldest
             first, ``when`` on the wall clock (``time.time()``), since they ran elsewhere.
         as_of: the others' charges are all known up to this wall-clock time.
         ended_tokens, ended_requests: the part of those charges made by workers that no
@@ -357,7 +371,7 @@ class RateLimiter:
     __slots__ = (
         "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
         "_paused_until", "_waited_s", "_told_room", "_in_flight", "_heard_at", "_waiting",
-        "_billed", "_estimated", "_wall", "_due", "peers", "id",
+        "_billed", "_estimated", "_wall", "_due", "_minute_s", "peers", "id",
     )  # fmt: skip
 
     def __init__(
@@ -375,6 +389,7 @@ class RateLimiter:
         if not 0 <= headroom < 1:
             raise ValueError(f"headroom must be in [0, 1), got {headroom}")
         window_s = minute_s * (1 + WINDOW_MARGIN)
+        self._minute_s = minute_s
 
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
@@ -427,12 +442,14 @@ class RateLimiter:
         return self._billed / self._estimated if self._estimated else 1.0
 
     def sent(self) -> dict[str, list[list[float]]]:
-        """This worker's charges still in a window, for its peers: ``[when, amount]`` on the
-        wall clock, tokens and requests."""
+        """This worker's charges of the last two windows, for its peers: ``[when, amount]`` on
+        the wall clock, tokens and requests. A peer completes a reading with the charges of
+        the service's window before it, once this file was written after it: kept one window
+        only, those that aged out between the reading and the write would be missing."""
         offset = self._wall() - self._clock()
         return {
-            "tokens": [[when + offset, amount] for when, amount in self._tokens.sent()],
-            "requests": [[when + offset, amount] for when, amount in self._requests.sent()],
+            "tokens": [[when + offset, amount] for when, amount in self._tokens.sent(2)],
+            "requests": [[when + offset, amount] for when, amount in self._requests.sent(2)],
         }
 
     def learned(self) -> dict[str, float | None]:
@@ -446,6 +463,10 @@ class RateLimiter:
         window); None when no limit is known."""
         limit = self._tokens.part
         return None if limit is None else limit / REQUESTS_PER_LIMIT / self.ratio
+
+    def _too_large(self, estimate: int) -> bool:
+        cap = self.request_cap()
+        return cap is not None and estimate > cap
 
     def load(self, tokens: int) -> float:
         """How booked this limiter would be with ``tokens`` more: what was sent in the window,
@@ -462,15 +483,21 @@ class RateLimiter:
             booked = max(booked, (self._requests.used() + waiting_requests + 1) / request_limit)
         return windows + booked
 
-    async def acquire(self, tokens: int, *, retry: bool = False) -> Grant:
+    async def acquire(self, tokens: int, *, retry: bool = False, divisible: bool = False) -> Grant | None:
         """Wait until a request of ``tokens`` estimated tokens may be sent; charge it.
 
         Args:
             tokens: estimated tokens of the request.
             retry: the request was refused with a 429: it goes ahead of new requests.
+            divisible: the request may be split. It returns None, charging nothing, once its
+                turn comes if it holds more than :meth:`request_cap` then: the caller splits
+                it. A request sized before any limit was known (a job told no quota) would
+                otherwise wait for a window of its own, then take a whole part at once.
         """
         start, estimate = self._clock(), tokens
         cost = tokens * self.ratio
+        if divisible and self._too_large(estimate):
+            return None
         if not self._queue and self._delay_s(cost) == 0:
             return self._take(cost, 0.0, estimate)
         turn = asyncio.get_running_loop().create_future()
@@ -490,6 +517,9 @@ class RateLimiter:
                         turn = self._replace(turn)
                     await turn
                     continue
+                if divisible and self._too_large(estimate):
+                    self._waited_s += self._clock() - start
+                    return None
                 delay = self._delay_s(estimate * self.ratio)
                 if delay == 0:
                     break
@@ -527,6 +557,14 @@ class RateLimiter:
             self._learn(reading)
         grant._readings.clear()
         self._wake_sleeper()
+
+    def withdraw(self, grant: Grant) -> None:
+        """Hand back a grant whose request was never sent (a stop, a split, another
+        deployment chosen): its charges are undone, and nothing counts as heard, so the first
+        request of a task still goes alone until its answer's room is known."""
+        heard_at = self._heard_at
+        self.settle(grant, 0)
+        self._heard_at = heard_at
 
     def on_success(
         self, grant: Grant, remaining_tokens: int | None = None, remaining_requests: int | None = None
@@ -569,8 +607,10 @@ class RateLimiter:
         self, grant: Grant, tokens_room: float | None, requests_room: float | None, *, exact: bool = True
     ) -> None:
         """The room the service had when it took ``grant``'s request (or the cost it refused),
-        plus what all had sent by then: this worker's charges now, its peers' once their files
-        show them all.
+        plus what all had sent in the service's minute before it: this worker's charges now,
+        its peers' once their files show them all. That minute is the service's, not the
+        pacer's longer window, and charges that aged out of the window since still count: the
+        service had counted them when it took the request.
 
         Requests sent later are left out, though the service may have taken one first (a
         bound a request too low, at times); counting them would put every request in flight
@@ -582,14 +622,14 @@ class RateLimiter:
         """
         sent_at = _sent_at(grant, self._clock())
 
-        def mine(window: SendWindow) -> float:
-            return sum(amount for when, amount in window.sent() if when <= sent_at)
+        def mine(window: SendWindow, counted_s: float) -> float:
+            return window.sent_between(sent_at - counted_s, sent_at)
 
         earlier = [g for g in self._in_flight if (g._charges[0] or g._charges[1] or [sent_at])[0] <= sent_at]
-        mine_tokens = mine(self._tokens)
+        mine_tokens = mine(self._tokens, self._minute_s)
         reading = _Reading(
             None if tokens_room is None else mine_tokens + tokens_room,
-            None if requests_room is None else mine(self._requests) + requests_room,
+            None if requests_room is None else mine(self._requests, self._minute_s / 6) + requests_room,
             len(earlier),
             1.0,
             self._wall() - (self._clock() - sent_at),
@@ -676,12 +716,12 @@ class RateLimiter:
             if view is None or view.as_of < reading.at or reading not in self._due:
                 return  # not yet, or dropped when the task ended
             self._due.remove(reading)
-            theirs = _sum_between(view.tokens, reading.at - self._tokens.window_s, reading.at)
+            theirs = _sum_between(view.tokens, reading.at - self._minute_s, reading.at)
             fresh = fresh and theirs == 0
             if tokens is not None:
                 tokens += theirs
             if requests is not None:
-                requests += _sum_between(view.requests, reading.at - self._requests.window_s, reading.at)
+                requests += _sum_between(view.requests, reading.at - self._minute_s / 6, reading.at)
         if tokens is not None:
             self._tokens.learn(tokens, fresh=fresh)
         if requests is not None:

@@ -14,7 +14,7 @@ reads them for live progress and for the run's spend, and writes ``STOP`` on Ctr
 SIGTERM: tasks then send no new request, let the ones in flight finish, and end with
 what is done.
 
-The files also carry each attempt's pacing: the charges its rate limiter holds in a window,
+The files also carry each attempt's pacing: its rate limiter's charges of the last two windows,
 per deployment. Every :data:`PACE_EVERY_S` seconds an attempt publishes its own and reads
 those of the current and previous wave's attempts, so each pacer knows what its peers sent
 and how many of them are sending (:class:`~sparkembed.core.ratelimit.PeerView`).

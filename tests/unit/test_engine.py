@@ -85,16 +85,22 @@ class RecordingLimiter:
     def __init__(self) -> None:
         self.acquired: list[int] = []
         self.settled: list[tuple[int, int]] = []
+        self.withdrawn: list[int] = []
         self.throttles: list[float | None] = []
         self.successes = 0
         self.cap: float | None = None
 
-    async def acquire(self, tokens: int, *, retry: bool = False) -> Grant:
+    async def acquire(self, tokens: int, *, retry: bool = False, divisible: bool = False) -> Grant | None:
+        if divisible and self.cap is not None and tokens > self.cap:
+            return None
         self.acquired.append(tokens)
         return Grant(tokens, waited_s=0.25)
 
     def settle(self, grant: Grant, actual_tokens: int) -> None:
         self.settled.append((grant.tokens, actual_tokens))
+
+    def withdraw(self, grant: Grant) -> None:
+        self.withdrawn.append(grant.tokens)
 
     def on_throttle(self, grant: Grant | None, retry_after_s: float | None) -> None:
         self.throttles.append(retry_after_s)
@@ -348,6 +354,22 @@ def test_a_batch_larger_than_the_limiter_allows_is_split_before_it_is_sent() -> 
     results = rig.embedder.embed(texts(8))
     assert_ok_vectors(results, texts(8))
     assert sorted(len(call) for call in rig.backend.calls) == [2, 2, 2, 2]  # none sent whole
+
+
+def test_a_batch_whose_turn_comes_after_a_limit_was_learned_is_split_not_sent() -> None:
+    rig = Rig(batching={"max_inputs": 8})
+    cap = 2 * estimate_tokens("text number 0") + 1
+    acquire = rig.limiter.acquire
+
+    async def learning(tokens: int, *, retry: bool = False, divisible: bool = False) -> Grant | None:
+        rig.limiter.cap = cap  # the limit was learned while this request waited
+        return await acquire(tokens, retry=retry, divisible=divisible)
+
+    rig.limiter.acquire = learning  # type: ignore[method-assign]
+    results = rig.embedder.embed(texts(8))
+    assert_ok_vectors(results, texts(8))
+    assert sorted(len(call) for call in rig.backend.calls) == [2, 2, 2, 2]
+    assert max(rig.limiter.acquired) <= cap  # the whole batch was never charged
 
 
 def test_transport_errors_are_retried() -> None:

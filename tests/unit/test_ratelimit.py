@@ -193,6 +193,48 @@ def test_the_first_request_goes_alone_until_it_is_answered(loop: VirtualTimeLoop
     assert log == [("second", 0.3, 0.3)]
 
 
+def test_a_withdrawn_request_is_not_an_answer_so_the_first_still_goes_alone(loop: VirtualTimeLoop) -> None:
+    limiter = RateLimiter(None, None, clock=loop.time)
+    log: list[tuple[str, float, float]] = []
+
+    async def main() -> None:
+        first = await limiter.acquire(100)
+        split = limiter._take(5_000, 0.0, 5_000)  # admitted, then split unsent
+        limiter.withdraw(split)
+        assert limiter._tokens.used() == 100  # its charge is handed back
+        third = asyncio.ensure_future(acquire_logged(limiter, 100, "third", log))
+        await asyncio.sleep(0.3)
+        assert log == []  # the first request is still unanswered
+        limiter.settle(first, 100)
+        await third
+
+    run(loop, main)
+    assert log == [("third", 0.3, 0.3)]
+
+
+def test_a_request_too_large_for_a_limit_learned_while_it_waited_is_handed_back_to_split(
+    loop: VirtualTimeLoop,
+) -> None:
+    """Sized before any limit was known, it must not wait a window for a room of its own."""
+    limiter = RateLimiter(None, None, clock=loop.time, headroom=0.0)
+
+    async def main() -> tuple[float | None, float]:
+        first = await limiter.acquire(50_000)
+        waiting = asyncio.ensure_future(limiter.acquire(50_000, divisible=True))
+        await asyncio.sleep(0.2)
+        limiter.settle(first, 50_000)
+        limiter.on_success(first, remaining_tokens=50_000)  # a limit of 100,000: requests of 20,000
+        return await waiting, loop.time()
+
+    assert run(loop, main) == (None, 0.2)
+
+
+def test_a_window_holding_only_refused_charges_is_empty(loop: VirtualTimeLoop) -> None:
+    window = SendWindow(1_000, 60.0, clock=loop.time)
+    window.correct(window.take(900), 0)  # refused: nothing counted
+    assert window.delay_s(5_000) == 0.0  # an oversized cost goes at once, as in an empty window
+
+
 def test_no_quota_admits_everything_at_once(loop: VirtualTimeLoop) -> None:
     limiter = exact(None, None, loop)
 
@@ -561,6 +603,28 @@ def test_with_peers_a_reading_waits_for_their_charges_until_then(loop: VirtualTi
 
     # 1,000 mine + 11,000 theirs + 10,000 room = 22,000 for the job, half of it this worker's.
     assert run(loop, main) == [None, 11_000]
+
+
+def test_a_reading_counts_the_window_the_service_saw_not_the_one_at_the_answer(
+    loop: VirtualTimeLoop,
+) -> None:
+    """Sends that age out of the window between a request and its answer were in the window
+    the service counted: the reading keeps them, and so do the peers' files (two windows)."""
+    limiter = peered(loop, Peers(2))
+
+    async def main() -> float | None:
+        first = await limiter.acquire(5_000)
+        limiter.settle(first, 5_000)
+        await asyncio.sleep(MINUTE - 0.5)
+        grant = await limiter.acquire(1_000)
+        await asyncio.sleep(1.0)  # answered once the first 5,000 aged out of the window
+        limiter.settle(grant, 1_000)
+        limiter.on_success(grant, remaining_tokens=10_000)
+        assert [amount for _, amount in limiter.sent()["tokens"] if amount] == [5_000, 1_000]
+        return limiter.token_limit
+
+    # 5,000 + 1,000 sent + 10,000 room = 16,000 for the job, half of it this worker's.
+    assert run(loop, main) == 8_000
 
 
 def test_with_peers_nothing_is_sent_past_the_bound_counting_what_they_sent(loop: VirtualTimeLoop) -> None:
