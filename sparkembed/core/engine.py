@@ -261,9 +261,10 @@ class Embedder:
         """One request with retries: a response, why its rows failed, or unsent when stopping.
 
         None: the batch holds more tokens than the limiter now allows one request, and more
-        than one text; the caller splits it. The limiter checks it again when the request's
-        turn comes: a limit learned while it waited (the first requests of a job told no quota
-        are sized before any is known) must not send a request that takes a task's window.
+        than one text; the caller splits it. The limiter checks it on arrival and again when the
+        request's turn comes: a limit learned while it waited (the first requests of a job told
+        no quota are sized before any is known) must not send a request that takes a task's
+        window.
 
         ``fail_fast`` (the preflight): a host that cannot be reached at all is a wrong
         ``endpoint.url``, raised at once instead of retried.
@@ -290,10 +291,6 @@ class Embedder:
                 reason = route.exhausted[1]
                 failure = QuotaExhaustedError(reason)
                 return Segment(0, len(texts), attempt, error=reason, failure=failure, deployment=route.name)
-            cap = route.limiter.request_cap()
-            if cap is not None and tokens > cap and len(texts) > 1:
-                metrics.limiter_wait_s += waited
-                return None
             probe = self._pooled and route.breaker.state == "half-open"
             if self._pooled:
                 route.breaker.admit()

@@ -537,8 +537,17 @@ class RateLimiter:
 
     def settle(self, grant: Grant, actual_tokens: int) -> None:
         """Correct the charge once the service reported the real usage (0: it refused it)."""
-        self._in_flight.discard(grant)
         self._heard_at = self._clock()
+        self._correct(grant, actual_tokens)
+
+    def withdraw(self, grant: Grant) -> None:
+        """Hand back a grant whose request was never sent (a stop, a budget at its cap, another
+        deployment chosen): its charges are undone, and nothing counts as heard, so the first
+        request of a task still goes alone until its answer's room is known."""
+        self._correct(grant, 0)
+
+    def _correct(self, grant: Grant, actual_tokens: int) -> None:
+        self._in_flight.discard(grant)
         if actual_tokens > 0 and grant.estimate > 0:
             self._billed = self._billed * RATIO_MEMORY + actual_tokens
             self._estimated = self._estimated * RATIO_MEMORY + grant.estimate
@@ -557,14 +566,6 @@ class RateLimiter:
             self._learn(reading)
         grant._readings.clear()
         self._wake_sleeper()
-
-    def withdraw(self, grant: Grant) -> None:
-        """Hand back a grant whose request was never sent (a stop, a split, another
-        deployment chosen): its charges are undone, and nothing counts as heard, so the first
-        request of a task still goes alone until its answer's room is known."""
-        heard_at = self._heard_at
-        self.settle(grant, 0)
-        self._heard_at = heard_at
 
     def on_success(
         self, grant: Grant, remaining_tokens: int | None = None, remaining_requests: int | None = None
