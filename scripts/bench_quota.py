@@ -22,6 +22,9 @@ Definitions (as in BENCHMARKS.md): ideal time = (tokens / quota - 1) minutes, si
 deployment may let one minute through at once; efficiency = ideal / actual, actual from the
 first successful response to the last; steady share = the TPM achieved between minute 1 and
 95 % of the tokens, over the quota; 429 share = attempts answered 429 / all attempts.
+With one deployment, ``limit_per_minute_over_quota`` is the limit the endpoint offered
+(its ±5 % wander, recomputed from its seed and the machine's monotonic clock), minute by
+minute: a minute's burst can carry no more than that.
 
 Usage::
 
@@ -54,6 +57,7 @@ from sparkembed.config import EmbedConfig, validate_config  # noqa: E402
 from sparkembed.core.metrics import RequestRecord  # noqa: E402
 from sparkembed.server.launch import LocalEndpoint, start_local_endpoint  # noqa: E402
 from sparkembed.server.models import load_model  # noqa: E402
+from sparkembed.server.quota import WANDER_PERIOD_S, Wander  # noqa: E402
 from sparkembed.spark import driver  # noqa: E402
 from sparkembed.spark.session import get_spark  # noqa: E402
 
@@ -160,6 +164,19 @@ def analyse(records: list[RequestRecord], quota: float) -> dict[str, Any]:
         "throttled": throttled,
         "share_429": round(throttled / len(records), 4) if records else 0.0,
     }
+
+
+def offered(seed: int, begin: float, minutes: int) -> list[float]:
+    """The jittered TPM limit over the quota, averaged per minute from ``begin`` (wall clock):
+    the same :class:`Wander` as the endpoint's, on the machine's monotonic clock it reads. A
+    burst at the start of a minute can carry no more than that minute's limit."""
+    wander = Wander(JITTER, WANDER_PERIOD_S, seed, time.monotonic)
+    start = begin - (time.time() - time.monotonic())
+    means = []
+    for minute in range(minutes):
+        samples = [wander.at(start + minute * 60 + second) for second in range(60)]
+        means.append(round(sum(samples) / len(samples), 3))
+    return means
 
 
 def share_after(records: list[RequestRecord], since: float, quota: float) -> float | None:
@@ -288,6 +305,8 @@ def run_one(
         for r in records:
             per_minute[int((r.end_s - begin) // 60)] += r.prompt_tokens / sum(quotas)
         figures["tokens_per_minute_over_quota"] = [round(x, 2) for x in per_minute]
+        if len(endpoints) == 1:  # the limit the service offered, minute by minute
+            figures["limit_per_minute_over_quota"] = offered(len(name), begin, len(per_minute))
         figures["timeline"] = [  # written to --json only: start, end, tokens, status
             [round(r.start_s - begin, 3), round(r.end_s - begin, 3), r.prompt_tokens, r.status]
             for r in records

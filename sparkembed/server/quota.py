@@ -73,7 +73,11 @@ class Wander:
         self._targets: dict[int, float] = {}
 
     def __call__(self) -> float:
-        position = self._clock() / self._period_s
+        return self.at(self._clock())
+
+    def at(self, when: float) -> float:
+        """The factor at ``when`` on the clock."""
+        position = when / self._period_s
         step = math.floor(position)
         along = position - step
         offset = self._target(step) * (1 - along) + self._target(step + 1) * along
