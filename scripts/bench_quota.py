@@ -281,7 +281,8 @@ def run_one(
     name: str, spec: dict[str, Any], source: Path, work: Path, tokens_per_text: float
 ) -> dict[str, Any]:
     quotas = spec.get("pool", (QUOTA_TPM,))
-    endpoints = [serve(spec["limiter"], seed=len(name) + i, tpm=tpm) for i, tpm in enumerate(quotas)]
+    seed = len(name)  # the first deployment's; the others' follow it
+    endpoints = [serve(spec["limiter"], seed=seed + i, tpm=tpm) for i, tpm in enumerate(quotas)]
     endpoint = endpoints[0]
     other = OtherClient(endpoint.url, spec["other"]) if "other" in spec else None
     killer = Killer(endpoints[spec["kill"]], source, tokens_per_text, sum(quotas)) if "kill" in spec else None
@@ -306,7 +307,7 @@ def run_one(
             per_minute[int((r.end_s - begin) // 60)] += r.prompt_tokens / sum(quotas)
         figures["tokens_per_minute_over_quota"] = [round(x, 2) for x in per_minute]
         if len(endpoints) == 1:  # the limit the service offered, minute by minute
-            figures["limit_per_minute_over_quota"] = offered(len(name), begin, len(per_minute))
+            figures["limit_per_minute_over_quota"] = offered(seed, begin, len(per_minute))
         figures["timeline"] = [  # written to --json only: start, end, tokens, status
             [round(r.start_s - begin, 3), round(r.end_s - begin, 3), r.prompt_tokens, r.status]
             for r in records
