@@ -5,7 +5,8 @@ Whole texts are deduplicated across the run in Spark, by the hash of the full te
 (:mod:`sparkembed.core.longtext`), so two *different* long texts that share a chunk (a
 boilerplate section, a common prefix) can only be matched where both are planned: in one task.
 :class:`ChunkDedup` sees every unit of a long text (a chunk, or a truncated prefix) that its
-task plans, in stream order. The first unit with a given text is sent and pays; a later unit
+task plans, in stream order; :mod:`sparkembed.spark.chunkgroups` sends texts that share a chunk
+to one task. The first unit with a given text is sent and pays; a later unit
 with the same text is not sent: it copies the first one's vector, status, error, attempts,
 request id, model and deployment, with usage 0, and names the id of the row that paid.
 

@@ -1,6 +1,7 @@
 """How the rows to do are cut into waves, each committed on its own.
 
-A row's wave is decided by a hash bucket of its id, ``pmod(xxhash64(id), BUCKETS)``:
+A row's wave is decided by a hash bucket of its id, ``pmod(xxhash64(id), BUCKETS)`` (of its
+group instead, for long texts that share a chunk: see ``sparkembed.spark.chunkgroups``):
 each wave takes the next range of buckets. A wave is sized so that it holds at most
 ``run.commit_every_rows`` rows, about ``run.commit_every_tokens`` estimated tokens, and,
 when the quota is known, about ``run.commit_every_seconds`` of work at that quota.

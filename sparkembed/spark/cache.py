@@ -41,7 +41,6 @@ from sparkembed.core import runlog
 from sparkembed.core.context import RunContext
 from sparkembed.core.metrics import Metrics
 from sparkembed.core.types import Status
-from sparkembed.core.waves_plan import BUCKETS
 from sparkembed.errors import ConfigError
 from sparkembed.spark import delta_native
 from sparkembed.spark.dedup import COPY_OF, FROM_TARGET, HASH
@@ -201,9 +200,10 @@ def add_wave(
     config: EmbedConfig,
     context: RunContext,
     wave: int,
-    buckets: tuple[int, int] | None,
+    ids: DataFrame | None,
 ) -> int:
-    """Append to the cache what wave ``wave`` paid for (ids in ``buckets``; None: the whole run).
+    """Append to the cache what wave ``wave`` paid for (the rows of ``ids``, one column; None:
+    the whole run).
 
     Returns:
         The cache rows added (a chunked text adds one per chunk).
@@ -216,9 +216,8 @@ def add_wave(
     rows = target.filter(
         (F.col("run_id") == context.run_id) & (F.col("embedding_fingerprint") == config.fingerprint(context))
     )
-    if buckets is not None:
-        bucket = F.expr(f"pmod(xxhash64(`{id_col}`), {BUCKETS})")
-        rows = rows.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
+    if ids is not None:
+        rows = rows.join(ids, id_col, "left_semi")
     prefix = f"part-{context.run_id}-cache-w{wave:05d}"
     return _append(spark, paid_entries(rows, id_col), config, context.run_id, wave, prefix)
 

@@ -13,8 +13,9 @@ leaves alone, is not sent at all: its rows copy the target's (a rerun after a cr
 the waves and the copies, or a new row repeating an old text).
 
 Blank texts are never sent, so never deduplicated. Different texts that share a chunk are
-deduplicated later, by the task that cuts and sends them (:mod:`sparkembed.core.chunkdedup`):
-a copy of such a text names, per chunk row, the id that paid for that chunk.
+deduplicated later, by the task that cuts and sends them (:mod:`sparkembed.core.chunkdedup`),
+which :mod:`sparkembed.spark.chunkgroups` makes one task: a copy of such a text names, per
+chunk row, the id that paid for that chunk.
 """
 
 from __future__ import annotations

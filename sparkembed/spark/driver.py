@@ -45,7 +45,7 @@ from sparkembed.errors import (
     SparkEmbedError,
     TransportError,
 )
-from sparkembed.spark import cache, writers
+from sparkembed.spark import cache, chunkgroups, writers
 from sparkembed.spark.dedup import COPY_OF, FROM_TARGET, HASH, copy_rows, mark_copies
 from sparkembed.spark.migration import (
     Migration,
@@ -355,6 +355,7 @@ def _run_waves(
     sizes = todo.agg(
         F.count("*").alias("rows"),
         F.sum(F.when(text.isNotNull(), F.ceil(F.octet_length(text) / BYTES_PER_TOKEN) + 1)).alias("tokens"),
+        F.sum(F.when(chunkgroups.may_be_long(config), 1).otherwise(0)).alias("long"),
     ).first()
     total, tokens = (int(sizes["rows"]), int(sizes["tokens"] or 0)) if sizes else (0, 0)
     copied = copies.count() if copies is not None else 0
@@ -367,6 +368,13 @@ def _run_waves(
         progress("0 source rows to embed: the target holds every one")
         _finish_idle(spark, df, config, work, plan, migration, context, summary, run_dir, progress)
         return
+    grouped = 0  # long texts that share a chunk: one wave and one task for those that share one
+    if config.run.dedup and sizes and (sizes["long"] or 0) > 1:
+        groups = chunkgroups.find_groups(todo, config)
+        if groups is not None:
+            groups = materialize(groups)
+            if grouped := groups.count():
+                todo = todo.join(groups, config.source.id_col, "left")
     cap = _check_budget(todo, config, progress)
     run_limits = config.run
     planner = WavePlanner(total, tokens, WaveLimits(
@@ -375,10 +383,13 @@ def _run_waves(
     ))  # fmt: skip
     also = f"; {copied} more copy the vectors of rows with the same text" if copied else ""
     also += f"; {hit_ids} take their vectors from the cache" if hit_ids else ""
+    also += f"; {grouped} long texts share chunks, sent in the same task" if grouped else ""
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s){also}")
     partitions = config.run.partitions or context.workers  # workers: the session's task slots
     sink = writers.choose_sink(spark, work, run_dir)
-    bucket = F.expr(f"pmod(xxhash64(`{config.source.id_col}`), {BUCKETS})")
+    id_col = config.source.id_col
+    key = chunkgroups.wave_key(config) if grouped else F.col(id_col)
+    bucket = F.pmod(F.xxhash64(key), F.lit(BUCKETS))
     if work.cache.path:
         cache.mark_due(work, run_dir)  # cleared after the last wave's cache append
     while not stop.signum and (buckets := planner.next_wave()) is not None:
@@ -390,14 +401,18 @@ def _run_waves(
                 summary.stopped = "budget"
                 break
             wave_context = replace(context, tokens_left=left)
-        part = todo if planner.whole else todo.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
+        chosen = todo if planner.whole else todo.filter((bucket >= buckets[0]) & (bucket < buckets[1]))
+        part = chosen.repartition(partitions)
+        if grouped:  # a group's rows in one task, the smallest id first: it pays for the shared chunks
+            part = chosen.repartition(partitions, key).sortWithinPartitions(key, id_col)
+            part = part.drop(chunkgroups.GROUP)
         wave_started = time.monotonic()
         with _Ticker(progress, run_dir, wave, planner, summary, config, started):
-            metrics = sink.write_wave(part.repartition(partitions), work, wave_context, wave)
+            metrics = sink.write_wave(part, work, wave_context, wave)
         summary.add(metrics)
         if work.cache.path and metrics.get("ok_rows"):  # as the wave commits: a crash later never pays again
-            wave_buckets = None if planner.whole else buckets
-            summary.cache_added += cache.add_wave(spark, work, context, wave, wave_buckets)
+            wave_ids = None if planner.whole else chosen.select(id_col)
+            summary.cache_added += cache.add_wave(spark, work, context, wave, wave_ids)
         planner.record(seconds=time.monotonic() - wave_started, tokens=int(metrics.get("prompt_tokens", 0)))
         _report_progress(progress, summary, wave, planner.waves_planned, time.monotonic() - started)
         if cap is not None and metrics.get("unsent_rows", 0) and not stop.signum:

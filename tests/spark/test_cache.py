@@ -19,7 +19,6 @@ from test_spark_job import billed_besides_preflight
 
 from sparkembed import cli, sinks
 from sparkembed.core.tokenizers import counter_for
-from sparkembed.core.waves_plan import BUCKETS
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.sinks import read_table
 from sparkembed.spark import cache, driver, writers
@@ -166,11 +165,13 @@ def test_a_crash_between_a_wave_commit_and_its_cache_append_is_added_by_the_next
     texts[90], texts[91], texts[92] = LONG, "POISON gap text", "  "  # never cached: a failure, a blank
     source = write_source(tmp_path, rows_of("g", texts))
     real_add = cache.add_wave
+    sent: list[int] = []  # rows of each wave
 
-    def die_before_the_last_append(spark, config, context, wave, buckets):  # type: ignore[no-untyped-def]
-        if buckets is None or buckets[1] == BUCKETS:  # the last wave is in the target; the driver dies
+    def die_before_the_last_append(spark, config, context, wave, ids):  # type: ignore[no-untyped-def]
+        sent.append(len(texts) if ids is None else ids.count())
+        if sum(sent) == len(texts):  # the last wave is in the target; the driver dies
             raise KeyboardInterrupt("driver killed")
-        return real_add(spark, config, context, wave, buckets)
+        return real_add(spark, config, context, wave, ids)
 
     monkeypatch.setattr(cache, "add_wave", die_before_the_last_append)
     with pytest.raises(KeyboardInterrupt):

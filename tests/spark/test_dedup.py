@@ -221,6 +221,56 @@ def test_long_texts_sharing_chunks_pay_each_distinct_chunk_once_in_a_task(
     assert all(endpoint.stats()["billed"][sha256_hex(unit)] == 2 for unit in copies["unit"])
 
 
+def paragraph(name: str) -> str:
+    """About 230 UTF-8 bytes: under the spread test's 256-token chunks (its counter counts bytes)."""
+    return f"Paragraph {name} opens here. " + " ".join(f"{name}.{i} sits." for i in range(18))
+
+
+def spread_sharing_rows() -> dict[str, list[Any]]:
+    """Long texts of two paragraphs (two chunks each) that share a chunk, spread over 40 ids:
+    a pair sharing its second chunk, and a chain in which the first shares with the second,
+    the second with the third, but the first none with the third."""
+    texts = [f"Short text {i} about {i % 5}." for i in range(40)]
+    texts[5], texts[29] = paragraph("a") + "\n\n" + paragraph("s"), paragraph("b") + "\n\n" + paragraph("s")
+    texts[2] = paragraph("x") + "\n\n" + paragraph("xy")
+    texts[17] = paragraph("yz") + "\n\n" + paragraph("xy")
+    texts[33] = paragraph("yz") + "\n\n" + paragraph("z")
+    return {"id": [f"r{i:02d}" for i in range(40)], "text": texts, "title": [f"t{i}" for i in range(40)]}
+
+
+def test_long_texts_sharing_chunks_pay_once_across_tasks_and_waves(
+    spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
+) -> None:
+    rows = spread_sharing_rows()
+    source = write_source(tmp_path, rows)
+    target = str(tmp_path / "target")
+    sets = {
+        "run.partitions": 4,
+        "run.commit_every_rows": 8,
+        "batching.max_input_tokens": 300,
+        "long_text.overlap_tokens": 0,
+    }
+    summary = driver.run(spark, make_config(endpoint, endpoint_key, source, target, **sets), progress=print)
+
+    table = read_table(target).to_pandas().sort_values(["id", "chunk_index"], ignore_index=True)
+    table["unit"] = unit_texts(table, rows)
+    assert summary.waves > 3 and (table["status"] == "ok").all()
+    assert sorted(set(table["id"])) == rows["id"] and not table.duplicated(["id", "chunk_index"]).any()
+    assert table.groupby("id").size()[["r02", "r05", "r17", "r29", "r33"]].tolist() == [2] * 5
+
+    # Each distinct chunk billed once, though the rows sharing it had other waves and tasks.
+    assert all(n == 1 for n in endpoint.stats()["billed"].values())
+    texts_billed, tokens = billed_besides_preflight(endpoint)
+    copies = table[table["dedup_of"].notna()]
+    assert texts_billed == table["unit"].nunique() == len(table) - 3 and len(copies) == 3
+    assert int(table["prompt_tokens"].sum()) == tokens == summary.counts["prompt_tokens"]
+    # The smallest id of a group pays: r29 copies r05, the chain r02 <- r17 <- r33 copies r02, r17.
+    paid_by = dict(zip(copies["id"], copies["dedup_of"], strict=True))
+    assert paid_by == {"r17": "r02", "r29": "r05", "r33": "r17"}
+    vectors = np.stack(table["embedding"].to_numpy())
+    np.testing.assert_array_equal(vectors, expected_vectors(list(table["unit"])))
+
+
 def test_a_mean_row_counts_only_the_chunks_it_paid_for_and_keeps_its_vector(
     spark: SparkSession, endpoint: LocalEndpoint, endpoint_key: str, tmp_path: Path
 ) -> None:
