@@ -177,7 +177,7 @@ def test_four_tasks_with_peers_learn_the_whole_limit_and_split_it(
     assert sum(m.failed_rows for m in outcomes.values()) == 0
     requests = sum(m.requests for m in outcomes.values())
     # Typically 0-6 % under each model. The bucket shows an intermittent mode, not yet
-    # diagnosed, of 12-13 % (3 of about 12 runs on 2026-12-04; issue 15), hence its bound.
+    # diagnosed, of 12-13 % (2 of 15 runs on 2026-12-04; issue 15), hence its bound.
     bound = 0.15 if limiter == "token-bucket" else 0.1
     assert sum(m.throttled for m in outcomes.values()) / requests < bound
     # Without peers: what it sent times four, plus the room. A bucket refills while it is
