@@ -33,6 +33,11 @@ What the other workers sent is known in one of two ways:
   that started first keeps a larger part, and the part grows in a wave's tail as old bounds
   age out (never past the configured quota).
 
+With ``limits.max_share`` the room the service reports is partly other clients' part: the
+job never replaces a tight bound with a fresh reading, and after its first window it sends at
+an even rate instead of a window at once, so its readings see the limit all through the
+window, and a limit that dips after a burst does not leave the others' requests refused.
+
 Estimates are in the job's tokens, which may not be the service's (a tokenizer guessed for an
 unnamed model, or the byte bound): the pacer learns the ratio of billed usage to estimate
 from every success and charges estimates at that rate, so a burst never outruns the room.
@@ -74,6 +79,9 @@ BOUND_HORIZON_WINDOWS = 2.0
 REQUESTS_PER_LIMIT = 5
 """A request larger than this part of the limit is split before it is sent (see
 :meth:`RateLimiter.request_cap`): with several workers it could otherwise wait forever for room."""
+SMOOTH_BURST = 0.1
+"""With ``limits.max_share``, after its first window the job sends at an even rate, with bursts
+of at most this part of its limit: other clients' traffic keeps its room all through the window."""
 PEER_POLL_S = 0.25
 """With peers, a sleeping waiter looks again at least this often: their charges change."""
 _EPSILON = 1e-9
@@ -89,7 +97,8 @@ class SendWindow:
     the whole quota (if ``alone``), or with ``peers`` set (active workers, this
     one included) an equal part of what workers that ended do not still hold (``held``).
     Before anything is learned the limit is ``share`` (or the equal part) of ``quota``. A cost
-    larger than the limit goes into an empty window::
+    larger than the limit goes into an empty window. Unless ``alone``, sends are also spread
+    evenly once the first window's worth is spent (:data:`SMOOTH_BURST`)::
 
         window = SendWindow(60_000, 60.0)
         window.delay_s(1_000)            # 0.0
@@ -100,7 +109,7 @@ class SendWindow:
 
     __slots__ = (
         "window_s", "share", "peers", "held", "_clock", "_sent", "_used", "_quota", "_bounds", "_keep",
-        "_alone", "_history",
+        "_alone", "_history", "_level", "_level_at",
     )  # fmt: skip
 
     def __init__(
@@ -125,6 +134,8 @@ class SendWindow:
         self._used = 0.0
         self._quota = None if quota is None else quota * self._keep
         self._bounds: deque[tuple[float, float]] = deque()  # (when, bound)
+        self._level: float | None = None  # not alone: what may be sent now at the even rate
+        self._level_at = 0.0
 
     @property
     def bound(self) -> float | None:
@@ -194,16 +205,40 @@ class SendWindow:
         now = self._clock()
         self._expire(now)
         limit = self.limit
-        if limit is None or self._used < 1 or self._used + cost <= limit * (1 + _EPSILON):
-            return 0.0  # under a token left: only refused or withdrawn charges, none counted
+        if limit is None:
+            return 0.0
+        pace = self._pace_delay(cost, limit, now)
+        if self._used < 1 or self._used + cost <= limit * (1 + _EPSILON):
+            return pace  # under a token left: only refused or withdrawn charges, none counted
         must_free = self._used + cost - limit if cost <= limit else self._used
-        return _time_to_free(self._sent, must_free, self.window_s, now)
+        return max(pace, _time_to_free(self._sent, must_free, self.window_s, now))
+
+    def _pace_delay(self, cost: float, limit: float, now: float) -> float:
+        """Seconds until the even rate allows ``cost`` (not ``alone``; else 0)."""
+        if self._alone:
+            return 0.0
+        level, need = self._refill(limit, now), min(cost, limit * SMOOTH_BURST)
+        return 0.0 if level >= need * (1 - _EPSILON) else (need - level) * self.window_s / limit
+
+    def _refill(self, limit: float, now: float) -> float:
+        """The even rate's allowance now: a whole limit at first (the first window goes at
+        once, as a bucket's would), then refilled at ``limit`` a window up to a small burst."""
+        if self._level is None:
+            self._level = limit
+        else:
+            refilled = self._level + (now - self._level_at) * limit / self.window_s
+            self._level = min(refilled, max(self._level, limit * SMOOTH_BURST))
+        self._level_at = now
+        return self._level
 
     def take(self, cost: float) -> list[float]:
         """Record ``cost`` sent now; return the charge, for :meth:`correct`."""
         now = self._clock()
         self._expire(now)
         charge = [now, float(cost)]
+        limit = None if self._alone else self.limit
+        if limit is not None:
+            self._level = self._refill(limit, now) - cost
         self._sent.append(charge)
         self._history.append(charge)
         self._used += cost
@@ -213,6 +248,8 @@ class SendWindow:
         """Change a charge to what the service billed (0: it refused the request)."""
         if charge[0] > self._clock() - self.window_s:  # still counted
             self._used += amount - charge[1]
+        if self._level is not None:
+            self._level += charge[1] - amount
         charge[1] = float(amount)
 
     def learn(self, bound: float, *, fresh: bool = False) -> None:

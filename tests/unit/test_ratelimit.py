@@ -752,3 +752,29 @@ def test_a_pacer_joining_a_busy_job_starts_from_the_bound_its_peers_learned(loop
     run(loop, main)
     assert limiter.token_limit == 10_000
     assert log[0][0] == "first" and log[0][1] == pytest.approx(MINUTE)  # the 19,000 aged out
+
+
+def test_with_max_share_the_job_spends_its_first_window_at_once_then_evenly(loop: VirtualTimeLoop) -> None:
+    """limits.max_share: others' traffic shares the window, so after the first window's burst
+    the job sends at an even rate (bursts of at most SMOOTH_BURST of its limit), not a whole
+    window at once each time the last burst ages out: a limit that dips after such a burst
+    would leave the others no room for a minute. Alone, the job bursts each window."""
+
+    def sends(keep_share: bool) -> list[float]:
+        limiter = RateLimiter(6_000, None, clock=loop.time, headroom=0.0, keep_share=keep_share)
+        times: list[float] = []
+
+        async def main() -> None:
+            for _ in range(20):
+                grant = await limiter.acquire(600)
+                times.append(loop.time() - start)
+                limiter.settle(grant, 600)
+
+        start = loop.time()
+        run(loop, main)
+        return times
+
+    assert sends(keep_share=False) == pytest.approx([0.0] * 10 + [MINUTE] * 10, abs=1e-6)
+    # 10 x 600 at once; then the first window's 6,000 age out together, and 600 a tenth of a window.
+    evenly = [MINUTE * (1 + k / 10) for k in range(10)]
+    assert sends(keep_share=True) == pytest.approx([0.0] * 10 + evenly, abs=1e-6)
