@@ -19,6 +19,10 @@ the pacer finds the real limit when the quota is unset or set too high, and foll
 that wanders down. A reading taken when the job had nothing in the window is the limit now
 under every model, so it replaces the older bounds: a job that spends each window in a burst
 (as it does once a trailing window frees all at once) follows a limit that rose, too.
+And the room a success reports is what the service admits right then, under every model:
+once the whole job has sent its bound, one worker spends that room past it for a second
+(:meth:`RateLimiter._room_fits`), so a burst is not held to the wander's low of the last
+windows.
 
 What the other workers sent is known in one of two ways:
 
@@ -82,6 +86,8 @@ REQUESTS_PER_LIMIT = 5
 SMOOTH_BURST = 0.1
 """With ``limits.max_share``, after its first window the job sends at an even rate, with bursts
 of at most this part of its limit: other clients' traffic keeps its room all through the window."""
+ROOM_FRESH = 1 / 60
+"""The room a success reports may be spent this part of a minute after its request went (1 s)."""
 PEER_POLL_S = 0.25
 """With peers, a sleeping waiter looks again at least this often: their charges change."""
 _EPSILON = 1e-9
@@ -145,6 +151,11 @@ class SendWindow:
         self._forget(self._clock())
         learned = self._bounds[0][1]
         return learned if self._quota is None else min(learned, self._quota)
+
+    @property
+    def quota(self) -> float | None:
+        """The configured quota of a window (headroom taken off); None: none configured."""
+        return self._quota
 
     @property
     def learned(self) -> bool:
@@ -314,6 +325,8 @@ class PeerView:
             longer send (their tasks ended): what they hold ages out, and no one else's.
         tokens_bound, requests_bound: the tightest bounds the sending ones learned (per
             window, headroom taken off), None if none did.
+        rank: how many of the sending ones come before this one (by pacer id); the first
+            alone spends room the service reports past the bound (:meth:`RateLimiter._room_fits`).
     """
 
     workers: int
@@ -324,6 +337,7 @@ class PeerView:
     ended_requests: tuple[tuple[float, float], ...] = ()
     tokens_bound: float | None = None
     requests_bound: float | None = None
+    rank: int = 0
 
 
 class _Reading:
@@ -408,7 +422,8 @@ class RateLimiter:
     __slots__ = (
         "_tokens", "_requests", "_share", "_clock", "_queue", "_retries", "_kick",
         "_paused_until", "_waited_s", "_told_room", "_in_flight", "_heard_at", "_waiting",
-        "_billed", "_estimated", "_wall", "_due", "_minute_s", "peers", "id",
+        "_billed", "_estimated", "_wall", "_due", "_minute_s", "_room", "_keep_share", "_headroom",
+        "peers", "id",
     )  # fmt: skip
 
     def __init__(
@@ -453,6 +468,10 @@ class RateLimiter:
         self._billed = self._estimated = 0.0  # decayed sums of successes' usage and estimates
         self._wall = wall
         self._due: list[_Reading] = []  # readings waiting for the peers' charges until then
+        self._keep_share = keep_share
+        self._headroom = headroom
+        self._room: tuple[float, float, float, float] | None = None
+        """The latest success's room: when its request was charged, the room, the round trip, its charge."""
         self.peers: Callable[[], PeerView | None] | None = None
         """What the other workers on this deployment sent (set per task; None: unknown)."""
         self.id = uuid.uuid4().hex[:12]
@@ -621,6 +640,12 @@ class RateLimiter:
         self._told_room = self._told_room or remaining_tokens is not None
         tokens_room = None if remaining_tokens is None else float(remaining_tokens)
         requests_room = None if remaining_requests is None else float(remaining_requests)
+        if tokens_room is not None:
+            now = self._clock()
+            at = _sent_at(grant, now)
+            if self._room is None or at >= self._room[0]:
+                self._room = (at, tokens_room, now - at, _charged(grant))
+                self._wake_sleeper()
         if self._view() is not None:
             self._read_with_peers(grant, tokens_room, requests_room)
             return
@@ -697,6 +722,7 @@ class RateLimiter:
         now = self._clock()
         pause = DEFAULT_COOLDOWN_S if retry_after_s is None else max(0.0, retry_after_s)
         self._paused_until = max(self._paused_until, now + pause)
+        self._room = None
         if grant is None or self._told_room:
             return
         if self._view() is not None:
@@ -777,16 +803,60 @@ class RateLimiter:
             # The first answer's room, until the peers' files complete it: a quota set too
             # high must not be burst into meanwhile.
             return PEER_POLL_S
-        delay = max(
-            self._paused_until - self._clock(), self._tokens.delay_s(tokens), self._requests.delay_s(1)
-        )
+        token_delay = self._tokens.delay_s(tokens)
+        request_delay = self._requests.delay_s(1)
         if view is not None:
-            delay = max(
-                delay,
-                self._room_delay(self._tokens, view.tokens, tokens),
-                self._room_delay(self._requests, view.requests, 1),
-            )
+            token_delay = max(token_delay, self._room_delay(self._tokens, view.tokens, tokens))
+            request_delay = max(request_delay, self._room_delay(self._requests, view.requests, 1))
+        if token_delay > 0 and self._room_fits(tokens, view):
+            token_delay = 0.0  # the service said just now that it has the room
+        delay = max(self._paused_until - self._clock(), token_delay, request_delay)
         return delay if delay > _EPSILON else 0.0
+
+    def _room_fits(self, cost: float, view: PeerView | None) -> bool:
+        """Whether ``cost`` fits, past the bound, in the room the latest success reported.
+
+        That room is what the service would admit right then, whatever way it meters, and it
+        may be more than the bound: the bound is the tightest of the last windows (a limit
+        that wandered up since), and a burst stops up to a request short of it. One worker
+        alone spends it, so no two hand out the same room: the first of the peers by rank (or
+        a worker with no one else on the deployment), once the whole job is at its bound (the
+        others wait), within :data:`ROOM_FRESH` of a minute of the request that read it.
+
+        It counts against the room what the whole job sent from a round trip before that
+        request (the service may have taken those after it), and it gives up if a peer's
+        window freed meanwhile (their sends on that room may not be in their files yet).
+        Never with ``max_share`` (the room is partly the others' part), and never past the
+        configured quota in a window.
+        """
+        if self._room is None or self._keep_share:
+            return False
+        if view is None and (self.peers is not None or self._share < 1):
+            return False  # other workers, and what they send is not known
+        if view is not None and view.rank > 0:
+            return False
+        at, room, round_trip_s, charged = self._room
+        now = self._clock()
+        if now - at > ROOM_FRESH * self._minute_s:
+            return False
+        window, since = self._tokens, at - round_trip_s
+        sent = window.sent_between(since, now) - charged
+        in_window = window.used()
+        if view is not None:
+            offset = self._wall() - now
+            if view.as_of < at + offset + round_trip_s:
+                return False  # the peers' files may not show what they sent on that room yet
+            freed = [when for when, _ in view.tokens if since < when - offset + window.window_s <= now]
+            if freed:
+                return False  # a peer may have sent in the room that freed
+            sent += _sum_between(view.tokens, since + offset, math.inf)
+            in_window += self._others_sent(window, view.tokens)
+        bound, quota = window.bound, window.quota
+        if bound is not None and in_window + cost <= bound:
+            return False  # the job is not at its bound: its workers send on their parts
+        if quota is not None and in_window + cost > quota:
+            return False
+        return sent + cost <= room - self._headroom * (bound or room)
 
     def _take(self, tokens: float, waited: float, estimate: int) -> Grant:
         self._waited_s += waited

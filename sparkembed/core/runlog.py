@@ -170,7 +170,7 @@ def read_peers(
     now = time.time() if now is None else now
     views = {}
     for route, own in mine.items():
-        workers, as_of = 1, math.inf
+        workers, rank, as_of = 1, 0, math.inf
         sending: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
         ended: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
         bounds: dict[str, list[float]] = {"tokens_bound": [], "requests_bound": []}
@@ -180,6 +180,7 @@ def read_peers(
             alive = not final and now - written < ALIVE_S
             if alive:  # known up to its last write
                 workers += 1
+                rank += pacer_id < own
                 as_of = min(as_of, written)
                 for kind, learned in bounds.items():
                     if pacer.get(kind) is not None:
@@ -196,6 +197,7 @@ def read_peers(
             tuple(sorted(ended[1])),
             min(bounds["tokens_bound"], default=None),
             min(bounds["requests_bound"], default=None),
+            rank,
         )
     return views
 

@@ -778,3 +778,51 @@ def test_with_max_share_the_job_spends_its_first_window_at_once_then_evenly(loop
     # 10 x 600 at once; then the first window's 6,000 age out together, and 600 a tenth of a window.
     evenly = [MINUTE * (1 + k / 10) for k in range(10)]
     assert sends(keep_share=True) == pytest.approx([0.0] * 10 + evenly, abs=1e-6)
+
+
+def test_the_first_worker_spends_past_the_bound_the_room_a_success_just_reported(
+    loop: VirtualTimeLoop,
+) -> None:
+    """The bound is the tightest reading of the last windows; a success's room is what the
+    service would admit right then, whatever its metering (here the limit rose from 9,000 to
+    10,000). Within a second of the request that read it, once the job is at its bound, one
+    worker spends it: never past the configured quota, never a room another worker may
+    spend too (a peer ranked first spends it), and not once a 429 said otherwise."""
+
+    def waits(
+        quota: float, late_s: float = 0.0, rank: int | None = None, refused: bool = False
+    ) -> list[float]:
+        limiter = RateLimiter(quota, None, clock=loop.time, wall=loop.time, headroom=0.0)
+        limiter.settle(limiter._take(0, 0.0, 0), 0)  # heard: the first request need not go alone
+        theirs = 0.0
+        if rank is not None:  # a peer sent 5,000 just now
+            theirs = 5_000.0
+            peer = PeerView(2, tokens=((loop.time(), theirs),), rank=rank)
+            limiter.peers = lambda: peer
+        waited: list[float] = []
+
+        async def send(room: float) -> None:
+            grant = await limiter.acquire(1_000)
+            waited.append(grant.waited_s)
+            limiter.settle(grant, 1_000)
+            limiter.on_success(grant, remaining_tokens=room)
+
+        async def main() -> None:
+            await send(8_000 - theirs)  # the job's 1,000 + the room + theirs: the bound is 9,000
+            for k in range(2, int(9_000 - theirs) // 1_000 + 1):
+                await send(10_000 - theirs - k * 1_000)  # the limit rose to 10,000: a looser reading
+            await asyncio.sleep(late_s)
+            if refused:
+                limiter.on_throttle(None, 0.0)  # another request (a retry, say) was refused
+            await send(0)
+
+        run(loop, main)
+        return waited
+
+    assert waits(20_000) == [0.0] * 10  # the tenth fits in the room the ninth's answer reported
+    assert waits(9_500)[-1] > 50  # past the configured quota: it waits for the first to age out
+    assert waits(20_000, late_s=1.5)[-1] > 50  # a stale room
+    assert waits(20_000, refused=True)[-1] > 50
+    # A peer sent 5,000: at 9,000 the job is at its bound, and the first by rank spends the room.
+    assert waits(20_000, rank=0) == [0.0] * 5
+    assert waits(20_000, rank=1)[-1] > 50

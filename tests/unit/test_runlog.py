@@ -133,6 +133,9 @@ def test_pacers_publish_their_charges_and_read_their_peers(tmp_path: Path) -> No
     assert read_peers(tmp_path, 3, {"a": "mine"}, expected=5, now=now) == {}
     view = read_peers(tmp_path, 3, {"a": "mine", "b": "mine"}, expected=4, now=now)["a"]
     assert (view.workers, view.as_of) == (2, now - 0.2)
+    assert view.rank == 1  # "busy" sorts before "mine"; the ended and the dead don't count
+    assert read_peers(tmp_path, 3, {"a": "aaa"}, expected=4, now=now)["a"].rank == 0
+    assert read_peers(tmp_path, 3, {"a": "zzz"}, expected=4, now=now)["a"].rank == 2  # "busy", "mine"
     assert sorted(amount for _, amount in view.tokens) == [200.0, 300.0, 400.0]
     assert sorted(amount for _, amount in view.ended_tokens) == [300.0, 400.0]
     assert len(view.requests) == 3
