@@ -58,6 +58,10 @@ class WordLlamaPieceCounter:
         self._recent_pieces = recent_pieces
         self._max_pieces = max_pieces
         self._max_piece_chars = max_piece_chars
+        # The first count loads Arrow's kernels (about 150 ms): done now, the first request's
+        # admission is not late by that much (with windows scaled to seconds, a late admission
+        # frees its charge late, and the clients' next sends are refused).
+        self.count(["warm up"])
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text, as ``len(wordllama.encode([text])[0])``."""

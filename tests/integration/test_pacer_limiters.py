@@ -181,8 +181,10 @@ def test_four_tasks_with_peers_learn_the_whole_limit_and_split_it(
     assert sum(m.ok_rows for m in outcomes.values()) == len(texts)
     assert sum(m.failed_rows for m in outcomes.values()) == 0
     requests = sum(m.requests for m in outcomes.values())
-    # Typically 0-6 % under each model. The bucket shows an intermittent mode, not yet
-    # diagnosed, of 12-13 % (2 of 15 runs on 2026-12-04; issue 15), hence its bound.
+    # 0-4 % under the windows, 0-6.5 % under the bucket (6 runs each, 2026-12-05). Most are
+    # where tasks burst on each other's files up to PACE_EVERY_S old: a twelfth of this test's
+    # scaled minute, a 240th of a real one. Under the bucket, a bound of sends plus room may
+    # reach twice the quota (see below), hence its looser bound (issue 15).
     bound = 0.15 if limiter == "token-bucket" else 0.1
     assert sum(m.throttled for m in outcomes.values()) / requests < bound
     # Without peers: what it sent times four, plus the room. A bucket refills while it is
