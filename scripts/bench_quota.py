@@ -138,6 +138,29 @@ def job_config(
     )
 
 
+def per_deployment(
+    records: list[RequestRecord], config: EmbedConfig, quotas: tuple[int, ...], begin: float
+) -> dict[str, dict[str, Any]]:
+    """Per deployment: its tokens per minute over its quota, and when its last answer came."""
+    found = {}
+    for (label, _), quota in zip(config.deployments(), quotas, strict=True):
+        mine = [r for r in records if r.deployment == label and r.status == 200]
+        if not mine:
+            continue
+        last = max(r.end_s for r in mine) - begin
+        minutes = [0.0] * (int(last // 60) + 1)
+        for r in mine:
+            minutes[int((r.end_s - begin) // 60)] += r.prompt_tokens / quota
+        tokens = sum(r.prompt_tokens for r in mine)
+        found[label] = {
+            "quota": quota,
+            "tokens": tokens,
+            "last_answer_s": round(last, 1),
+            "tokens_per_minute_over_quota": [round(x, 2) for x in minutes],
+        }
+    return found
+
+
 def analyse(records: list[RequestRecord], quota: float) -> dict[str, Any]:
     """Efficiency, steady share and 429 share of one run's attempts."""
     ok = sorted((r for r in records if r.status == 200), key=lambda r: r.end_s)
@@ -285,6 +308,7 @@ def run_one(
     endpoints = [serve(spec["limiter"], seed=seed + i, tpm=tpm) for i, tpm in enumerate(quotas)]
     endpoint = endpoints[0]
     other = OtherClient(endpoint.url, spec["other"]) if "other" in spec else None
+    config: EmbedConfig | None = None
     killer = Killer(endpoints[spec["kill"]], source, tokens_per_text, sum(quotas)) if "kill" in spec else None
     try:
         if other:
@@ -306,10 +330,12 @@ def run_one(
         for r in records:
             per_minute[int((r.end_s - begin) // 60)] += r.prompt_tokens / sum(quotas)
         figures["tokens_per_minute_over_quota"] = [round(x, 2) for x in per_minute]
+        if len(endpoints) > 1 and config is not None:  # each deployment against its own quota
+            figures["per_deployment"] = per_deployment(records, config, quotas, begin)
         if len(endpoints) == 1:  # the limit the service offered, minute by minute
             figures["limit_per_minute_over_quota"] = offered(seed, begin, len(per_minute))
-        figures["timeline"] = [  # written to --json only: start, end, tokens, status
-            [round(r.start_s - begin, 3), round(r.end_s - begin, 3), r.prompt_tokens, r.status]
+        figures["timeline"] = [  # written to --json only: start, end, tokens, status, deployment
+            [round(r.start_s - begin, 3), round(r.end_s - begin, 3), r.prompt_tokens, r.status, r.deployment]
             for r in records
         ]
         if killer is not None and killer.at is not None:
