@@ -846,8 +846,7 @@ class RateLimiter:
             offset = self._wall() - now
             if view.as_of < at + offset + round_trip_s:
                 return False  # the peers' files may not show what they sent on that room yet
-            freed = [when for when, _ in view.tokens if since < when - offset + window.window_s <= now]
-            if freed:
+            if any(since < when - offset + window.window_s <= now for when, _ in view.tokens):
                 return False  # a peer may have sent in the room that freed
             sent += _sum_between(view.tokens, since + offset, math.inf)
             in_window += self._others_sent(window, view.tokens)
