@@ -114,8 +114,8 @@ class SendWindow:
     """
 
     __slots__ = (
-        "window_s", "share", "peers", "held", "_clock", "_sent", "_used", "_quota", "_bounds", "_keep",
-        "_alone", "_history", "_level", "_level_at",
+        "window_s", "share", "peers", "rank", "held", "_clock", "_sent", "_used", "_quota", "_bounds",
+        "_keep", "_alone", "_history", "_level", "_level_at",
     )  # fmt: skip
 
     def __init__(
@@ -132,6 +132,7 @@ class SendWindow:
         self.share = share
         self._alone = alone
         self.peers: int | None = None
+        self.rank = 0  # with peers: how many of them come before this one (by pacer id)
         self.held = 0.0
         self._clock = clock
         self._keep = 1 - headroom
@@ -219,10 +220,28 @@ class SendWindow:
         if limit is None:
             return 0.0
         pace = self._pace_delay(cost, limit, now)
+        limit = self._in_whole_requests(limit, cost)
         if self._used < 1 or self._used + cost <= limit * (1 + _EPSILON):
             return pace  # under a token left: only refused or withdrawn charges, none counted
         must_free = self._used + cost - limit if cost <= limit else self._used
         return max(pace, _time_to_free(self._sent, must_free, self.window_s, now))
+
+    def _in_whole_requests(self, limit: float, cost: float) -> float:
+        """With peers, this worker's part when the parts are cut in whole requests of ``cost``.
+
+        Equal parts each strand what is left under one request: with parts of 7.9 requests,
+        every worker sends 7, and the job 0.89 of its bound. Cut in whole requests, the parts
+        still add up to the bound: the first workers by rank take the one more request that
+        fits, and each keeps an equal part of what is left under one.
+        """
+        if self.peers is None or self.peers < 2 or cost <= 0:
+            return limit
+        whole = limit * self.peers
+        fits = math.floor(whole / cost * (1 + _EPSILON))
+        if fits < self.peers:
+            return limit  # under a request each: each waits for its window to empty
+        mine = fits // self.peers + (self.rank < fits % self.peers)
+        return mine * cost + (whole - fits * cost) / self.peers
 
     def _pace_delay(self, cost: float, limit: float, now: float) -> float:
         """Seconds until the even rate allows ``cost`` (not ``alone``; else 0)."""
@@ -738,6 +757,7 @@ class RateLimiter:
         view = self.peers() if self.peers is not None else None
         workers = None if view is None else max(1, view.workers)
         self._tokens.peers = self._requests.peers = workers
+        self._tokens.rank = self._requests.rank = 0 if view is None else view.rank
         if view is not None:  # what peers that stopped sending still hold is no one's part
             self._tokens.held = self._others_sent(self._tokens, view.ended_tokens)
             self._requests.held = self._others_sent(self._requests, view.ended_requests)

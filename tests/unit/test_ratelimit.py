@@ -174,6 +174,23 @@ def test_a_share_may_grow_to_the_whole_quota_but_equal_parts_split_the_bound() -
     assert (window.bound, window.limit) == (800, 200)
 
 
+def test_with_peers_the_parts_are_cut_in_whole_requests() -> None:
+    """A bound of 31.7 requests over four workers: equal parts of 7.9 would send 7 each (28);
+    cut in whole requests, the first three by rank send 8 and the last 7, within the bound."""
+    sent = []
+    for rank in range(4):
+        window = SendWindow(None, 60.0, clock=FakeClock())
+        window.learn(114_000)
+        window.peers, window.rank = 4, rank
+        count = 0
+        while window.delay_s(3_600) == 0:
+            window.take(3_600)
+            count += 1
+        sent.append(count)
+    assert sent == [8, 8, 8, 7]
+    assert sum(sent) * 3_600 <= 114_000
+
+
 # --- pacing -------------------------------------------------------------------------------
 
 
