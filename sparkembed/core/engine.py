@@ -238,15 +238,32 @@ class Embedder:
                 self._embed_batch(texts[:mid], estimates[:mid], metrics, stop, budget),
                 self._embed_batch(texts[mid:], estimates[mid:], metrics, stop, budget),
             )
-        else:
-            failure = segment.failure
-            bisect = isinstance(failure, ServiceError) and failure.status in BISECT_STATUSES
-            if len(texts) == 1 or not bisect:
-                return [segment]
-            mid = len(texts) // 2
-            left = await self._embed_batch(texts[:mid], estimates[:mid], metrics, stop, budget)
+        elif segment.stop < len(texts):  # the limiter had room for a first part: the rest waits its turn
+            mid = segment.stop
+            left = await self._bisected(segment, texts[:mid], estimates[:mid], metrics, stop, budget)
             right = await self._embed_batch(texts[mid:], estimates[mid:], metrics, stop, budget)
-        return left + [replace(s, start=s.start + mid, stop=s.stop + mid) for s in right]
+        else:
+            return await self._bisected(segment, texts, estimates, metrics, stop, budget)
+        return _joined(left, right, mid)
+
+    async def _bisected(
+        self,
+        segment: Segment,
+        texts: list[str],
+        estimates: np.ndarray,
+        metrics: Metrics,
+        stop: Callable[[], bool],
+        budget: BudgetGuard | None,
+    ) -> list[Segment]:
+        """``segment``, the answer to the whole of ``texts``; if refused in a way one bad input
+        may cause, the texts again in two halves, until the bad inputs stand alone."""
+        failure = segment.failure
+        if len(texts) == 1 or not (isinstance(failure, ServiceError) and failure.status in BISECT_STATUSES):
+            return [segment]
+        mid = len(texts) // 2
+        left = await self._embed_batch(texts[:mid], estimates[:mid], metrics, stop, budget)
+        right = await self._embed_batch(texts[mid:], estimates[mid:], metrics, stop, budget)
+        return _joined(left, right, mid)
 
     async def _send(
         self,
@@ -259,6 +276,10 @@ class Embedder:
         budget: BudgetGuard | None = None,
     ) -> Segment | None:
         """One request with retries: a response, why its rows failed, or unsent when stopping.
+
+        A segment of a first part of the texts only (``stop`` below their number): the limiter
+        had room for that part now, and the whole would have waited long; the caller sends the
+        rest.
 
         None: the batch holds more tokens than the limiter now allows one request, and more
         than one text; the caller splits it. The limiter checks it on arrival and again when the
@@ -297,7 +318,7 @@ class Embedder:
             attempt += 1
             try:
                 # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
-                grant = await route.limiter.acquire(tokens, retry=throttled, divisible=len(texts) > 1)
+                grant = await route.limiter.acquire(tokens, retry=throttled, cuts=_cuts(estimates))
             except BaseException:  # cancelled: a probe that never went must not keep the others out
                 if probe:
                     route.breaker.release()
@@ -308,6 +329,9 @@ class Embedder:
                 metrics.limiter_wait_s += waited
                 return None
             waited += grant.waited_s
+            if grant.estimate < tokens:  # the limiter had room for a first part only: it goes alone
+                kept = int(np.searchsorted(np.cumsum(estimates), grant.estimate, side="right"))
+                texts, estimates, tokens = texts[:kept], estimates[:kept], grant.estimate
             if self._pooled and not probe and route.breaker.state != "closed":
                 route.limiter.withdraw(grant)  # it went out while this waited: choose again
                 attempt -= 1
@@ -547,6 +571,16 @@ def build_routes(
         limiter = _share_limiter(one.limits, share, minute_s=minute_s, clock=clock)
         routes.append(Route(name, make_backend(one), limiter, one, Breaker(clock=clock)))
     return routes
+
+
+def _cuts(estimates: np.ndarray) -> list[int]:
+    """Where a batch may be cut: the estimated tokens of its first 1 .. n - 1 texts."""
+    return [int(total) for total in np.cumsum(estimates)[:-1]]
+
+
+def _joined(left: list[Segment], right: list[Segment], mid: int) -> list[Segment]:
+    """The segments of a batch cut at ``mid``: ``right``'s positions follow ``left``'s."""
+    return left + [replace(s, start=s.start + mid, stop=s.stop + mid) for s in right]
 
 
 def _token_midpoint(estimates: np.ndarray) -> int:

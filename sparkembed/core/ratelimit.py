@@ -55,12 +55,15 @@ A 429 pauses every acquirer until its retry-after. Waiters go first come, first 
 a request retried after a 429 goes ahead of new ones, so a large request is never starved.
 A request that can be split and has become larger than a fifth of the limit while it waited
 (a limit learned meanwhile) is handed back to be split when its turn comes, instead of
-waiting for a window of its own.
+waiting for a window of its own. One that would wait long for its window sends now the longest
+first part that fits, so a burst spends the room it leaves under one request (a window's room
+never carries over), and the rest goes as a request of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
 import uuid
@@ -89,6 +92,12 @@ SMOOTH_BURST = 0.1
 of at most this part of its limit: other clients' traffic keeps its room all through the window."""
 ROOM_FRESH = 1 / 60
 """The room a success reports may be spent this part of a minute after its request went (1 s)."""
+FIRST_PART_WAIT = 1 / 6
+"""A request that may be cut and would wait longer than this part of a window sends now the
+longest first part that fits, and the rest waits its turn: room a burst leaves under one request
+is spent, not lost when the window turns (:meth:`RateLimiter._first_part`)."""
+LEAST_PART = 0.1
+"""A first part holds at least this part of its request's tokens, so no request is cut into crumbs."""
 PEER_POLL_S = 0.25
 """With peers, a sleeping waiter looks again at least this often: their charges change."""
 _EPSILON = 1e-9
@@ -396,7 +405,7 @@ class Grant:
     Attributes:
         tokens: the tokens charged: the estimate at the learned rate of billed to estimated.
         waited_s: seconds :meth:`RateLimiter.acquire` waited.
-        estimate: the caller's estimate.
+        estimate: the caller's estimate (of the first part only, if :meth:`RateLimiter.acquire` cut it).
     """
 
     tokens: float
@@ -562,19 +571,24 @@ class RateLimiter:
             booked = max(booked, (self._requests.used() + waiting_requests + 1) / request_limit)
         return windows + booked
 
-    async def acquire(self, tokens: int, *, retry: bool = False, divisible: bool = False) -> Grant | None:
+    async def acquire(self, tokens: int, *, retry: bool = False, cuts: Sequence[int] = ()) -> Grant | None:
         """Wait until a request of ``tokens`` estimated tokens may be sent; charge it.
 
         Args:
             tokens: estimated tokens of the request.
             retry: the request was refused with a 429: it goes ahead of new requests.
-            divisible: the request may be split. It returns None, charging nothing, once its
-                turn comes if it holds more than :meth:`request_cap` then: the caller splits
-                it. A request sized before any limit was known (a job told no quota) would
-                otherwise wait for a window of its own, then take a whole part at once.
+            cuts: where the request may be cut: the estimated tokens of its first parts,
+                ascending, each below ``tokens`` (none: one text). Such a request returns None,
+                charging nothing, once its turn comes if it holds more than
+                :meth:`request_cap` then: the caller splits it. A request sized before any limit
+                was known (a job told no quota) would otherwise wait for a window of its own,
+                then take a whole part at once. And if it would wait long, a first part that
+                fits now may be granted: the grant's ``estimate`` is one of ``cuts``, and the
+                caller sends that part alone (:meth:`_first_part`).
         """
         start, estimate = self._clock(), tokens
         cost = tokens * self.ratio
+        divisible = bool(cuts)
         if divisible and self._too_large(estimate):
             return None
         if not self._queue and self._delay_s(cost) == 0:
@@ -601,6 +615,10 @@ class RateLimiter:
                     return None
                 delay = self._delay_s(estimate * self.ratio)
                 if delay == 0:
+                    break
+                long_wait = delay > FIRST_PART_WAIT * self._tokens.window_s
+                if long_wait and (part := self._first_part(estimate, cuts)):
+                    estimate = part
                     break
                 await self._nap(delay)
             waited = self._clock() - start
@@ -880,6 +898,25 @@ class RateLimiter:
         if quota is not None and in_window + cost > quota:
             return False
         return sent + cost <= room - self._headroom * (bound or room)
+
+    def _first_part(self, estimate: int, cuts: Sequence[int]) -> int | None:
+        """The longest first part of a request of ``estimate`` tokens (one of ``cuts``) that may
+        go now, holding at least :data:`LEAST_PART` of it; None if none does.
+
+        A burst's last request rarely fits what is left of the window: with parts of about 8
+        requests, that room is an eighth of the quota, and it is lost when the window turns
+        (it never carries over). Sent in a first part, it is spent; the rest of the request
+        waits for the next window as a request of its own. The search assumes a longer part
+        never fits where a shorter one does not; it only returns a part that fits.
+        """
+        low, high, found = bisect.bisect_left(cuts, estimate * LEAST_PART), len(cuts), None
+        while low < high:
+            middle = (low + high) // 2
+            if self._delay_s(cuts[middle] * self.ratio) == 0:
+                found, low = cuts[middle], middle + 1
+            else:
+                high = middle
+        return found
 
     def _take(self, tokens: float, waited: float, estimate: int) -> Grant:
         self._waited_s += waited

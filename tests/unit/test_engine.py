@@ -12,7 +12,7 @@ import base64
 import itertools
 import json
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -89,12 +89,17 @@ class RecordingLimiter:
         self.throttles: list[float | None] = []
         self.successes = 0
         self.cap: float | None = None
+        self.room: int | None = None  # the limiter has room for this many tokens now, once
 
-    async def acquire(self, tokens: int, *, retry: bool = False, divisible: bool = False) -> Grant | None:
-        if divisible and self.cap is not None and tokens > self.cap:
+    async def acquire(self, tokens: int, *, retry: bool = False, cuts: Sequence[int] = ()) -> Grant | None:
+        if cuts and self.cap is not None and tokens > self.cap:
             return None
+        if self.room is not None and tokens > self.room and (fitting := [c for c in cuts if c <= self.room]):
+            tokens = fitting[-1]  # a first part fits the room now
         self.acquired.append(tokens)
-        return Grant(tokens, waited_s=0.25)
+        if self.room is not None:
+            self.room = None  # the room is spent; later requests go whole
+        return Grant(tokens, waited_s=0.25, estimate=tokens)
 
     def settle(self, grant: Grant, actual_tokens: int) -> None:
         self.settled.append((grant.tokens, actual_tokens))
@@ -361,15 +366,27 @@ def test_a_batch_whose_turn_comes_after_a_limit_was_learned_is_split_not_sent() 
     cap = 2 * estimate_tokens("text number 0") + 1
     acquire = rig.limiter.acquire
 
-    async def learning(tokens: int, *, retry: bool = False, divisible: bool = False) -> Grant | None:
+    async def learning(tokens: int, *, retry: bool = False, cuts: Sequence[int] = ()) -> Grant | None:
         rig.limiter.cap = cap  # the limit was learned while this request waited
-        return await acquire(tokens, retry=retry, divisible=divisible)
+        return await acquire(tokens, retry=retry, cuts=cuts)
 
     rig.limiter.acquire = learning  # type: ignore[method-assign]
     results = rig.embedder.embed(texts(8))
     assert_ok_vectors(results, texts(8))
     assert sorted(len(call) for call in rig.backend.calls) == [2, 2, 2, 2]
     assert max(rig.limiter.acquired) <= cap  # the whole batch was never charged
+
+
+def test_a_batch_granted_a_first_part_sends_it_alone_and_then_the_rest() -> None:
+    rig = Rig(batching={"max_inputs": 8})
+    one = estimate_tokens("text number 0")
+    rig.limiter.room = 3 * one + 1  # room for three texts now; the whole would wait
+    results = rig.embedder.embed(texts(8))
+    assert_ok_vectors(results, texts(8))  # every row, in its place, with its own vector
+    assert [len(call) for call in rig.backend.calls] == [3, 5]
+    assert rig.backend.calls[0] == texts(8)[:3]
+    assert rig.limiter.acquired == [3 * one, 5 * one]
+    assert [tokens for tokens, _ in rig.limiter.settled] == [3 * one, 5 * one]  # charged as sent
 
 
 def test_transport_errors_are_retried() -> None:

@@ -237,13 +237,47 @@ def test_a_request_too_large_for_a_limit_learned_while_it_waited_is_handed_back_
 
     async def main() -> tuple[float | None, float]:
         first = await limiter.acquire(50_000)
-        waiting = asyncio.ensure_future(limiter.acquire(50_000, divisible=True))
+        waiting = asyncio.ensure_future(limiter.acquire(50_000, cuts=[25_000]))
         await asyncio.sleep(0.2)
         limiter.settle(first, 50_000)
         limiter.on_success(first, remaining_tokens=50_000)  # a limit of 100,000: requests of 20,000
         return await waiting, loop.time()
 
     assert run(loop, main) == (None, 0.2)
+
+
+def test_a_request_that_would_wait_a_window_sends_the_longest_first_part_that_fits(
+    loop: VirtualTimeLoop,
+) -> None:
+    """The room a burst leaves under one request never carries over: spend it on a first part."""
+    limiter = exact(30_000, None, loop)
+    cuts = [1_000, 2_000, 3_000, 4_000]  # a request of 5,000 in five texts
+
+    async def main() -> list[tuple[int, float]]:
+        limiter.settle(await limiter.acquire(27_000), 27_000)
+        part = await limiter.acquire(5_000, cuts=cuts)
+        sent = [(part.estimate, loop.time())]
+        limiter.settle(part, 3_000)
+        rest = await limiter.acquire(2_000, cuts=[1_000])
+        return [*sent, (rest.estimate, loop.time())]
+
+    assert run(loop, main) == [(3_000, 0.0), (2_000, pytest.approx(MINUTE))]
+
+
+def test_a_request_is_not_cut_for_a_short_wait_or_into_crumbs(loop: VirtualTimeLoop) -> None:
+    limiter = exact(30_000, None, loop)
+
+    async def main() -> list[tuple[int, float]]:
+        limiter.settle(await limiter.acquire(27_000), 27_000)
+        await asyncio.sleep(MINUTE - 5)  # the window frees in 5 s: the whole request waits
+        whole = await limiter.acquire(5_000, cuts=[1_000, 2_000, 3_000, 4_000])
+        sent = [(whole.estimate, loop.time() - MINUTE)]
+        limiter.settle(whole, 5_000)
+        limiter.settle(await limiter.acquire(24_900), 24_900)  # 100 left: under a tenth of the next
+        crumbs = await limiter.acquire(5_000, cuts=list(range(50, 5_000, 50)))
+        return [*sent, (crumbs.estimate, loop.time() - 2 * MINUTE)]
+
+    assert run(loop, main) == [(5_000, pytest.approx(0.0)), (5_000, pytest.approx(0.0))]
 
 
 def test_a_window_holding_only_refused_charges_is_empty(loop: VirtualTimeLoop) -> None:
