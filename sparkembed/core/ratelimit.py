@@ -863,41 +863,53 @@ class RateLimiter:
         that wandered up since), and a burst stops up to a request short of it. One worker
         alone spends it, so no two hand out the same room: the first of the peers by rank (or
         a worker with no one else on the deployment), once the whole job is at its bound (the
-        others wait), within :data:`ROOM_FRESH` of a minute of the request that read it.
-
-        It counts against the room what the whole job sent from a round trip before that
-        request (the service may have taken those after it), and it gives up if a peer's
-        window freed meanwhile (their sends on that room may not be in their files yet).
-        Never with ``max_share`` (the room is partly the others' part), and never past the
-        configured quota in a window.
+        others wait). It gives up if a peer's window freed since that room was read (their
+        sends on that room may not be in their files yet), and never goes past the configured
+        quota in a window.
         """
-        if self._room is None or self._keep_share:
-            return False
-        if view is None and (self.peers is not None or self._share < 1):
-            return False  # other workers, and what they send is not known
         if view is not None and view.rank > 0:
             return False
-        at, room, round_trip_s, charged = self._room
-        now = self._clock()
-        if now - at > ROOM_FRESH * self._minute_s:
+        left = self._room_left(view)
+        if left is None or cost > left:
             return False
-        window, since = self._tokens, at - round_trip_s
-        sent = window.sent_between(since, now) - charged
+        assert self._room is not None  # there is room left
+        window, now = self._tokens, self._clock()
         in_window = window.used()
         if view is not None:
-            offset = self._wall() - now
-            if view.as_of < at + offset + round_trip_s:
-                return False  # the peers' files may not show what they sent on that room yet
+            offset, since = self._wall() - now, self._room[0] - self._room[2]
             if any(since < when - offset + window.window_s <= now for when, _ in view.tokens):
                 return False  # a peer may have sent in the room that freed
-            sent += _sum_between(view.tokens, since + offset, math.inf)
             in_window += self._others_sent(window, view.tokens)
         bound, quota = window.bound, window.quota
         if bound is not None and in_window + cost <= bound:
             return False  # the job is not at its bound: its workers send on their parts
-        if quota is not None and in_window + cost > quota:
-            return False
-        return sent + cost <= room - self._headroom * (bound or room)
+        return quota is None or in_window + cost <= quota
+
+    def _room_left(self, view: PeerView | None) -> float | None:
+        """The room the latest success reported, less what the whole job sent since (from a
+        round trip before that request: the service may have taken those after it) and the
+        headroom; None when that is not known.
+
+        Not known: no room reported within :data:`ROOM_FRESH` of a minute, other workers whose
+        sends are not known (no peers' files), peers' files that may not show yet what they
+        sent on that room, or ``max_share`` (the room is partly other clients' part).
+        """
+        if self._room is None or self._keep_share:
+            return None
+        if view is None and (self.peers is not None or self._share < 1):
+            return None  # other workers, and what they send is not known
+        at, room, round_trip_s, charged = self._room
+        now = self._clock()
+        if now - at > ROOM_FRESH * self._minute_s:
+            return None
+        window, since = self._tokens, at - round_trip_s
+        sent = window.sent_between(since, now) - charged
+        if view is not None:
+            offset = self._wall() - now
+            if view.as_of < at + offset + round_trip_s:
+                return None  # the peers' files may not show what they sent on that room yet
+            sent += _sum_between(view.tokens, since + offset, math.inf)
+        return room - sent - self._headroom * (window.bound or room)
 
     def _first_part(self, estimate: int, cuts: Sequence[int]) -> int | None:
         """The longest first part of a request of ``estimate`` tokens (one of ``cuts``) that may
@@ -906,10 +918,17 @@ class RateLimiter:
         A burst's last request rarely fits what is left of the window: with parts of about 8
         requests, that room is an eighth of the quota, and it is lost when the window turns
         (it never carries over). Sent in a first part, it is spent; the rest of the request
-        waits for the next window as a request of its own. The search assumes a longer part
+        waits for the next window as a request of its own. The part must also fit the room the
+        service reported just now, less what the job sent since (:meth:`_room_left`): a
+        bound of sends plus room may be loose (a bucket that refilled, a clock minute that
+        reset), and a part with no request's slack left would find it out. The search assumes a longer part
         never fits where a shorter one does not; it only returns a part that fits.
         """
-        low, high, found = bisect.bisect_left(cuts, estimate * LEAST_PART), len(cuts), None
+        left = self._room_left(self._view())
+        if left is None:
+            return None
+        low, found = bisect.bisect_left(cuts, estimate * LEAST_PART), None
+        high = bisect.bisect_right(cuts, left / self.ratio)
         while low < high:
             middle = (low + high) // 2
             if self._delay_s(cuts[middle] * self.ratio) == 0:

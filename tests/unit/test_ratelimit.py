@@ -254,14 +254,33 @@ def test_a_request_that_would_wait_a_window_sends_the_longest_first_part_that_fi
     cuts = [1_000, 2_000, 3_000, 4_000]  # a request of 5,000 in five texts
 
     async def main() -> list[tuple[int, float]]:
-        limiter.settle(await limiter.acquire(27_000), 27_000)
+        burst = await limiter.acquire(27_000)
+        await asyncio.sleep(0.05)  # its round trip
+        limiter.settle(burst, 27_000)
+        limiter.on_success(burst, remaining_tokens=3_000)
         part = await limiter.acquire(5_000, cuts=cuts)
         sent = [(part.estimate, loop.time())]
         limiter.settle(part, 3_000)
         rest = await limiter.acquire(2_000, cuts=[1_000])
         return [*sent, (rest.estimate, loop.time())]
 
-    assert run(loop, main) == [(3_000, 0.0), (2_000, pytest.approx(MINUTE))]
+    assert run(loop, main) == [(3_000, pytest.approx(0.05)), (2_000, pytest.approx(MINUTE))]
+
+
+def test_a_first_part_needs_the_room_the_service_reported_just_now(loop: VirtualTimeLoop) -> None:
+    """A bound of sends plus room may be loose (a bucket that refilled, a clock minute that
+    reset): with no request's slack left, a first part goes only into room the service said it
+    has, in the last second, less what went since. Here it said nothing."""
+    limiter = exact(30_000, None, loop)
+
+    async def main() -> tuple[int, float]:
+        burst = await limiter.acquire(26_000)
+        await asyncio.sleep(0.05)
+        limiter.settle(burst, 26_000)  # no x-ratelimit-remaining-tokens
+        whole = await limiter.acquire(5_000, cuts=[1_000, 2_000, 3_000, 4_000])  # 4,000 fit the bound
+        return whole.estimate, loop.time()
+
+    assert run(loop, main) == (5_000, pytest.approx(MINUTE))
 
 
 def test_a_request_is_not_cut_for_a_short_wait_or_into_crumbs(loop: VirtualTimeLoop) -> None:
