@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import bisect
 import concurrent.futures
 import contextlib
 import os
@@ -318,7 +319,8 @@ class Embedder:
             attempt += 1
             try:
                 # After a 429 the request goes ahead of new ones, or they would take the room it waits for.
-                grant = await route.limiter.acquire(tokens, retry=throttled, cuts=_cuts(estimates))
+                cuts = _cuts(estimates)
+                grant = await route.limiter.acquire(tokens, retry=throttled, cuts=cuts)
             except BaseException:  # cancelled: a probe that never went must not keep the others out
                 if probe:
                     route.breaker.release()
@@ -330,7 +332,7 @@ class Embedder:
                 return None
             waited += grant.waited_s
             if grant.estimate < tokens:  # the limiter had room for a first part only: it goes alone
-                kept = int(np.searchsorted(np.cumsum(estimates), grant.estimate, side="right"))
+                kept = bisect.bisect_right(cuts, grant.estimate)
                 texts, estimates, tokens = texts[:kept], estimates[:kept], grant.estimate
             if self._pooled and not probe and route.breaker.state != "closed":
                 route.limiter.withdraw(grant)  # it went out while this waited: choose again

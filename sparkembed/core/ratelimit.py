@@ -918,17 +918,28 @@ class RateLimiter:
         A burst's last request rarely fits what is left of the window: with parts of about 8
         requests, that room is an eighth of the quota, and it is lost when the window turns
         (it never carries over). Sent in a first part, it is spent; the rest of the request
-        waits for the next window as a request of its own. The part must also fit the room the
-        service reported just now, less what the job sent since (:meth:`_room_left`): a
-        bound of sends plus room may be loose (a bucket that refilled, a clock minute that
-        reset), and a part with no request's slack left would find it out. The search assumes a longer part
-        never fits where a shorter one does not; it only returns a part that fits.
+        waits for the next window as a request of its own.
+
+        With no quota configured, the part must also fit the room the service reported just
+        now, less what the job sent since (:meth:`_room_left`): a bound of sends plus room may
+        then be loose, up to twice the limit (a bucket that refilled, a clock minute that
+        reset), and a part with no request's slack left would find it out. A configured quota
+        caps the bound, and sending no more than the limit in any trailing minute is safe
+        however the service meters. With ``max_share`` nothing is cut: the job sends at an even
+        rate, beside other clients.
+
+        The search assumes a longer part never fits where a shorter one does not; it only
+        returns a part that fits.
         """
-        left = self._room_left(self._view())
-        if left is None:
+        if self._keep_share:
             return None
+        high = len(cuts)
+        if self._tokens.quota is None:
+            left = self._room_left(self._view())
+            if left is None:
+                return None
+            high = bisect.bisect_right(cuts, left / self.ratio)
         low, found = bisect.bisect_left(cuts, estimate * LEAST_PART), None
-        high = bisect.bisect_right(cuts, left / self.ratio)
         while low < high:
             middle = (low + high) // 2
             if self._delay_s(cuts[middle] * self.ratio) == 0:

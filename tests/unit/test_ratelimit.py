@@ -267,11 +267,16 @@ def test_a_request_that_would_wait_a_window_sends_the_longest_first_part_that_fi
     assert run(loop, main) == [(3_000, pytest.approx(0.05)), (2_000, pytest.approx(MINUTE))]
 
 
-def test_a_first_part_needs_the_room_the_service_reported_just_now(loop: VirtualTimeLoop) -> None:
-    """A bound of sends plus room may be loose (a bucket that refilled, a clock minute that
-    reset): with no request's slack left, a first part goes only into room the service said it
-    has, in the last second, less what went since. Here it said nothing."""
-    limiter = exact(30_000, None, loop)
+@pytest.mark.parametrize(("quota", "sent"), [(30_000, (4_000, 0.05)), (None, (5_000, MINUTE))])
+def test_a_first_part_with_no_quota_set_needs_room_the_service_reported(
+    loop: VirtualTimeLoop, quota: int | None, sent: tuple[int, float]
+) -> None:
+    """With no quota set, a bound of sends plus room may be loose (a bucket that refilled, a
+    clock minute that reset): with no request's slack left, a first part goes only into room
+    the service said it has just now, less what went since. Here it said nothing. A set quota caps the
+    bound: the part goes."""
+    limiter = exact(quota, None, loop)
+    limiter._tokens.learn(30_000)  # the bound, as if a reading gave it
 
     async def main() -> tuple[int, float]:
         burst = await limiter.acquire(26_000)
@@ -280,7 +285,7 @@ def test_a_first_part_needs_the_room_the_service_reported_just_now(loop: Virtual
         whole = await limiter.acquire(5_000, cuts=[1_000, 2_000, 3_000, 4_000])  # 4,000 fit the bound
         return whole.estimate, loop.time()
 
-    assert run(loop, main) == (5_000, pytest.approx(MINUTE))
+    assert run(loop, main) == (sent[0], pytest.approx(sent[1]))
 
 
 def test_a_request_is_not_cut_for_a_short_wait_or_into_crumbs(loop: VirtualTimeLoop) -> None:
