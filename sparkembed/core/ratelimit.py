@@ -96,6 +96,10 @@ FIRST_PART_WAIT = 1 / 6
 """A request that may be cut and would wait longer than this part of a window sends now the
 longest first part that fits, and the rest waits its turn: room a burst leaves under one request
 is spent, not lost when the window turns (:meth:`RateLimiter._first_part`)."""
+QUOTA_CONFIRMED = 0.9
+"""A bound learned from the service at least this part of the configured quota confirms the
+quota: a limit that wanders a few percent about it reads near it, one set too high (twice the
+limit, say) reads well under it."""
 LEAST_PART = 0.1
 """A first part holds at least this part of its request's tokens, so no request is cut into crumbs."""
 PEER_POLL_S = 0.25
@@ -920,21 +924,21 @@ class RateLimiter:
         (it never carries over). Sent in a first part, it is spent; the rest of the request
         waits for the next window as a request of its own.
 
-        With no quota configured, the part must also fit the room the service reported just
-        now, less what the job sent since (:meth:`_room_left`): a bound of sends plus room may
-        then be loose, up to twice the limit (a bucket that refilled, a clock minute that
-        reset), and a part with no request's slack left would find it out. A configured quota
-        caps the bound, and sending no more than the limit in any trailing minute is safe
-        however the service meters. With ``max_share`` nothing is cut: the job sends at an even
-        rate, beside other clients.
+        Unless the service confirmed the configured quota (:data:`QUOTA_CONFIRMED`), the part
+        must also fit the room the service reported just now, less what the job sent since
+        (:meth:`_room_left`): a bound of sends plus room may be loose, up to twice the limit (a
+        bucket that refilled, a clock minute that reset), and a part with no request's slack
+        left would find it out. A confirmed quota caps the bound, and sending no more than the
+        limit in any trailing minute is safe however the service meters. With ``max_share``
+        nothing is cut: the job sends at an even rate, beside other clients.
 
         The search assumes a longer part never fits where a shorter one does not; it only
         returns a part that fits.
         """
         if self._keep_share:
             return None
-        high = len(cuts)
-        if self._tokens.quota is None:
+        high, quota, learned = len(cuts), self._tokens.quota, self._tokens.learned_bound
+        if quota is None or (learned is not None and learned < QUOTA_CONFIRMED * quota):
             left = self._room_left(self._view())
             if left is None:
                 return None

@@ -267,14 +267,18 @@ def test_a_request_that_would_wait_a_window_sends_the_longest_first_part_that_fi
     assert run(loop, main) == [(3_000, pytest.approx(0.05)), (2_000, pytest.approx(MINUTE))]
 
 
-@pytest.mark.parametrize(("quota", "sent"), [(30_000, (4_000, 0.05)), (None, (5_000, MINUTE))])
-def test_a_first_part_with_no_quota_set_needs_room_the_service_reported(
+@pytest.mark.parametrize(
+    ("quota", "sent"),
+    [(30_000, (4_000, 0.05)), (31_000, (4_000, 0.05)), (None, (5_000, MINUTE)), (60_000, (5_000, MINUTE))],
+)
+def test_a_first_part_on_a_bound_no_quota_confirms_needs_room_the_service_reported(
     loop: VirtualTimeLoop, quota: int | None, sent: tuple[int, float]
 ) -> None:
-    """With no quota set, a bound of sends plus room may be loose (a bucket that refilled, a
-    clock minute that reset): with no request's slack left, a first part goes only into room
-    the service said it has just now, less what went since. Here it said nothing. A set quota caps the
-    bound: the part goes."""
+    """A bound of sends plus room may be loose (a bucket that refilled, a clock minute that
+    reset): with no request's slack left, a first part goes only into room the service said it
+    has just now, less what went since (here it said nothing), unless the bound learned is
+    near the configured quota, which then caps it: the part goes. With no quota, or one twice
+    the bound learned (set too high), it does not."""
     limiter = exact(quota, None, loop)
     limiter._tokens.learn(30_000)  # the bound, as if a reading gave it
 
