@@ -57,7 +57,8 @@ A request that can be split and has become larger than a fifth of the limit whil
 (a limit learned meanwhile) is handed back to be split when its turn comes, instead of
 waiting for a window of its own. One that would wait long for its window sends now the longest
 first part that fits, so a burst spends the room it leaves under one request (a window's room
-never carries over), and the rest goes as a request of its own.
+never carries over), and the rest goes as a request of its own. Where no confirmed quota caps
+the bound, that part must also fit the room the service reported just now.
 """
 
 from __future__ import annotations
