@@ -30,7 +30,10 @@ What the other workers sent is known in one of two ways:
   publishes its charges, so each knows the others' and how many are active. The bound is
   then exact, and each active worker takes an equal part of it, cut in whole requests
   (:meth:`SendWindow._in_whole_requests`): tasks of equal work finish together, and when a
-  task ends the others' parts grow at once (the wave's tail). A worker
+  task ends the others' parts grow at once (the wave's tail). One that holds more than its
+  part (it spent room the service reported, below) keeps it, and the others share what is
+  left (:func:`equal_part`): once the job's older sends age out, they do not each spend the
+  same room. A worker
   also never sends past the bound counting what the others sent (a task that just ended
   still has its last minute counted by the service).
 - **No peers** (the UDF, or a folder the executors cannot share): the worker assumes the
@@ -116,7 +119,10 @@ class SendWindow:
     :meth:`learn` was told in the last :data:`BOUND_HORIZON_WINDOWS` windows, never above
     ``quota`` (None: unknown). This worker's limit is its part of that: ``share`` of it, up to
     the whole quota (if ``alone``), or with ``peers`` set (active workers, this
-    one included) an equal part of what workers that ended do not still hold (``held``).
+    one included) an equal part of what workers that ended do not still hold (``held``):
+    equal among those that hold less than it, while one that holds more (it spent room the
+    service reported past the bound) keeps what it holds (``peer_used``: what each other
+    active worker holds in the window).
     Before anything is learned the limit is ``share`` (or the equal part) of ``quota``. A cost
     larger than the limit goes into an empty window. Unless ``alone``, sends are also spread
     evenly once the first window's worth is spent (:data:`SMOOTH_BURST`)::
@@ -129,8 +135,8 @@ class SendWindow:
     """
 
     __slots__ = (
-        "window_s", "share", "peers", "rank", "held", "_clock", "_sent", "_used", "_quota", "_bounds",
-        "_keep", "_alone", "_history", "_level", "_level_at",
+        "window_s", "share", "peers", "rank", "held", "peer_used", "_clock", "_sent", "_used", "_quota",
+        "_bounds", "_keep", "_alone", "_history", "_level", "_level_at",
     )  # fmt: skip
 
     def __init__(
@@ -149,6 +155,7 @@ class SendWindow:
         self.peers: int | None = None
         self.rank = 0  # with peers: how many of them come before this one (by pacer id)
         self.held = 0.0
+        self.peer_used: tuple[float, ...] = ()
         self._clock = clock
         self._keep = 1 - headroom
         self._sent: deque[list[float]] = deque()  # [when, amount], oldest first
@@ -195,19 +202,31 @@ class SendWindow:
     @property
     def limit(self) -> float | None:
         """The most this worker may send in one window now (headroom taken off); None: no limit."""
-        return self._part(self.held)
+        split = self._split()
+        return None if split is None else split[0]
 
     @property
     def part(self) -> float | None:
-        """This worker's limit once what ended workers hold has aged out."""
-        return self._part(0.0)
+        """This worker's limit once what ended workers hold has aged out (an equal part, with peers)."""
+        bound = self.bound
+        if self.peers is None or bound is None:
+            return self._part()
+        return bound / self.peers
 
-    def _part(self, held: float) -> float | None:
+    def _split(self) -> tuple[float, int] | None:
+        """This worker's limit, and how many workers share the job's bound equally (with peers)."""
+        bound = self.bound
+        if self.peers is None or bound is None:
+            part = self._part()
+            return None if part is None else (part, 1)
+        others = list(self.peer_used) + [0.0] * (self.peers - 1 - len(self.peer_used))
+        part, sharing = equal_part(bound - self.held, [self.used(), *others])
+        return max(1.0, part), sharing
+
+    def _part(self) -> float | None:
         bound = self.bound
         if bound is None:
             return None
-        if self.peers is not None:
-            return max(1.0, bound - held) / self.peers
         if not self._bounds or self._quota is None or not self._alone:
             return bound * self.share
         return min(self._bounds[0][1] * self.share, self._quota)  # a tail task may take it all
@@ -231,18 +250,20 @@ class SendWindow:
         """Seconds until ``cost`` fits in the window (until it is empty, if it exceeds the limit)."""
         now = self._clock()
         self._expire(now)
-        limit = self.limit
-        if limit is None:
+        split = self._split()
+        if split is None:
             return 0.0
+        limit, sharing = split
         pace = self._pace_delay(cost, limit, now)
-        limit = self._in_whole_requests(limit, cost)
+        limit = self._in_whole_requests(limit, sharing, cost)
         if self._used < 1 or self._used + cost <= limit * (1 + _EPSILON):
             return pace  # under a token left: only refused or withdrawn charges, none counted
         must_free = self._used + cost - limit if cost <= limit else self._used
         return max(pace, _time_to_free(self._sent, must_free, self.window_s, now))
 
-    def _in_whole_requests(self, limit: float, cost: float) -> float:
-        """With peers, this worker's part when the parts are cut in whole requests of ``cost``.
+    def _in_whole_requests(self, limit: float, sharing: int, cost: float) -> float:
+        """With peers, this worker's part when the ``sharing`` equal parts are cut in whole
+        requests of ``cost``.
 
         Equal parts each strand what is left under one request: with parts of 7.9 requests,
         every worker sends 7, and the job 0.89 of its bound. Cut in whole requests, the parts
@@ -252,14 +273,14 @@ class SendWindow:
         job, whole-request parts gave that client over 1 % 429s in 4 of 6 runs (not yet
         understood), equal parts in none.
         """
-        if self.peers is None or self.peers < 2 or cost <= 0 or not self._alone:
+        if self.peers is None or sharing < 2 or cost <= 0 or not self._alone:
             return limit
-        whole = limit * self.peers
+        whole = limit * sharing
         fits = math.floor(whole / cost * (1 + _EPSILON))
-        if fits < self.peers:
+        if fits < sharing:
             return limit  # under a request each: each waits for its window to empty
-        mine = fits // self.peers + (self.rank < fits % self.peers)
-        return mine * cost + (whole - fits * cost) / self.peers
+        mine = fits // sharing + (self.rank < fits % sharing)
+        return mine * cost + (whole - fits * cost) / sharing
 
     def _pace_delay(self, cost: float, limit: float, now: float) -> float:
         """Seconds until the even rate allows ``cost`` (not ``alone``; else 0)."""
@@ -332,6 +353,22 @@ class SendWindow:
             self._used = 0.0  # no float residue once empty
 
 
+def equal_part(total: float, held: Sequence[float]) -> tuple[float, int]:
+    """An equal part of ``total`` for each of the workers that hold ``held`` now, and how many
+    share it: a worker that holds more than its part keeps what it holds, and the rest share
+    what is left, so the limits add up to ``total`` (none left to two workers at once)::
+
+        equal_part(240, [0, 0, 0, 0])     # (60.0, 4)
+        equal_part(240, [190, 0, 0, 0])   # (16.66..., 3): one spent 190, the others share 50
+    """
+    over, ranked = 0.0, sorted(held, reverse=True)
+    count = len(ranked)
+    while count > 1 and ranked[len(ranked) - count] > (total - over) / count:
+        over += ranked[len(ranked) - count]
+        count -= 1
+    return (total - over) / count, count
+
+
 def _time_to_free(sent: Iterable[Sequence[float]], must_free: float, window_s: float, now: float) -> float:
     """Seconds until charges ``sent`` (``[when, amount]``, oldest first) free ``must_free``
     as they age out of the window; until the last ages out if they hold less."""
@@ -364,6 +401,9 @@ class PeerView:
             window, headroom taken off), None if none did.
         rank: how many of the sending ones come before this one (by pacer id); the first
             alone spends room the service reports past the bound (:meth:`RateLimiter._room_fits`).
+        each_tokens, each_requests: the charges of each sending one (those of ``tokens`` and
+            ``requests``, by worker): one that holds more than an equal part keeps it, and the
+            others share what is left (:func:`equal_part`).
     """
 
     workers: int
@@ -375,6 +415,8 @@ class PeerView:
     tokens_bound: float | None = None
     requests_bound: float | None = None
     rank: int = 0
+    each_tokens: tuple[tuple[tuple[float, float], ...], ...] = ()
+    each_requests: tuple[tuple[tuple[float, float], ...], ...] = ()
 
 
 class _Reading:
@@ -788,6 +830,10 @@ class RateLimiter:
         if view is not None:  # what peers that stopped sending still hold is no one's part
             self._tokens.held = self._others_sent(self._tokens, view.ended_tokens)
             self._requests.held = self._others_sent(self._requests, view.ended_requests)
+            self._tokens.peer_used = tuple(self._others_sent(self._tokens, each) for each in view.each_tokens)
+            self._requests.peer_used = tuple(
+                self._others_sent(self._requests, each) for each in view.each_requests
+            )
             if view.tokens_bound is not None:
                 self._tokens.adopt(view.tokens_bound)
             if view.requests_bound is not None:
@@ -926,12 +972,13 @@ class RateLimiter:
         waits for the next window as a request of its own.
 
         Unless the service confirmed the configured quota (:data:`QUOTA_CONFIRMED`), the part
-        must also fit the room the service reported just now, less what the job sent since
-        (:meth:`_room_left`): a bound of sends plus room may be loose, up to twice the limit (a
-        bucket that refilled, a clock minute that reset), and a part with no request's slack
-        left would find it out. A confirmed quota caps the bound, and sending no more than the
-        limit in any trailing minute is safe however the service meters. With ``max_share``
-        nothing is cut: the job sends at an even rate, beside other clients.
+        must also fit this worker's equal part of the room the service reported just now, less
+        what the job sent since (:meth:`_room_left`): a bound of sends plus room may be loose,
+        up to twice the limit (a bucket that refilled, a clock minute that reset), and a part
+        with no request's slack left would find it out; every worker reads that room. A
+        confirmed quota caps the bound, and sending no more than the limit in any trailing
+        minute is safe however the service meters. With ``max_share`` nothing is cut: the job
+        sends at an even rate, beside other clients.
 
         The search assumes a longer part never fits where a shorter one does not; it only
         returns a part that fits.
@@ -940,10 +987,12 @@ class RateLimiter:
             return None
         high, quota, learned = len(cuts), self._tokens.quota, self._tokens.learned_bound
         if quota is None or (learned is not None and learned < QUOTA_CONFIRMED * quota):
-            left = self._room_left(self._view())
+            view = self._view()
+            left = self._room_left(view)
             if left is None:
                 return None
-            high = bisect.bisect_right(cuts, left / self.ratio)
+            workers = 1 if view is None else view.workers  # each may spend its part of that room
+            high = bisect.bisect_right(cuts, left / workers / self.ratio)
         low, found = bisect.bisect_left(cuts, estimate * LEAST_PART), None
         while low < high:
             middle = (low + high) // 2

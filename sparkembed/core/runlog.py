@@ -137,6 +137,10 @@ def read_spend(run_dir: str | Path, *, wave: int | None = None, exclude: Path | 
     return Spend(**totals)
 
 
+Charges = tuple[tuple[float, float], ...]
+"""A pacer's charges: ``(when, amount)``, oldest first, ``when`` on the wall clock."""
+
+
 def read_peers(
     run_dir: str | Path, wave: int, mine: dict[str, str], *, expected: int = 1, now: float | None = None
 ) -> dict[str, PeerView]:
@@ -173,6 +177,7 @@ def read_peers(
         workers, rank, as_of = 1, 0, math.inf
         sending: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
         ended: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+        each: tuple[list[Charges], list[Charges]] = ([], [])  # the sending ones', one by one
         bounds: dict[str, list[float]] = {"tokens_bound": [], "requests_bound": []}
         for (name, pacer_id), (written, final, pacer) in newest.items():
             if name != route or pacer_id == own:
@@ -185,9 +190,11 @@ def read_peers(
                 for kind, learned in bounds.items():
                     if pacer.get(kind) is not None:
                         learned.append(float(pacer[kind]))
-            tokens, requests = sending if alive else ended
-            tokens += [(float(when), float(amount)) for when, amount in pacer.get("tokens", [])]
-            requests += [(float(when), float(amount)) for when, amount in pacer.get("requests", [])]
+            for index, kind in enumerate(("tokens", "requests")):
+                charges = tuple((float(when), float(amount)) for when, amount in pacer.get(kind, []))
+                (sending if alive else ended)[index].extend(charges)
+                if alive:
+                    each[index].append(charges)
         views[route] = PeerView(
             workers,
             tuple(sorted(sending[0] + ended[0])),
@@ -198,6 +205,8 @@ def read_peers(
             min(bounds["tokens_bound"], default=None),
             min(bounds["requests_bound"], default=None),
             rank,
+            tuple(each[0]),
+            tuple(each[1]),
         )
     return views
 

@@ -22,6 +22,7 @@ from sparkembed.core.ratelimit import (
     PeerView,
     RateLimiter,
     SendWindow,
+    equal_part,
 )
 
 T = TypeVar("T")
@@ -191,6 +192,34 @@ def test_with_peers_the_parts_are_cut_in_whole_requests() -> None:
     assert sum(sent) * 3_600 <= 114_000
 
 
+def test_an_equal_part_leaves_what_one_worker_holds_past_it_to_that_worker() -> None:
+    assert equal_part(240, [0, 0, 0, 0]) == (60, 4)
+    assert equal_part(240, [50, 60, 0, 10]) == (60, 4)  # all within their part
+    assert equal_part(240, [0, 190, 0, 0]) == (pytest.approx(50 / 3), 3)
+    assert equal_part(240, [150, 70, 0, 0]) == (10, 2)  # the second is over once the first keeps 150
+    assert equal_part(100, [120, 0]) == (-20, 1)  # more than the bound is held: nothing is left
+
+
+def test_with_peers_one_that_spent_past_its_part_leaves_the_others_only_the_rest() -> None:
+    """One of four workers spent 190,000 of a 240,000 bound (room a fixed window reported
+    just after it reset, say). When the job's older sends age out, the other three each have
+    nothing in their window: with a part of a quarter each, all three would send up to
+    the 50,000 left at once. They share it: a third of it each, in whole requests."""
+    sent = []
+    for rank in (1, 2, 3):
+        window = SendWindow(None, 60.0, clock=FakeClock())
+        window.learn(240_000)
+        window.peers, window.rank = 4, rank
+        window.peer_used = (190_000.0, *sent)  # and what those before it sent
+        count = 0
+        while window.delay_s(8_000) == 0:
+            window.take(8_000)
+            count += 1
+        sent.append(float(count * 8_000))
+    assert window.part == 60_000  # a request's size still follows the equal part
+    assert sent == [16_000] * 3  # a third of the 50,000 each, in whole requests (7 without peer_used)
+
+
 # --- pacing -------------------------------------------------------------------------------
 
 
@@ -290,6 +319,27 @@ def test_a_first_part_on_a_bound_no_quota_confirms_needs_room_the_service_report
         return whole.estimate, loop.time()
 
     assert run(loop, main) == (sent[0], pytest.approx(sent[1]))
+
+
+def test_with_peers_a_first_part_spends_its_equal_part_of_the_room_reported(loop: VirtualTimeLoop) -> None:
+    """Every worker reads the room the service reports; each spends only its equal part of it
+    on a first part, so two spending all of it at once are not refused. Here the peer sent
+    30,000 and this worker 26,000 of a bound of 60,000: 4,000 fit its part, but 2,000 its half
+    of the room."""
+    peers = Peers(2, tokens=((0.0, 30_000.0),), each_tokens=(((0.0, 30_000.0),),))
+    limiter = peered(loop, peers)
+    limiter._tokens.learn(60_000)
+
+    async def main() -> tuple[int, float]:
+        await asyncio.sleep(1.0)
+        burst = await limiter.acquire(26_000)
+        await asyncio.sleep(0.05)
+        limiter.settle(burst, 26_000)
+        limiter.on_success(burst, remaining_tokens=4_000)
+        part = await limiter.acquire(5_000, cuts=[1_000, 2_000, 3_000, 4_000])
+        return part.estimate, loop.time()
+
+    assert run(loop, main) == (2_000, pytest.approx(1.05))
 
 
 def test_a_request_is_not_cut_for_a_short_wait_or_into_crumbs(loop: VirtualTimeLoop) -> None:
