@@ -213,15 +213,17 @@ class SendWindow:
             return self._part()
         return bound / self.peers
 
-    def _split(self) -> tuple[float, int] | None:
-        """This worker's limit, and how many workers share the job's bound equally (with peers)."""
+    def _split(self) -> tuple[float, int, int] | None:
+        """This worker's limit, how many workers share the job's bound equally (with peers),
+        and how many of those come before this one."""
         bound = self.bound
         if self.peers is None or bound is None:
             part = self._part()
-            return None if part is None else (part, 1)
-        others = list(self.peer_used) + [0.0] * (self.peers - 1 - len(self.peer_used))
-        part, sharing = equal_part(bound - self.held, [self.used(), *others])
-        return max(1.0, part), sharing
+            return None if part is None else (part, 1, 0)
+        held = list(self.peer_used) + [0.0] * (self.peers - 1 - len(self.peer_used))
+        held.insert(self.rank, self.used())
+        part, shares = equal_part(bound - self.held, held)
+        return max(1.0, part), sum(shares), sum(shares[: self.rank])
 
     def _part(self) -> float | None:
         bound = self.bound
@@ -253,17 +255,17 @@ class SendWindow:
         split = self._split()
         if split is None:
             return 0.0
-        limit, sharing = split
+        limit, sharing, rank = split
         pace = self._pace_delay(cost, limit, now)
-        limit = self._in_whole_requests(limit, sharing, cost)
+        limit = self._in_whole_requests(limit, sharing, rank, cost)
         if self._used < 1 or self._used + cost <= limit * (1 + _EPSILON):
             return pace  # under a token left: only refused or withdrawn charges, none counted
         must_free = self._used + cost - limit if cost <= limit else self._used
         return max(pace, _time_to_free(self._sent, must_free, self.window_s, now))
 
-    def _in_whole_requests(self, limit: float, sharing: int, cost: float) -> float:
+    def _in_whole_requests(self, limit: float, sharing: int, rank: int, cost: float) -> float:
         """With peers, this worker's part when the ``sharing`` equal parts are cut in whole
-        requests of ``cost``.
+        requests of ``cost`` (``rank``: how many of those come before this one).
 
         Equal parts each strand what is left under one request: with parts of 7.9 requests,
         every worker sends 7, and the job 0.89 of its bound. Cut in whole requests, the parts
@@ -279,7 +281,7 @@ class SendWindow:
         fits = math.floor(whole / cost * (1 + _EPSILON))
         if fits < sharing:
             return limit  # under a request each: each waits for its window to empty
-        mine = fits // sharing + (self.rank < fits % sharing)
+        mine = fits // sharing + (rank < fits % sharing)
         return mine * cost + (whole - fits * cost) / sharing
 
     def _pace_delay(self, cost: float, limit: float, now: float) -> float:
@@ -353,20 +355,21 @@ class SendWindow:
             self._used = 0.0  # no float residue once empty
 
 
-def equal_part(total: float, held: Sequence[float]) -> tuple[float, int]:
-    """An equal part of ``total`` for each of the workers that hold ``held`` now, and how many
-    share it: a worker that holds more than its part keeps what it holds, and the rest share
-    what is left, so the limits add up to ``total`` (none left to two workers at once)::
+def equal_part(total: float, held: Sequence[float]) -> tuple[float, tuple[bool, ...]]:
+    """An equal part of ``total`` for the workers that hold ``held`` now, and which of them
+    share it: one that holds more than its part keeps what it holds, and the others share
+    what is left, so the limits add up to ``total`` (no room is left to two workers)::
 
-        equal_part(240, [0, 0, 0, 0])     # (60.0, 4)
-        equal_part(240, [190, 0, 0, 0])   # (16.66..., 3): one spent 190, the others share 50
+        equal_part(240, [0, 0, 0, 0])     # (60.0, (True, True, True, True))
+        equal_part(240, [0, 190, 0, 0])   # (16.66..., (True, False, True, True))
     """
-    over, ranked = 0.0, sorted(held, reverse=True)
-    count = len(ranked)
-    while count > 1 and ranked[len(ranked) - count] > (total - over) / count:
-        over += ranked[len(ranked) - count]
-        count -= 1
-    return (total - over) / count, count
+    over, shares = 0.0, [True] * len(held)
+    for index in sorted(range(len(held)), key=lambda k: -held[k])[: len(held) - 1]:
+        if held[index] <= (total - over) / sum(shares):
+            break
+        over += held[index]
+        shares[index] = False
+    return (total - over) / sum(shares), tuple(shares)
 
 
 def _time_to_free(sent: Iterable[Sequence[float]], must_free: float, window_s: float, now: float) -> float:
@@ -402,8 +405,8 @@ class PeerView:
         rank: how many of the sending ones come before this one (by pacer id); the first
             alone spends room the service reports past the bound (:meth:`RateLimiter._room_fits`).
         each_tokens, each_requests: the charges of each sending one (those of ``tokens`` and
-            ``requests``, by worker): one that holds more than an equal part keeps it, and the
-            others share what is left (:func:`equal_part`).
+            ``requests``, worker by worker, by pacer id): one that holds more than an equal
+            part keeps it, and the others share what is left (:func:`equal_part`).
     """
 
     workers: int

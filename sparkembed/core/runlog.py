@@ -177,9 +177,9 @@ def read_peers(
         workers, rank, as_of = 1, 0, math.inf
         sending: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
         ended: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
-        each: tuple[list[Charges], list[Charges]] = ([], [])  # the sending ones', one by one
+        each: dict[str, tuple[Charges, Charges]] = {}  # the sending ones', by pacer id
         bounds: dict[str, list[float]] = {"tokens_bound": [], "requests_bound": []}
-        for (name, pacer_id), (written, final, pacer) in newest.items():
+        for (name, pacer_id), (written, final, pacer) in sorted(newest.items()):
             if name != route or pacer_id == own:
                 continue
             alive = not final and now - written < ALIVE_S
@@ -190,11 +190,14 @@ def read_peers(
                 for kind, learned in bounds.items():
                     if pacer.get(kind) is not None:
                         learned.append(float(pacer[kind]))
-            for index, kind in enumerate(("tokens", "requests")):
-                charges = tuple((float(when), float(amount)) for when, amount in pacer.get(kind, []))
-                (sending if alive else ended)[index].extend(charges)
-                if alive:
-                    each[index].append(charges)
+            tokens, requests = (
+                tuple((float(when), float(amount)) for when, amount in pacer.get(kind, []))
+                for kind in ("tokens", "requests")
+            )
+            (sending if alive else ended)[0].extend(tokens)
+            (sending if alive else ended)[1].extend(requests)
+            if alive:
+                each[pacer_id] = (tokens, requests)
         views[route] = PeerView(
             workers,
             tuple(sorted(sending[0] + ended[0])),
@@ -205,8 +208,8 @@ def read_peers(
             min(bounds["tokens_bound"], default=None),
             min(bounds["requests_bound"], default=None),
             rank,
-            tuple(each[0]),
-            tuple(each[1]),
+            tuple(tokens for tokens, _ in each.values()),
+            tuple(requests for _, requests in each.values()),
         )
     return views
 

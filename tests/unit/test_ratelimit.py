@@ -177,12 +177,15 @@ def test_a_share_may_grow_to_the_whole_quota_but_equal_parts_split_the_bound() -
 
 def test_with_peers_the_parts_are_cut_in_whole_requests() -> None:
     """A bound of 31.7 requests over four workers: equal parts of 7.9 would send 7 each (28);
-    cut in whole requests, the first three by rank send 8 and the last 7, within the bound."""
-    sent = []
+    cut in whole requests, the first three by rank send 8 and the last 7, within the bound.
+    Those that sent their 8 hold more than 7.9: the others share what is left, and still by
+    rank among themselves."""
+    sent: list[int] = []
     for rank in range(4):
         window = SendWindow(None, 60.0, clock=FakeClock())
         window.learn(114_000)
         window.peers, window.rank = 4, rank
+        window.peer_used = tuple(count * 3_600.0 for count in sent)  # those before it, by rank
         count = 0
         while window.delay_s(3_600) == 0:
             window.take(3_600)
@@ -193,11 +196,12 @@ def test_with_peers_the_parts_are_cut_in_whole_requests() -> None:
 
 
 def test_an_equal_part_leaves_what_one_worker_holds_past_it_to_that_worker() -> None:
-    assert equal_part(240, [0, 0, 0, 0]) == (60, 4)
-    assert equal_part(240, [50, 60, 0, 10]) == (60, 4)  # all within their part
-    assert equal_part(240, [0, 190, 0, 0]) == (pytest.approx(50 / 3), 3)
-    assert equal_part(240, [150, 70, 0, 0]) == (10, 2)  # the second is over once the first keeps 150
-    assert equal_part(100, [120, 0]) == (-20, 1)  # more than the bound is held: nothing is left
+    assert equal_part(240, [0, 0, 0, 0]) == (60, (True, True, True, True))
+    assert equal_part(240, [50, 60, 0, 10]) == (60, (True, True, True, True))  # all within their part
+    assert equal_part(240, [0, 190, 0, 0]) == (pytest.approx(50 / 3), (True, False, True, True))
+    # The second is over only once the first keeps its 150.
+    assert equal_part(240, [0, 70, 150, 0]) == (10, (True, False, False, True))
+    assert equal_part(100, [120, 0]) == (-20, (False, True))  # more than the bound is held: none left
 
 
 def test_with_peers_one_that_spent_past_its_part_leaves_the_others_only_the_rest() -> None:

@@ -139,8 +139,10 @@ def test_pacers_publish_their_charges_and_read_their_peers(tmp_path: Path) -> No
     assert sorted(amount for _, amount in view.tokens) == [200.0, 300.0, 400.0]
     assert sorted(amount for _, amount in view.ended_tokens) == [300.0, 400.0]
     assert len(view.requests) == 3
-    # Each sending one's charges, on its own: one that spent past its part keeps it.
+    # Each sending one's charges, on its own and by pacer id: one that spent past its part keeps it.
     assert view.each_tokens == (((now - 1.2, 200.0),),) and view.each_requests == (((now - 1.2, 1.0),),)
+    each = read_peers(tmp_path, 3, {"a": "aaa"}, expected=4, now=now)["a"].each_tokens
+    assert each == (((now - 1.2, 200.0),), ((now - 1, 9.0),))  # "busy", then "mine"
     # The tightest bound the sending ones learned, for a pacer that knows none yet.
     assert (view.tokens_bound, view.requests_bound) == (2_000.0, None)
 
