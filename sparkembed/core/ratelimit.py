@@ -389,6 +389,10 @@ def _sum_between(charges: Iterable[Sequence[float]], start: float, end: float) -
     return sum(amount for when, amount in charges if start < when <= end)
 
 
+Charges = tuple[tuple[float, float], ...]
+"""A pacer's charges: ``(when, amount)``, oldest first."""
+
+
 @dataclass(frozen=True)
 class PeerView:
     """The other workers pacing on the same deployment, as their spend files last said.
@@ -410,16 +414,16 @@ class PeerView:
     """
 
     workers: int
-    tokens: tuple[tuple[float, float], ...] = ()
-    requests: tuple[tuple[float, float], ...] = ()
+    tokens: Charges = ()
+    requests: Charges = ()
     as_of: float = math.inf
-    ended_tokens: tuple[tuple[float, float], ...] = ()
-    ended_requests: tuple[tuple[float, float], ...] = ()
+    ended_tokens: Charges = ()
+    ended_requests: Charges = ()
     tokens_bound: float | None = None
     requests_bound: float | None = None
     rank: int = 0
-    each_tokens: tuple[tuple[tuple[float, float], ...], ...] = ()
-    each_requests: tuple[tuple[tuple[float, float], ...], ...] = ()
+    each_tokens: tuple[Charges, ...] = ()
+    each_requests: tuple[Charges, ...] = ()
 
 
 class _Reading:
@@ -847,12 +851,12 @@ class RateLimiter:
             self._learn(reading, view)
         return view
 
-    def _others_sent(self, window: SendWindow, theirs: tuple[tuple[float, float], ...]) -> float:
+    def _others_sent(self, window: SendWindow, theirs: Charges) -> float:
         """What the peers' charges ``theirs`` hold in ``window`` now."""
         start = self._wall() - window.window_s
         return sum(amount for when, amount in theirs if when > start)
 
-    def _room_delay(self, window: SendWindow, theirs: tuple[tuple[float, float], ...], cost: float) -> float:
+    def _room_delay(self, window: SendWindow, theirs: Charges, cost: float) -> float:
         """Seconds until ``cost`` fits under the job's bound, counting the peers' charges too."""
         bound = window.bound
         if bound is None or cost > bound:

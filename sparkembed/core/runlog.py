@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any
 
 from sparkembed.core.metrics import Metrics
-from sparkembed.core.ratelimit import PeerView, RateLimiter
+from sparkembed.core.ratelimit import Charges, PeerView, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,6 @@ def read_spend(run_dir: str | Path, *, wave: int | None = None, exclude: Path | 
     return Spend(**totals)
 
 
-Charges = tuple[tuple[float, float], ...]
-"""A pacer's charges: ``(when, amount)``, oldest first, ``when`` on the wall clock."""
-
-
 def read_peers(
     run_dir: str | Path, wave: int, mine: dict[str, str], *, expected: int = 1, now: float | None = None
 ) -> dict[str, PeerView]:
@@ -194,8 +190,9 @@ def read_peers(
                 tuple((float(when), float(amount)) for when, amount in pacer.get(kind, []))
                 for kind in ("tokens", "requests")
             )
-            (sending if alive else ended)[0].extend(tokens)
-            (sending if alive else ended)[1].extend(requests)
+            kept = sending if alive else ended
+            kept[0].extend(tokens)
+            kept[1].extend(requests)
             if alive:
                 each[pacer_id] = (tokens, requests)
         views[route] = PeerView(
