@@ -151,7 +151,9 @@ def create_with_files(
             commit_properties=_commit_properties(app_id, version, strict=True),
         )
     except DeltaError as exc:
-        if "already exists" not in str(exc):
+        # Seen as there (``already exists``), or, when both found none, version 0 taken first
+        # (CommitFailedError: "Failed to commit transaction: 0").
+        if not isinstance(exc, CommitFailedError) and "already exists" not in str(exc):
             raise
         raise ConcurrentWriteError(
             f"another writer created {table_uri} while this run was creating it; "

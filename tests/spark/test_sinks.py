@@ -323,6 +323,19 @@ def test_concurrent_runs_one_commit_wins_the_other_fails_cleanly(uri: str) -> No
         assert landed == winners
 
 
+def test_two_runs_creating_the_same_table_one_wins_the_other_fails_cleanly(tmp_path: Path) -> None:
+    # Both find no table; the loser learns it either from delta-rs's own check or at the commit
+    # of version 0 (each about half of the time here): both must read as a lost race.
+    for attempt in range(12):
+        uri = str(tmp_path / f"target-{attempt}")
+        base, outcome = race_two_runs(uri, 0)
+        assert base == ABSENT
+        winners = [run for run, result in outcome.items() if result == 0]
+        losers = [run for run, r in outcome.items() if isinstance(r, ConcurrentWriteError)]
+        assert len(winners) == 1 and len(losers) == 1, outcome
+        assert [r["run_id"] for r in snapshot(uri)] == winners
+
+
 def test_stale_expected_version_is_refused_but_a_done_txn_is_not(uri: str) -> None:
     v0 = commit(uri, [(1, 0)], "a", 0, expected_version=ABSENT)
     commit(uri, [(2, 0)], "other", 0)

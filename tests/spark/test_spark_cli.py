@@ -141,7 +141,7 @@ def test_concurrent_runs_on_one_target_fail_cleanly(
     ]
     outcomes = [(p.wait(timeout=300), p.stdout.read() if p.stdout else "") for p in runs]
     codes = sorted(code for code, _ in outcomes)
-    assert codes == [0, 2], outcomes
+    assert codes == [0, 2], [(code, out.strip().splitlines()[-1:]) for code, out in outcomes]
     loser = next(out for code, out in outcomes if code == 2)
     last = json.loads(loser.strip().splitlines()[-1])
     assert last["error_type"] == "ConcurrentWriteError"
