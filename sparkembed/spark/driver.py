@@ -339,6 +339,9 @@ def _run_waves(
         drop_switched_staging(spark, config, context)
     # What a crashed run committed but never added to the cache goes there now (only after a crash).
     summary.cache_added += cache.add_crashed(spark, work, context)
+    # The sink notes the target's version before the plan reads it: a run that commits in
+    # between makes this run's commits fail, never repeat rows that run wrote.
+    sink = writers.choose_sink(spark, work, run_dir)
     plan = plan_work(spark, df, work, context)
     if migration is not None:
         record_start(migration, config, context, source_rows=df.count())
@@ -366,7 +369,7 @@ def _run_waves(
     summary.rows_total = total + copied + hit_ids
     if not summary.rows_total and not plan.whole_source:
         progress("0 source rows to embed: the target holds every one")
-        _finish_idle(spark, df, config, work, plan, migration, context, summary, run_dir, progress)
+        _finish_idle(spark, df, config, work, plan, migration, context, summary, sink, progress)
         return
     grouped = 0  # long texts that share a chunk: one wave and one task for those that share one
     if config.run.dedup and sizes and (sizes["long"] or 0) > 1:
@@ -386,7 +389,6 @@ def _run_waves(
     also += f"; {grouped} long texts share chunks, sent in the same task" if grouped else ""
     progress(f"{total} source rows (~{tokens:,} tokens) to embed in {planner.waves_planned} wave(s){also}")
     partitions = config.run.partitions or context.workers  # workers: the session's task slots
-    sink = writers.choose_sink(spark, work, run_dir)
     id_col = config.source.id_col
     key = chunkgroups.wave_key(config) if grouped else F.col(id_col)
     bucket = F.pmod(F.xxhash64(key), F.lit(BUCKETS))
@@ -471,14 +473,13 @@ def _finish_idle(
     migration: Migration | None,
     context: RunContext,
     summary: RunSummary,
-    run_dir: str,
+    sink: writers.WaveSink,
     progress: Callable[[str], None],
 ) -> None:
     """A rerun with nothing to send, copy or take from the cache: no wave and no commit (the
     pending table, if a crashed run left one, was applied before planning); only what needs no
     wave: a prune, and a migration's check and switch."""
     if plan.prune is not None:
-        sink = writers.choose_sink(spark, work, run_dir)
         summary.pruned = sink.prune(plan.prune, work, summary.run_id, version=0)
         if summary.pruned:
             progress(f"pruned {summary.pruned} ids that are gone from the source")

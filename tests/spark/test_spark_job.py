@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import write_deltalake
 from pyspark.sql import SparkSession
 from support import build_config, die_at_wave
 
@@ -24,7 +25,7 @@ from sparkembed.core.summary import RunSummary
 from sparkembed.errors import ConfigError
 from sparkembed.server.launch import LocalEndpoint
 from sparkembed.server.models import HashModel
-from sparkembed.sinks import read_table, staging_location
+from sparkembed.sinks import ConcurrentWriteError, read_table, staging_location
 from sparkembed.spark import driver
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
@@ -176,6 +177,35 @@ def test_rerun_is_free_and_only_changes_are_billed(
     ids = set(read_table(target).column("id").to_pylist())
     assert summary.pruned == 5 and not {f"doc-{i:04d}" for i in range(5)} & ids
     assert ids == set(changed["id"])
+
+
+def test_a_run_that_commits_while_this_one_plans_makes_this_one_fail_not_repeat_its_rows(
+    spark: SparkSession,
+    hash_endpoint: LocalEndpoint,
+    endpoint_key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = source_rows(60)
+    target = str(tmp_path / "target")
+    first = {key: values[:20] for key, values in rows.items()}
+    driver.run(spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, first, "first.parquet"),
+                                  target), progress=lambda _: None)  # fmt: skip
+    before = read_table(target)
+    planned = driver.plan_work
+
+    def another_run_commits_after_planning(*args: Any, **kwargs: Any) -> Any:
+        plan = planned(*args, **kwargs)
+        write_deltalake(target, before.slice(0, 1), mode="append")
+        return plan
+
+    monkeypatch.setattr(driver, "plan_work", another_run_commits_after_planning)
+    hash_endpoint.reset()
+    config = make_config(hash_endpoint, endpoint_key, write_source(tmp_path, rows), target)
+    with pytest.raises(ConcurrentWriteError, match="another writer committed"):
+        driver.run(spark, config, progress=lambda _: None)
+    assert len(read_table(target)) == len(before) + 1  # nothing of this run's: it planned without that row
+    assert billed_besides_preflight(hash_endpoint)[0] == 0  # refused before any request
 
 
 def test_failed_rows_stay_until_retry_failed(
