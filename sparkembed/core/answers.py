@@ -74,15 +74,20 @@ class AnswerLog:
         log_dir: ``run.log_dir``, seen by every process of the run.
         run_id: the run.
         task: (wave, partition, attempt) of this attempt.
+
+    Attributes:
+        earlier_billed: prompt tokens of the answers each crashed attempt kept, by its attempt
+            number. They were billed to it, whether or not its spend file counted them before
+            it died (:func:`sparkembed.core.runlog.read_spend` takes the larger).
     """
 
-    __slots__ = ("_slab", "_run_id", "_task", "_known")
+    __slots__ = ("_slab", "_run_id", "_task", "_known", "earlier_billed")
 
     def __init__(self, log_dir: str | Path, run_id: str, task: tuple[int, int, int]) -> None:
         folder = Path(log_dir) / FOLDER
         self._run_id = run_id
         self._task = task
-        self._known = _earlier_answers(folder, run_id, task)
+        self._known, self.earlier_billed = _earlier_answers(folder, run_id, task)
         if self._known:
             log.info("reusing %d answers of a crashed attempt of this task", len(self._known))
         self._slab = _process_slab(folder)
@@ -167,10 +172,14 @@ def _state(path: Path) -> int:
     return _HEADER.unpack(head)[1] if len(head) == _HEADER.size else 0
 
 
-def _earlier_answers(folder: Path, run_id: str, task: tuple[int, int, int]) -> dict[bytes, Answer]:
-    """Answers in slabs left running by another attempt of the same run, wave and partition."""
+def _earlier_answers(
+    folder: Path, run_id: str, task: tuple[int, int, int]
+) -> tuple[dict[bytes, Answer], dict[int, int]]:
+    """Answers in slabs left running by another attempt of the same run, wave and partition,
+    and the prompt tokens each of those attempts was answered for."""
     wave, partition, attempt = task
     found: dict[bytes, Answer] = {}
+    billed: dict[int, int] = {}
     for path in folder.glob(f"*{SUFFIX}"):
         try:
             with open(path, "rb") as file:
@@ -182,8 +191,10 @@ def _earlier_answers(folder: Path, run_id: str, task: tuple[int, int, int]) -> d
                 data = file.read(complete - _HEADER_SIZE)
         except (OSError, struct.error):
             continue
-        found.update(_read(data))
-    return found
+        answers, tokens = _read(data)
+        found.update(answers)
+        billed[a] = billed.get(a, 0) + tokens
+    return found, billed
 
 
 def _raw(array: np.ndarray, dtype: type) -> memoryview:
@@ -194,9 +205,11 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
-def _read(data: bytes) -> dict[bytes, Answer]:
-    """Every answer in the complete part of a slab."""
+def _read(data: bytes) -> tuple[dict[bytes, Answer], int]:
+    """Every answer in the complete part of a slab, and their prompt tokens (each request's
+    usage, shared over its texts: a text sent twice counts twice)."""
     found: dict[bytes, Answer] = {}
+    tokens = 0
     offset = 0
     while offset + _ANSWER.size <= len(data):
         n, dims, attempts, names_size = _ANSWER.unpack_from(data, offset)
@@ -207,6 +220,7 @@ def _read(data: bytes) -> dict[bytes, Answer]:
         offset += 4 * n * dims
         prompt = np.frombuffer(data, np.int64, n, offset)
         total = np.frombuffer(data, np.int64, n, offset + 8 * n)
+        tokens += int(prompt.sum())
         offset += 16 * n
         request_id, model, *rest = json.loads(data[offset : offset + names_size])
         deployment = rest[0] if rest else None
@@ -215,7 +229,7 @@ def _read(data: bytes) -> dict[bytes, Answer]:
             found[digests[32 * i : 32 * i + 32]] = Answer(
                 vectors[i].copy(), int(prompt[i]), int(total[i]), attempts, request_id, model, deployment
             )
-    return found
+    return found, tokens
 
 
 def remove_stale(log_dir: str | Path, older_than_s: float = 86_400) -> None:

@@ -9,7 +9,8 @@
 Each task attempt rewrites its file as soon as a response is counted (and at least every
 :data:`WRITE_EVERY_S` seconds, and once more when it ends), so the files count what was
 billed even for attempts that crashed, lost a race or were never committed: a killed
-attempt leaves out at most the answers that were on the wire when it died. The driver
+attempt leaves out at most the answers that were on the wire when it died (and any it kept
+for its retry but had not yet written down: the retry's file names those). The driver
 reads them for live progress and for the run's spend, and writes ``STOP`` on Ctrl-C or
 SIGTERM: tasks then send no new request, let the ones in flight finish, and end with
 what is done.
@@ -119,21 +120,38 @@ def request_stop(run_dir: str | Path) -> None:
     (folder / STOP_FILE).touch()
 
 
+def attempt_name(wave: int, partition: int, attempt: int) -> str:
+    """How a task attempt's spend file starts (Spark's task attempt id and a suffix follow)."""
+    return f"w{wave:05d}-p{partition:05d}-a{attempt}"
+
+
 def read_spend(run_dir: str | Path, *, wave: int | None = None, exclude: Path | None = None) -> Spend:
-    """The sum over task attempt files (of one wave, if given; but ``exclude``); unreadable ones count 0."""
+    """The sum over task attempt files (of one wave, if given; but ``exclude``); unreadable ones count 0.
+
+    An attempt killed between an answer and its next write leaves a file short of that answer.
+    Its retry, which reused the answer, says what the dead attempt was answered for
+    (``earlier_billed``): the larger of that and the dead attempt's own file counts.
+    """
     pattern = "*.json" if wave is None else f"w{wave:05d}-*.json"
     keys = ("requests", "throttled", "tokens_billed", "texts_answered", "rows_done", "tokens_reserved")
     totals = dict.fromkeys(("attempts", *keys), 0)
+    billed: dict[str, int] = {}  # by attempt_name
+    vouched: dict[str, int] = {}
     for path in (Path(run_dir) / TASKS_DIR).glob(pattern):
-        if path == exclude:
-            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # a file being replaced right now is read at the next look
+        for name, tokens in data.get("earlier_billed", {}).items():
+            vouched[name] = max(vouched.get(name, 0), int(tokens))
+        if path == exclude:
+            continue
         totals["attempts"] += 1
         for key in keys:
             totals[key] += int(data.get(key, 0))
+        name = path.name.split("-t", 1)[0]
+        billed[name] = billed.get(name, 0) + int(data.get("tokens_billed", 0))
+    totals["tokens_billed"] += sum(max(0, tokens - billed.get(name, 0)) for name, tokens in vouched.items())
     return Spend(**totals)
 
 
@@ -250,11 +268,14 @@ class TaskLog:
             view while the attempt runs (then every ``PACE_EVERY_S`` seconds, not ``interval_s``).
         wave: the wave whose peers the pacers count (with the one before).
         expected: the task slots: see :func:`read_peers`.
+        earlier_billed: tokens billed to crashed attempts of this task, by :func:`attempt_name`,
+            as the answers they kept show (:class:`~sparkembed.core.answers.AnswerLog`).
     """
 
     __slots__ = (
         "_dir", "_path", "_metrics", "_interval_s", "_stop", "_done", "_wake", "_thread", "_sigint",
         "_seen", "_answered", "_reserved", "_writing", "_pacers", "_wave", "_expected", "_views",
+        "_earlier",
     )  # fmt: skip
 
     def __init__(
@@ -267,7 +288,9 @@ class TaskLog:
         pacers: dict[str, RateLimiter] | None = None,
         wave: int = 0,
         expected: int = 1,
+        earlier_billed: dict[str, int] | None = None,
     ):
+        self._earlier = dict(earlier_billed or {})
         self._reserved = reserved
         self._pacers = dict(pacers or {})
         self._wave = wave
@@ -367,6 +390,8 @@ class TaskLog:
             "final": final,
             "written_at": time.time(),
         }
+        if self._earlier:
+            data["earlier_billed"] = self._earlier
         if self._pacers:
             data["pacing"] = {
                 name: {"id": p.id, **p.sent(), **p.learned()} for name, p in self._pacers.items()

@@ -33,7 +33,7 @@ from sparkembed.core.context import RunContext
 from sparkembed.core.engine import Embedder, get_embedder
 from sparkembed.core.longtext import NO_OFFSET, Combined, LongTextPlanner, Plan, combine
 from sparkembed.core.metrics import Metrics
-from sparkembed.core.runlog import TaskLog, read_spend, wave_lock
+from sparkembed.core.runlog import TaskLog, attempt_name, read_spend, wave_lock
 from sparkembed.core.streaming import EmbedResults
 from sparkembed.core.types import Status
 
@@ -123,6 +123,7 @@ class PartitionJob:
             pacers=embedder.limiters,
             wave=self.wave,
             expected=self.context.workers,
+            earlier_billed={attempt_name(self.wave, part, a): t for a, t in answers.earlier_billed.items()},
         )
         with task_log:
             stop = task_log.stop_requested
@@ -247,7 +248,7 @@ def _attempt_name(wave: int) -> str:
     ctx = TaskContext.get()
     if ctx is None:
         return f"w{wave:05d}-driver"
-    return f"w{wave:05d}-p{ctx.partitionId():05d}-a{ctx.attemptNumber()}-t{ctx.taskAttemptId()}"
+    return f"{attempt_name(wave, ctx.partitionId(), ctx.attemptNumber())}-t{ctx.taskAttemptId()}"
 
 
 def _repeat(value: object, type_: pa.DataType, n: int) -> pa.Array:

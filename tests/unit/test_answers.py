@@ -39,6 +39,7 @@ def test_a_crashed_attempts_complete_answers_are_found_by_its_retry(tmp_path: Pa
     assert (found.prompt_tokens, found.total_tokens, found.attempts) == (2, 3, 2)
     assert (found.request_id, found.model) == ("req-2", "m")
     assert retry.lookup("z") is None
+    assert retry.earlier_billed == {0: 1 + 2 + 1 + 2}  # what attempt 0 was answered for, whole answers only
     assert AnswerLog(tmp_path, "run-1", (3, 2, 1)).lookup("a") is None  # another partition's task
     assert AnswerLog(tmp_path, "run-2", (3, 1, 1)).lookup("a") is None  # another run's
     assert len(slabs(tmp_path)) == 2  # the crashed one set aside, a new one for the retry

@@ -12,6 +12,7 @@ from sparkembed.core.metrics import Metrics, RequestRecord
 from sparkembed.core.runlog import (
     CACHE_DUE_FILE,
     TaskLog,
+    attempt_name,
     cache_due_runs,
     clear_cache_due,
     mark_cache_due,
@@ -40,6 +41,24 @@ def test_attempts_that_never_committed_still_count_in_the_spend(tmp_path: Path) 
     files = sorted(p.name for p in (tmp_path / "tasks").iterdir())
     assert len(files) == 3 and all(name.endswith(".json") for name in files)
     assert json.loads((tmp_path / "tasks" / files[0]).read_text())["final"] is True
+
+
+def test_a_killed_attempts_kept_answers_count_though_its_file_missed_them(tmp_path: Path) -> None:
+    # Attempt 0 wrote 300 tokens down, then kept a 250-token answer for its retry and died.
+    with TaskLog(tmp_path, "w00002-p00001-a0-t7", Metrics(prompt_tokens=300)):
+        pass
+    retry = TaskLog(tmp_path, "w00002-p00001-a1-t9", Metrics(prompt_tokens=40),
+                    earlier_billed={attempt_name(2, 1, 0): 550})  # fmt: skip
+    with retry:
+        pass
+    assert read_spend(tmp_path).tokens_billed == 550 + 40
+    assert read_spend(tmp_path, wave=2, exclude=retry.path).tokens_billed == 550
+    # A file that counted more (a request answered but not yet kept) is not counted again.
+    with TaskLog(tmp_path, "w00003-p00000-a0-t11", Metrics(prompt_tokens=900)):
+        pass
+    with TaskLog(tmp_path, "w00003-p00000-a1-t12", Metrics(), earlier_billed={attempt_name(3, 0, 0): 800}):
+        pass
+    assert read_spend(tmp_path, wave=3).tokens_billed == 900
 
 
 def test_a_waves_ended_attempts_give_its_metrics_without_accumulators(tmp_path: Path) -> None:
