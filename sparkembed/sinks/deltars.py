@@ -151,13 +151,14 @@ def create_with_files(
             commit_properties=_commit_properties(app_id, version, strict=True),
         )
     except DeltaError as exc:
-        # Seen as there (``already exists``), or, when both found none, version 0 taken first
-        # (CommitFailedError: "Failed to commit transaction: 0").
-        if not isinstance(exc, CommitFailedError) and "already exists" not in str(exc):
+        # Seen as there (``already exists``), or, when both found none, version 0 taken first:
+        # a failed commit (other causes fail it too) with a table there now.
+        lost = isinstance(exc, CommitFailedError) and load(table_uri) is not None
+        if not lost and "already exists" not in str(exc):
             raise
         raise ConcurrentWriteError(
             f"another writer created {table_uri} while this run was creating it; "
-            f"commit {app_id} v{version} was not applied"
+            f"commit {app_id} v{version} was not applied ({exc})"
         ) from exc
     return 0
 
