@@ -188,9 +188,8 @@ def test_a_run_that_commits_while_this_one_plans_makes_this_one_fail_not_repeat_
 ) -> None:
     rows = source_rows(60)
     target = str(tmp_path / "target")
-    first = {key: values[:20] for key, values in rows.items()}
-    driver.run(spark, make_config(hash_endpoint, endpoint_key, write_source(tmp_path, first, "first.parquet"),
-                                  target), progress=lambda _: None)  # fmt: skip
+    first = write_source(tmp_path, {key: values[:20] for key, values in rows.items()}, "first.parquet")
+    driver.run(spark, make_config(hash_endpoint, endpoint_key, first, target), progress=lambda _: None)
     before = read_table(target)
     planned = driver.plan_work
 
